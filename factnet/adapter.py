@@ -1,0 +1,263 @@
+"""`Adapter`: the trainable factors of every group, attached to a frozen model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from factnet import attach as sites
+from factnet.errors import FactnetError
+from factnet.formats import Format, NormalForm
+from factnet.kernel import Increment, delta_weight
+from factnet.slices import Matrix, Slice
+
+__all__ = ["Adapter", "GroupFactors"]
+
+
+class GroupFactors(nn.Module):
+    """The factors of one group tensor ``(n, d_in, d_out)`` in one format."""
+
+    def __init__(self, fmt: Format, slices: tuple[Slice, ...], dtype: torch.dtype, device: torch.device,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.format, self.slices = fmt, slices
+        self.shape = (len(slices), slices[0].d_in, slices[0].d_out)
+        shapes = fmt.shapes(*self.shape)
+        self.factors = nn.ParameterDict(
+            {name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for name, shape in shapes.items()}
+        )
+        fmt.initialize(dict(self.factors.items()), generator)
+        self._cache: tuple[tuple, NormalForm] | None = None
+
+    def normal_form(self, step: int) -> NormalForm:
+        """The group's normal form, built once per model forward (and per factor update)."""
+        key = (step, torch.is_grad_enabled(), tuple(p._version for p in self.factors.values()))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.format.normal_form(dict(self.factors.items())))
+        return self._cache[1]
+
+    def reconstruct(self) -> Tensor:
+        """Dense ``ΔW: (n, d_in, d_out)`` (without the scale)."""
+        return self.format.reconstruct(dict(self.factors.items()))
+
+    def extra_repr(self) -> str:
+        n, d_in, d_out = self.shape
+        return f"{self.format.name} rank {self.format.rank}, {n}x{d_in}x{d_out}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a group's slices sit in one matrix: group members and their block positions."""
+
+    group: str
+    members: Tensor  # (s,) positions in the group
+    blocks: Tensor  # (s,) block index of each in the matrix
+    n_blocks: int
+    side: str
+
+    def increment(self, form: NormalForm, dtype: torch.dtype) -> Increment:
+        """This matrix's share of the group's ``ΔW`` as a kernel `Increment`."""
+        cores = form.core[self.members]
+        a_t, rows, row_blocks = self._projection(form.p_in_t, "in")
+        b_t, cols, col_blocks = self._projection(form.p_out_t, "out")
+        rank_in, rank_out = cores.shape[1:]
+        if row_blocks == 1 and torch.equal(cols, torch.arange(col_blocks)):
+            core = cores.permute(1, 0, 2).reshape(rank_in, col_blocks * rank_out)
+        elif col_blocks == 1 and torch.equal(rows, torch.arange(row_blocks)):
+            core = cores.reshape(row_blocks * rank_in, rank_out)
+        else:
+            core = cores.new_zeros(row_blocks, rank_in, col_blocks, rank_out)
+            core[rows, :, cols, :] = cores
+            core = core.reshape(row_blocks * rank_in, col_blocks * rank_out)
+        m_in = self.n_blocks if self.side == "in" else 1
+        m_out = self.n_blocks if self.side == "out" else 1
+        return Increment(a_t.to(dtype), core.to(dtype), b_t.to(dtype), m_in, m_out)
+
+    def _projection(self, p_t: Tensor, side: str) -> tuple[Tensor, Tensor, int]:
+        """``(projection, block of each member, number of blocks)`` on one side."""
+        count = len(self.members)
+        if p_t.shape[0] == 1:  # shared: one projection for every block of this side
+            if self.side == side:
+                return p_t, self.blocks, self.n_blocks
+            return p_t, torch.zeros_like(self.blocks), 1
+        own = p_t[self.members]  # per slice
+        if self.side == side:  # each block its own projection (zero where not targeted)
+            if count == self.n_blocks and torch.equal(self.blocks, torch.arange(count)):
+                return own, self.blocks, count
+            full = own.new_zeros(self.n_blocks, *own.shape[1:])
+            return full.index_copy(0, self.blocks, own), self.blocks, self.n_blocks
+        # one shared activation: concatenate the members' projections along the rank
+        return own.reshape(1, -1, own.shape[2]), torch.arange(count), count
+
+
+@dataclass
+class Settings:
+    scale: float
+    dropout: float
+
+
+class Adapter(nn.Module):
+    """Factors of every group, attached to a frozen model (create it with `Tensorizer.decompose`).
+
+    The model's forward includes ``s·ΔW`` for every targeted slice; only the factors (and the
+    head, unless ``train_head=False``) require grad. The adapter is registered on the model as
+    ``model.factnet`` so ``model.parameters()`` reaches the factors.
+    """
+
+    def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
+                 dropout: float, head: list[str], generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        weights = {name: param for name, param in model.named_parameters()}
+        reference = next(iter(weights.values()))
+        dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
+        self.format = fmt
+        self.settings = Settings(float(scale), float(dropout))
+        self.group_names = list(groups)
+        self.groups = nn.ModuleDict(
+            {_key(name): GroupFactors(fmt, members, dtype, reference.device, generator) for name, members in groups.items()}
+        )
+        self.matrices: dict[str, Matrix] = {}
+        self.placements: dict[str, list[Placement]] = {}
+        for name, members in groups.items():
+            for matrix, chosen in _by_matrix(members).items():
+                self.matrices[matrix.name] = matrix
+                self.placements.setdefault(matrix.name, []).append(_placement(_key(name), members, chosen))
+        self.head = head
+        self._step = 0
+        self._merged = False
+        self._enabled = True
+        self.__dict__["model"] = model
+        self._requires_grad = {name: param.requires_grad for name, param in weights.items()}
+        self._hook = model.register_forward_pre_hook(self._next_step)
+        for param_name, param in weights.items():
+            param.requires_grad_(any(param_name.startswith(h + ".") for h in head))
+        for matrix in self.matrices.values():
+            sites.attach(model, matrix, self.increments, self.settings)
+        model.add_module("factnet", self)
+
+    # ---- what the attached matrices call ---------------------------------------------------
+    def increments(self, matrix: str) -> list[Increment]:
+        """The increments of ``matrix`` to apply now: none when disabled or merged."""
+        if self._merged or not self._enabled:
+            return []
+        dtype = sites.weight_view(self.model, self.matrices[matrix]).dtype
+        return [p.increment(self.groups[p.group].normal_form(self._step), dtype) for p in self.placements[matrix]]
+
+    def _next_step(self, *_: object) -> None:
+        self._step += 1
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s·ΔW`` into the weights: the model then costs what the base model costs."""
+        if self._merged:
+            raise FactnetError("adapter is already merged; call unmerge() before merging again")
+        self._add_deltas(+1.0)
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``s·ΔW`` from the weights again (exact up to float rounding)."""
+        if not self._merged:
+            raise FactnetError("adapter is not merged; nothing to unmerge")
+        self._merged = False
+        self._add_deltas(-1.0)
+
+    def _add_deltas(self, sign: float) -> None:
+        self._check_attached()
+        for name, matrix in self.matrices.items():
+            weight = sites.weight_view(self.model, matrix)
+            for placement in self.placements[name]:
+                form = self.groups[placement.group].normal_form(self._step)
+                delta = delta_weight(placement.increment(form, form.core.dtype))
+                weight.add_(delta.to(weight.dtype), alpha=sign * self.settings.scale)
+
+    @contextmanager
+    def disable(self) -> Iterator[None]:
+        """Run the base model inside the block (a merged adapter is unmerged meanwhile)."""
+        self._check_attached()
+        was_merged = self._merged
+        if was_merged:
+            self.unmerge()
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+            if was_merged:
+                self.merge()
+
+    def detach(self) -> nn.Module:
+        """Remove the adapter and give back the original model (unmerging first if merged)."""
+        self._check_attached()
+        if self._merged:
+            self.unmerge()
+        model = self.model
+        for matrix in self.matrices.values():
+            sites.detach(model, matrix)
+        self._hook.remove()
+        for name, param in model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        del model._modules["factnet"]
+        self.__dict__["model"] = None
+        return model
+
+    def _check_attached(self) -> None:
+        if self.__dict__.get("model") is None:
+            raise FactnetError("adapter was detached; decompose the model again to adapt it")
+
+    # ---- reports ---------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Trainable factor parameters of the backbone (the head is counted apart)."""
+        return sum(self.num_parameters_by_group().values())
+
+    def num_parameters_by_group(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in self.groups[_key(name)].parameters()) for name in self.group_names}
+
+    def num_head_parameters(self) -> int:
+        """Parameters of the trainable head (0 with ``train_head=False`` or no head)."""
+        if self.model is None:
+            return 0
+        return sum(p.numel() for n, p in self.model.named_parameters()
+                   if any(n.startswith(h + ".") for h in self.head) and p.requires_grad)
+
+    def group_shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {name: self.groups[_key(name)].shape for name in self.group_names}
+
+    def plan_report(self, tokens: int = 1024) -> str:
+        """The contractions the adapter runs, with opt-einsum's cost, for ``tokens`` rows of input."""
+        from factnet.report import plan_report
+
+        return plan_report(self, tokens)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, "
+                f"parameters={self.num_parameters():,}")
+
+
+def _key(group: str) -> str:
+    """A ModuleDict-safe key for a group name (dots are not allowed there)."""
+    return group.replace(".", "_")
+
+
+def _by_matrix(members: tuple[Slice, ...]) -> dict[Matrix, list[int]]:
+    """Group member positions, by the matrix each slice belongs to."""
+    found: dict[Matrix, list[int]] = {}
+    for pos, piece in enumerate(members):
+        found.setdefault(piece.matrix, []).append(pos)
+    return found
+
+
+def _placement(group: str, members: tuple[Slice, ...], chosen: list[int]) -> Placement:
+    matrix = members[chosen[0]].matrix
+    n_blocks, side = matrix.cut
+    return Placement(group, torch.tensor(chosen), torch.tensor([members[p].index for p in chosen]), n_blocks, side)

@@ -1,0 +1,249 @@
+"""The `Format` base class: a factor network over the modes of a group tensor.
+
+A group tensor ``ΔW`` has three modes: ``i`` (slice), ``j`` (input), ``k`` (output), so
+``ΔW[i]`` is the ``d_in × d_out`` increment of slice ``i`` (applied as ``x @ ΔW[i]``).
+A format names its factors with einsum letters (``{"sigma": "iab", "u": "ja", "v": "kb"}``
+is FacT-TT); every other letter is a rank index of size ``rank``. From that alone the base
+class derives the shapes, the dense reconstruction and the *normal form* every kernel uses:
+
+    ΔW[i] = P_in[i] @ core[i] @ P_out[i]ᵀ,   P_in: (d_in, a), core: (a, b), P_out: (d_out, b)
+
+``P_in`` is the factor holding ``j``, ``P_out`` the one holding ``k`` (per slice when it
+also holds ``i``), and ``core`` contracts all other factors; a rank index shared by
+``P_in`` and ``P_out`` becomes an identity in the core. Subclasses register themselves by
+name: ``class BlockTerm(Format, name="block-term"): ...``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import opt_einsum
+import torch
+from torch import Tensor
+
+from factnet.errors import FactnetError
+from factnet.plans import planned
+
+__all__ = ["Format", "NormalForm", "available_formats", "get_format"]
+
+MODES = "ijk"
+_REGISTRY: dict[str, type[Format]] = {}
+
+
+@dataclass(frozen=True)
+class NormalForm:
+    """Factors of a group in normal form, laid out for BLAS (rank-major projections).
+
+    ``p_in_t: (n | 1, a, d_in)``, ``core: (n, a, b)``, ``p_out_t: (n | 1, b, d_out)``; the
+    leading size is ``n`` when the projection differs per slice, else 1 (shared).
+    """
+
+    p_in_t: Tensor
+    core: Tensor
+    p_out_t: Tensor
+
+
+class Format:
+    """A decomposition format of a ``(n, d_in, d_out)`` group tensor at a given rank.
+
+    Subclasses set ``factors`` (name → einsum letters over ``i, j, k`` and rank letters) and
+    ``zero`` (the factor that starts at zero, on the output side so ``ΔW = 0`` at step 0),
+    and implement `num_parameters` (the exact formula) and `to_tensorly`/`reference`.
+    """
+
+    name: ClassVar[str]
+    factors: ClassVar[dict[str, str]]
+    zero: ClassVar[str]
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is None:
+            return
+        _check_declaration(cls, name)
+        cls.name = name
+        _REGISTRY[name] = cls
+
+    def __init__(self, rank: int) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise FactnetError(f"rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank})"
+
+    # ---- declared by each format -------------------------------------------------------
+    def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
+        """Exact number of parameters for a ``(n, d_in, d_out)`` group (the paper's formula)."""
+        raise NotImplementedError
+
+    def max_rank(self, n: int, d_in: int, d_out: int) -> int:
+        """Largest meaningful rank for a ``(n, d_in, d_out)`` group."""
+        return min(d_in, d_out)
+
+    def to_tensorly(self, factors: dict[str, Tensor]) -> Any:
+        """The factors as the matching tensorly factorized tensor."""
+        raise NotImplementedError
+
+    def reference(self, factors: dict[str, Tensor]) -> Tensor:
+        """Dense ``(n, d_in, d_out)`` tensor reconstructed by tensorly (the test oracle)."""
+        raise NotImplementedError
+
+    def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
+        """Fill factors in place: uniform ``±1/√fan`` (``fan`` the factor's largest non-slice
+        size, as ``nn.Linear`` does), then `zero` set to zeros. Formats may override."""
+        for name, tensor in factors.items():
+            dims = [size for letter, size in zip(self.factors[name], tensor.shape) if letter != "i"]
+            bound = 1.0 / math.sqrt(max(dims, default=1))
+            _uniform(tensor, bound, generator)
+        with torch.no_grad():
+            factors[self.zero].zero_()
+
+    # ---- derived from the declaration --------------------------------------------------
+    def sizes(self, n: int, d_in: int, d_out: int) -> dict[str, int]:
+        """Size of every einsum letter: the three modes and each rank letter."""
+        sizes = {"i": n, "j": d_in, "k": d_out}
+        for letters in self.factors.values():
+            sizes.update({c: self.rank for c in letters if c not in MODES})
+        return sizes
+
+    def shapes(self, n: int, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+        """Shape of each factor for a ``(n, d_in, d_out)`` group."""
+        sizes = self.sizes(n, d_in, d_out)
+        return {name: tuple(sizes[c] for c in letters) for name, letters in self.factors.items()}
+
+    @property
+    def equation(self) -> str:
+        """The einsum that reconstructs ``ΔW`` from the factors, e.g. ``iab,ja,kb->ijk``."""
+        return ",".join(self.factors.values()) + "->" + MODES
+
+    def reconstruct(self, factors: dict[str, Tensor]) -> Tensor:
+        """Dense ``(n, d_in, d_out)`` tensor by the format's own einsum."""
+        operands = [factors[name] for name in self.factors]
+        return planned(self.equation, *(tuple(t.shape) for t in operands))(*operands)
+
+    def normal_form(self, factors: dict[str, Tensor]) -> NormalForm:
+        """``(P_in, core, P_out)`` with ``ΔW[i] = P_in[i] core[i] P_out[i]ᵀ``; see module doc."""
+        plan = _normal_plan(type(self))
+        n = _mode_size(self.factors, factors, "i")
+        p_in_t = _projection(factors[plan.in_factor], self.factors[plan.in_factor], "j")
+        p_out_t = _projection(factors[plan.out_factor], self.factors[plan.out_factor], "k")
+        operands = [factors[name] for name in plan.rest]
+        operands += [torch.eye(self.rank, dtype=p_in_t.dtype, device=p_in_t.device)] * plan.identities
+        if plan.core_equation is None:  # the core is a single factor already in (i, a, b) order
+            core = operands[0]
+        else:
+            core = planned(plan.core_equation, *(tuple(t.shape) for t in operands))(*operands)
+        if "i" not in plan.core_equation_output:
+            core = core.unsqueeze(0).expand(n, *core.shape)
+        a, b = p_in_t.shape[1], p_out_t.shape[1]
+        return NormalForm(p_in_t, core.reshape(n, a, b), p_out_t)
+
+    def core_plan_report(self, n: int, d_in: int, d_out: int) -> str:
+        """opt-einsum's path and cost for building the cores of a ``(n, d_in, d_out)`` group."""
+        plan = _normal_plan(type(self))
+        if plan.core_equation is None:
+            return "core: a factor as is (no contraction)"
+        sizes = self.sizes(n, d_in, d_out)
+        shapes = [tuple(sizes[c] for c in self.factors[name]) for name in plan.rest]
+        shapes += [(self.rank, self.rank)] * plan.identities
+        _, info = opt_einsum.contract_path(plan.core_equation, *shapes, shapes=True, optimize="optimal")
+        return f"core: {plan.core_equation}\n{info}"
+
+
+@dataclass(frozen=True)
+class _NormalPlan:
+    in_factor: str
+    out_factor: str
+    rest: tuple[str, ...]
+    identities: int
+    core_equation: str | None
+    core_equation_output: str
+
+
+@functools.cache
+def _normal_plan(cls: type[Format]) -> _NormalPlan:
+    """How `Format.normal_form` contracts the factors of ``cls`` (derived once per class)."""
+    factors = cls.factors
+    in_factor = next(name for name, letters in factors.items() if "j" in letters)
+    out_factor = next(name for name, letters in factors.items() if "k" in letters)
+    in_ranks = [c for c in factors[in_factor] if c not in MODES]
+    out_ranks = [c for c in factors[out_factor] if c not in MODES]
+    rest = tuple(name for name in factors if name not in (in_factor, out_factor))
+    fresh = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "".join(factors.values()))
+    renamed = {c: next(fresh) for c in out_ranks if c in in_ranks}
+    inputs = [factors[name] for name in rest] + [c + renamed[c] for c in renamed]
+    slice_letter = "i" if any("i" in letters for letters in inputs) else ""
+    output = slice_letter + "".join(in_ranks) + "".join(renamed.get(c, c) for c in out_ranks)
+    equation = ",".join(inputs) + "->" + output
+    trivial = len(inputs) == 1 and inputs[0] == output
+    return _NormalPlan(in_factor, out_factor, rest, len(renamed), None if trivial else equation, output)
+
+
+def _projection(factor: Tensor, letters: str, mode: str) -> Tensor:
+    """A factor holding ``mode`` as a rank-major projection ``(n | 1, rank…, d)``, contiguous."""
+    ranks = [pos for pos, c in enumerate(letters) if c not in MODES]
+    slice_axis = [letters.index("i")] if "i" in letters else []
+    order = slice_axis + ranks + [letters.index(mode)]
+    projection = factor.permute(order)
+    lead = projection.shape[0] if slice_axis else 1
+    return projection.reshape(lead, -1, factor.shape[letters.index(mode)]).contiguous()
+
+
+def _mode_size(declared: dict[str, str], factors: dict[str, Tensor], mode: str) -> int:
+    for name, letters in declared.items():
+        if mode in letters:
+            return factors[name].shape[letters.index(mode)]
+    raise AssertionError(f"no factor holds mode {mode!r}")  # excluded by _check_declaration
+
+
+def _uniform(tensor: Tensor, bound: float, generator: torch.Generator | None) -> None:
+    with torch.no_grad():
+        tensor.uniform_(-bound, bound, generator=generator)
+
+
+def _check_declaration(cls: type[Format], name: str) -> None:
+    """Reject a format whose letters cannot describe a ``(i, j, k)`` increment."""
+    factors = getattr(cls, "factors", None)
+    problem = None
+    if not isinstance(factors, dict) or not factors:
+        problem = "`factors` must map factor names to einsum letters"
+    else:
+        holders = {m: [f for f, letters in factors.items() if m in letters] for m in MODES}
+        letters_all = "".join(factors.values())
+        if any(len(holders[m]) != 1 for m in "jk"):
+            problem = "modes 'j' (in) and 'k' (out) must each appear in exactly one factor"
+        elif holders["j"] == holders["k"]:
+            problem = "'j' and 'k' must sit in different factors (the input and output projections)"
+        elif "i" not in letters_all:
+            problem = "mode 'i' (slice) must appear in some factor"
+        elif not all(c.isalpha() and c.islower() for c in letters_all):
+            problem = "factor letters must be lowercase a-z"
+        elif getattr(cls, "zero", None) not in factors:
+            problem = "`zero` must name one of the factors"
+        else:
+            counts = {c: letters_all.count(c) for c in set(letters_all) if c not in MODES}
+            lonely = sorted(c for c, count in counts.items() if count < 2)
+            if lonely:
+                problem = f"rank letters {lonely} appear in one factor only; each must link two"
+    if problem:
+        raise FactnetError(f"format {name!r}: {problem}")
+
+
+def available_formats() -> list[str]:
+    """Names of the registered formats, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_format(name: str | Format, rank: int | None = None) -> Format:
+    """A format instance by registered name (or pass an instance through)."""
+    if isinstance(name, Format):
+        return name
+    if name not in _REGISTRY:
+        raise FactnetError(f"unknown format {name!r}; known formats: {', '.join(available_formats())}")
+    if rank is None:
+        raise FactnetError(f"format {name!r} needs a rank, e.g. decompose({name!r}, rank=8)")
+    return _REGISTRY[name](rank)

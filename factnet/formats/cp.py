@@ -1,0 +1,36 @@
+"""CP (CANDECOMP/PARAFAC): ``ΔW = Σ_r λ_r p_r ∘ u_r ∘ v_r``."""
+
+from __future__ import annotations
+
+import tensorly as tl
+import torch
+from tensorly.cp_tensor import CPTensor
+from torch import Tensor
+
+from factnet.formats.base import Format
+
+
+class CP(Format, name="cp"):
+    """``ΔW[i,j,k] = Σ_r weights[r] p[i,r] u[j,r] v[k,r]``; ``r + (n + d_in + d_out)·r``.
+
+    Per module the core of slice ``i`` is ``diag(weights · p[i])``. Init: ``weights`` ones,
+    ``p`` and ``u`` uniform ``±1/√fan``, ``v`` zero.
+    """
+
+    factors = {"weights": "r", "p": "ir", "u": "jr", "v": "kr"}
+    zero = "v"
+
+    def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
+        return self.rank + (n + d_in + d_out) * self.rank
+
+    def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
+        super().initialize(factors, generator)
+        with torch.no_grad():
+            factors["weights"].fill_(1.0)
+
+    def to_tensorly(self, factors: dict[str, Tensor]) -> CPTensor:
+        return CPTensor((factors["weights"], [factors["p"], factors["u"], factors["v"]]))
+
+    def reference(self, factors: dict[str, Tensor]) -> Tensor:
+        with tl.backend_context("pytorch"):
+            return tl.cp_to_tensor(self.to_tensorly(factors))

@@ -1,0 +1,164 @@
+"""The one training kernel: a linear layer plus increments in normal form.
+
+A module's matrix ``W: (d_out, d_in)`` splits its input into ``m_in`` equal blocks and its
+output into ``m_out`` (one of them is 1 unless the matrix is whole). An `Increment` is one
+group's share of ``ΔW`` for that module:
+
+    ΔW[(q, k), (p, j)] = Σ_αβ b_t[q, β, k] · core[(p, α), (q, β)] · a_t[p, α, j]
+
+with ``a_t: (g_in, α, d_in / m_in)`` and ``b_t: (g_out, β, d_out / m_out)`` shared by all
+blocks when ``g == 1`` (one GEMM on the reshaped activations) or one per block (``g == m``).
+Projections are stored rank-major (``a_t`` is ``P_inᵀ``) because the thin products are then
+in the layout BLAS runs fastest on this hardware (see ``benchmarks/layouts.py``).
+
+Two exact ways to apply it, both with no dense weight gradient:
+- merged (`_MergedLinear`): one GEMM with ``W + s·ΔW`` forward; the backward gives ``grad_x``
+  and the factor gradients from thin projections of ``x`` and ``grad_y``;
+- activation side (`_activation_side`): ``y = x Wᵀ + s · dropout(x P_in core) P_outᵀ``, used
+  when factor-space dropout is active in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from factnet.plans import planned
+
+__all__ = ["Increment", "adapted_linear", "delta_weight"]
+
+
+@dataclass(frozen=True)
+class Increment:
+    """One group's share of a module's ``ΔW`` in normal form; see the module docstring.
+
+    ``a_t: (g_in, α, d_in/m_in)``, ``core: (m_in·α, m_out·β)``, ``b_t: (g_out, β, d_out/m_out)``.
+    """
+
+    a_t: Tensor
+    core: Tensor
+    b_t: Tensor
+    m_in: int
+    m_out: int
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.a_t, self.core, self.b_t
+
+
+def delta_weight(increment: Increment) -> Tensor:
+    """Dense ``ΔW: (d_out, d_in)`` of one increment (for merge and parametrized weights)."""
+    a_t, core, b_t = increment.tensors()
+    m_in, m_out = increment.m_in, increment.m_out
+    alpha, beta = a_t.shape[1], b_t.shape[1]
+    blocks = core.reshape(m_in, alpha, m_out, beta)
+    a_letters = "paj" if a_t.shape[0] > 1 else "aj"
+    b_letters = "qbk" if b_t.shape[0] > 1 else "bk"
+    a_op = a_t if a_t.shape[0] > 1 else a_t[0]
+    b_op = b_t if b_t.shape[0] > 1 else b_t[0]
+    equation = f"{b_letters},paqb,{a_letters}->qkpj"
+    delta = planned(equation, tuple(b_op.shape), tuple(blocks.shape), tuple(a_op.shape))(b_op, blocks, a_op)
+    return delta.reshape(m_out * b_t.shape[2], m_in * a_t.shape[2])
+
+
+def _times_t(x: Tensor, p_t: Tensor, m: int) -> Tensor:
+    """Per block ``x_p @ p_t[p]ᵀ``: ``(N, m·d) × (g, α, d) → (N, m·α)``."""
+    n = x.shape[0]
+    if p_t.shape[0] == 1:
+        return F.linear(x.reshape(n * m, -1), p_t[0]).reshape(n, -1)
+    return torch.bmm(x.reshape(n, m, -1).transpose(0, 1), p_t.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
+
+
+def _times(r: Tensor, p_t: Tensor, m: int) -> Tensor:
+    """Per block ``r_p @ p_t[p]``: ``(N, m·α) × (g, α, d) → (N, m·d)``."""
+    n = r.shape[0]
+    if p_t.shape[0] == 1:
+        return torch.mm(r.reshape(n * m, -1), p_t[0]).reshape(n, -1)
+    return torch.bmm(r.reshape(n, m, -1).transpose(0, 1), p_t).transpose(0, 1).reshape(n, -1)
+
+
+def _outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
+    """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major, fast)."""
+    n = r.shape[0]
+    if groups == 1:
+        return torch.mm(r.reshape(n * m, -1).t(), x.reshape(n * m, -1)).unsqueeze(0)
+    return torch.bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1))
+
+
+class _MergedLinear(torch.autograd.Function):
+    """``y = x (W + s·Σ ΔW)ᵀ + bias`` with factor gradients from thin projections."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, layout, *factors):  # type: ignore[override]
+        increments = _unflatten(layout, factors)
+        delta = sum(delta_weight(inc) for inc in increments)
+        y = F.linear(x, weight.add(delta, alpha=scale), bias)
+        ctx.save_for_backward(x, weight, *factors)
+        ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, *factors = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()
+        grad_x = torch.mm(grad_y, weight) if needs[0] else None
+        grad_factors: list[Tensor | None] = []
+        for inc in _unflatten(ctx.layout, factors):
+            scaled_core = inc.core * ctx.scale
+            t = _times_t(grad_y, inc.b_t, inc.m_out)  # grad_y P_out: (N, m_out·β)
+            u = _times_t(x, inc.a_t, inc.m_in)  # x P_in: (N, m_in·α)
+            r = torch.mm(t, scaled_core.t())  # (N, m_in·α)
+            w = torch.mm(u, scaled_core)  # (N, m_out·β)
+            grad_factors += [
+                _outer(r, x, inc.m_in, inc.a_t.shape[0]),
+                torch.mm(u.t(), t).mul_(ctx.scale),
+                _outer(w, grad_y, inc.m_out, inc.b_t.shape[0]),
+            ]
+            if grad_x is not None:
+                grad_x += _times(r, inc.a_t, inc.m_in)
+        grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
+        grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, *grad_factors
+
+
+def _activation_side(
+    x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, increments: list[Increment], dropout: float
+) -> Tensor:
+    """``y = x Wᵀ + bias + s · Σ dropout(x P_in core) P_outᵀ`` (autograd through thin products)."""
+    y = F.linear(x, weight, bias)
+    for inc in increments:
+        hidden = torch.mm(_times_t(x, inc.a_t, inc.m_in), inc.core * scale)
+        y = y + _times(F.dropout(hidden, dropout, training=True), inc.b_t, inc.m_out)
+    return y
+
+
+def adapted_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    increments: list[Increment],
+    scale: float,
+    dropout: float = 0.0,
+) -> Tensor:
+    """``x: (..., d_in) → (..., d_out)``: the frozen layer plus ``s·ΔW`` of each increment.
+
+    Factor-space ``dropout`` (active when > 0) needs the activation-side path; otherwise the
+    merged-weight path runs, which costs one GEMM forward and thin products backward.
+    """
+    if not increments:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if dropout > 0:
+        y = _activation_side(x2, weight, bias, scale, increments, dropout)
+    else:
+        layout = tuple((inc.m_in, inc.m_out) for inc in increments)
+        factors = [t for inc in increments for t in inc.tensors()]
+        y = _MergedLinear.apply(x2, weight, bias, scale, layout, *factors)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _unflatten(layout: tuple[tuple[int, int], ...], factors: tuple[Tensor, ...] | list[Tensor]) -> list[Increment]:
+    return [Increment(*factors[3 * pos : 3 * pos + 3], m_in, m_out) for pos, (m_in, m_out) in enumerate(layout)]

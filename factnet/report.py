@@ -1,0 +1,64 @@
+"""`plan_report`: the contractions an adapter runs and what they cost."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import opt_einsum
+
+if TYPE_CHECKING:
+    from factnet.adapter import Adapter
+
+__all__ = ["plan_report"]
+
+
+def plan_report(adapter: Adapter, tokens: int) -> str:
+    """Per group: the core plan from the format's einsum; per matrix layout: the kernel's thin
+    products for ``tokens`` input rows and the ``ΔW`` build that merging uses."""
+    fmt = adapter.format
+    lines = [f"format {fmt.name} (rank {fmt.rank}): {fmt.equation}; scale {adapter.settings.scale}, "
+             f"dropout {adapter.settings.dropout} -> "
+             f"{'activation-side path in training' if adapter.settings.dropout > 0 else 'merged-weight path'}"]
+    for name in adapter.group_names:
+        group = adapter.groups[name.replace('.', '_')]
+        lines += [f"\ngroup {name!r} {'x'.join(map(str, group.shape))}: "
+                  f"{sum(p.numel() for p in group.parameters()):,} parameters",
+                  _indent(fmt.core_plan_report(*group.shape))]
+    seen = set()
+    for matrix_name, placements in adapter.placements.items():
+        matrix = adapter.matrices[matrix_name]
+        for placement in placements:
+            form = adapter.groups[placement.group].normal_form(-1)
+            inc = placement.increment(form, form.core.dtype)
+            layout = (matrix.d_out, matrix.d_in, tuple(inc.a_t.shape), tuple(inc.core.shape), tuple(inc.b_t.shape))
+            if layout in seen:
+                continue
+            seen.add(layout)
+            lines.append(f"\nmatrix {matrix.d_out}x{matrix.d_in} ({matrix.kind}, e.g. {matrix_name}), "
+                         f"group {placement.group!r}: {_kernel_cost(inc, tokens, matrix.d_in, matrix.d_out)}")
+            lines.append(_indent(_delta_plan(inc)))
+    return "\n".join(lines)
+
+
+def _kernel_cost(inc, tokens: int, d_in: int, d_out: int) -> str:
+    alpha = inc.m_in * inc.a_t.shape[1]
+    beta = inc.m_out * inc.b_t.shape[1]
+    thin = 2 * tokens * (d_in * inc.a_t.shape[1] + d_out * inc.b_t.shape[1])
+    dense = 2 * tokens * d_in * d_out
+    return (f"x P_in -> ({tokens}, {alpha}), grad_y P_out -> ({tokens}, {beta}); "
+            f"per step ~{5 * thin / 1e6:.1f} MFLOP in thin products vs {2 * dense / 1e6:.1f} MFLOP for "
+            "the frozen layer's forward and input gradient")
+
+
+def _delta_plan(inc) -> str:
+    a_op = inc.a_t if inc.a_t.shape[0] > 1 else inc.a_t[0]
+    b_op = inc.b_t if inc.b_t.shape[0] > 1 else inc.b_t[0]
+    blocks = (inc.m_in, inc.a_t.shape[1], inc.m_out, inc.b_t.shape[1])
+    equation = f"{'qbk' if b_op.dim() == 3 else 'bk'},paqb,{'paj' if a_op.dim() == 3 else 'aj'}->qkpj"
+    _, info = opt_einsum.contract_path(equation, tuple(b_op.shape), blocks, tuple(a_op.shape), shapes=True,
+                                       optimize="optimal")
+    return f"dW (merged forward and merge): {equation}\n{info}"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())

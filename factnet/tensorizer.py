@@ -1,0 +1,135 @@
+"""`Tensorizer`: find a model's matrices, slice and group them, then decompose the increment."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from factnet.adapter import Adapter, _key
+from factnet.errors import FactnetError
+from factnet.formats import Format, get_format
+from factnet.grouping import GroupBy, make_groups
+from factnet.slices import Slice, _classifier_name, select_slices
+
+__all__ = ["Tensorizer"]
+
+_HEAD_NAMES = ("head", "heads", "classifier", "fc", "lm_head")
+
+
+class Tensorizer:
+    """The matrices of ``model`` cut into slices and stacked into groups (a dry run until
+    `decompose`).
+
+    ``targets`` are full-name glob patterns with optional block selections
+    (``"blocks.*.attn.qkv[q,v]"``); by default, the paper's: attention and MLP matrices,
+    never the head, patch embedding or Swin's patch-merging reduction.
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence[str] | None = None, *, by: GroupBy = "shape") -> None:
+        if not isinstance(model, nn.Module):
+            raise FactnetError(f"Tensorizer needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.slices: tuple[Slice, ...] = tuple(select_slices(model, targets))
+        self._check_weights()
+        self.groups: dict[str, tuple[Slice, ...]] = make_groups(self.slices, by)
+
+    def group(self, by: GroupBy = "shape") -> Tensorizer:
+        """The same slices grouped another way: ``"shape"``, ``"stage"``, a regex, a dict of
+        name → patterns, or a callable ``slice -> name`` (see `factnet.grouping.make_groups`)."""
+        regrouped = object.__new__(Tensorizer)
+        regrouped.model, regrouped.slices = self.model, self.slices
+        regrouped.groups = make_groups(self.slices, by)
+        return regrouped
+
+    def group_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``{group: (n_slices, d_in, d_out)}``."""
+        return {name: (len(m), m[0].d_in, m[0].d_out) for name, m in self.groups.items()}
+
+    def num_parameters(self, format: str | Format, rank: int | None = None) -> int:
+        """Factor parameters ``decompose(format, rank)`` would train (dry run, exact)."""
+        fmt = get_format(format, rank)
+        return sum(fmt.num_parameters(*shape) for shape in self.group_shapes().values())
+
+    def decompose(
+        self,
+        format: str | Format,
+        rank: int | None = None,
+        *,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        train_head: bool = True,
+        head: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> Adapter:
+        """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
+        and return the `Adapter` holding its factors.
+
+        ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
+        (found automatically on timm models and for modules named head/classifier/fc); it stays
+        trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
+        """
+        fmt = get_format(format, rank)
+        if getattr(self.model, "factnet", None) is not None:
+            raise FactnetError("this model already carries a factnet adapter; call model.factnet.detach() "
+                               "first or adapt a fresh copy of the model")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+            raise FactnetError(f"scale must be a finite number, got {scale!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
+        for name, shape in self.group_shapes().items():
+            limit = fmt.max_rank(*shape)
+            if fmt.rank > limit:
+                n, d_in, d_out = shape
+                raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {name!r} "
+                                   f"({n}x{d_in}x{d_out}); use rank <= {limit}")
+        keys = [_key(name) for name in self.groups]
+        if len(set(keys)) != len(keys):
+            raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")
+        heads = self._heads(head) if train_head else []
+        if dropout > 0 and any(s.matrix.kind.startswith("mha") for s in self.slices):
+            warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
+                          "applied as a merged weight", stacklevel=2)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, generator)
+
+    def _heads(self, head: Sequence[str] | None) -> list[str]:
+        modules = dict(self.model.named_modules())
+        if head is not None:
+            names = [head] if isinstance(head, str) else list(head)
+            unknown = [n for n in names if n not in modules or not n]
+            if unknown:
+                raise FactnetError(f"head {unknown} is not a submodule of the model")
+            return names
+        classifier = _classifier_name(self.model)
+        if classifier:
+            return [classifier]
+        return [n for n in _HEAD_NAMES if n in modules and any(True for _ in modules[n].parameters())][:1]
+
+    def _check_weights(self) -> None:
+        for matrix in {s.matrix for s in self.slices}:
+            owner = self.model.get_submodule(matrix.name)
+            weight = owner.in_proj_weight if matrix.kind == "mha-in" else owner.weight
+            if not weight.is_floating_point():
+                raise FactnetError(f"{matrix.name} has {weight.dtype} weights; factnet adapts floating-point "
+                                   "weights only (dequantize the model first)")
+
+    def __repr__(self) -> str:
+        group_of = {s: name for name, members in self.groups.items() for s in members}
+        rows = [("module", "kind", "matrix", "slices", "group")]
+        by_matrix: dict[str, list[Slice]] = {}
+        for piece in self.slices:
+            by_matrix.setdefault(piece.module, []).append(piece)
+        for module, pieces in by_matrix.items():
+            matrix = pieces[0].matrix
+            labels = ",".join(p.label for p in pieces) if matrix.cut[0] > 1 else "whole"
+            groups = ",".join(dict.fromkeys(group_of[p] for p in pieces))
+            rows.append((module, matrix.kind, f"{matrix.d_out}x{matrix.d_in}", labels, groups))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        summary = ", ".join(f"{g} {n}x{i}x{o}" for g, (n, i, o) in self.group_shapes().items())
+        return "\n".join([f"Tensorizer({type(self.model).__name__}: {len(self.slices)} slices; groups: {summary})",
+                          *lines])
