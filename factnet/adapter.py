@@ -49,55 +49,78 @@ class GroupFactors(nn.Module):
         return f"{self.format.name} rank {self.format.rank}, {n}x{d_in}x{d_out}"
 
 
-@dataclass(frozen=True)
 class Placement:
-    """Where a group's slices sit in one matrix: group members and their block positions."""
+    """Where a group's slices sit in one matrix, and how to cut its normal form for it.
 
-    group: str
-    members: Tensor  # (s,) positions in the group
-    blocks: Tensor  # (s,) block index of each in the matrix
-    n_blocks: int
-    side: str
+    ``members`` are positions in the group, ``blocks`` their block index in the matrix. The
+    recipe (which projection is shared, how the cores tile the module core) is fixed here once.
+    """
+
+    def __init__(self, group: str, members: list[int], blocks: list[int], n_blocks: int, side: str,
+                 per_slice: tuple[bool, bool]) -> None:
+        self.group, self.n_blocks, self.side = group, n_blocks, side
+        self.members, self.blocks = torch.tensor(members), torch.tensor(blocks)
+        self.m_in = n_blocks if side == "in" else 1
+        self.m_out = n_blocks if side == "out" else 1
+        ordered = blocks == list(range(n_blocks))
+        self._in = self._side_recipe("in", per_slice[0], ordered)
+        self._out = self._side_recipe("out", per_slice[1], ordered)
+        rows, row_blocks, cols, col_blocks = self._in[1], self._in[2], self._out[1], self._out[2]
+        if row_blocks == 1 and cols.tolist() == list(range(col_blocks)):
+            self._tiling = "columns"  # slices side by side: shared input, one core per output block
+        elif col_blocks == 1 and rows.tolist() == list(range(row_blocks)):
+            self._tiling = "rows"
+        else:
+            self._tiling = "scatter"
+
+    def _side_recipe(self, side: str, per_slice: bool, ordered: bool) -> tuple[str, Tensor, int]:
+        """``(how to build the projection, block of each member, number of blocks)``."""
+        count = len(self.members)
+        if self.side == side:
+            how = ("own" if ordered else "own-scattered") if per_slice else "shared"
+            return how, self.blocks, self.n_blocks
+        if per_slice:  # one shared activation: the members' projections concatenated on the rank
+            return "concat", torch.arange(count), count
+        return "shared", torch.zeros(count, dtype=torch.long), 1
+
+    def _projection(self, p_t: Tensor, recipe: tuple[str, Tensor, int]) -> Tensor:
+        how = recipe[0]
+        if how == "shared":
+            return p_t
+        own = p_t[self.members]
+        if how == "own":
+            return own
+        if how == "concat":
+            return own.reshape(1, -1, own.shape[2])
+        return own.new_zeros(self.n_blocks, *own.shape[1:]).index_copy(0, self.blocks, own)
 
     def increment(self, form: NormalForm, dtype: torch.dtype) -> Increment:
         """This matrix's share of the group's ``ΔW`` as a kernel `Increment`."""
         cores = form.core[self.members]
-        a_t, rows, row_blocks = self._projection(form.p_in_t, "in")
-        b_t, cols, col_blocks = self._projection(form.p_out_t, "out")
-        rank_in, rank_out = cores.shape[1:]
-        if row_blocks == 1 and torch.equal(cols, torch.arange(col_blocks)):
+        count, rank_in, rank_out = cores.shape
+        row_blocks, col_blocks = self._in[2], self._out[2]
+        if self._tiling == "columns":
             core = cores.permute(1, 0, 2).reshape(rank_in, col_blocks * rank_out)
-        elif col_blocks == 1 and torch.equal(rows, torch.arange(row_blocks)):
+        elif self._tiling == "rows":
             core = cores.reshape(row_blocks * rank_in, rank_out)
         else:
-            core = cores.new_zeros(row_blocks, rank_in, col_blocks, rank_out)
-            core[rows, :, cols, :] = cores
-            core = core.reshape(row_blocks * rank_in, col_blocks * rank_out)
-        m_in = self.n_blocks if self.side == "in" else 1
-        m_out = self.n_blocks if self.side == "out" else 1
-        return Increment(a_t.to(dtype), core.to(dtype), b_t.to(dtype), m_in, m_out)
-
-    def _projection(self, p_t: Tensor, side: str) -> tuple[Tensor, Tensor, int]:
-        """``(projection, block of each member, number of blocks)`` on one side."""
-        count = len(self.members)
-        if p_t.shape[0] == 1:  # shared: one projection for every block of this side
-            if self.side == side:
-                return p_t, self.blocks, self.n_blocks
-            return p_t, torch.zeros_like(self.blocks), 1
-        own = p_t[self.members]  # per slice
-        if self.side == side:  # each block its own projection (zero where not targeted)
-            if count == self.n_blocks and torch.equal(self.blocks, torch.arange(count)):
-                return own, self.blocks, count
-            full = own.new_zeros(self.n_blocks, *own.shape[1:])
-            return full.index_copy(0, self.blocks, own), self.blocks, self.n_blocks
-        # one shared activation: concatenate the members' projections along the rank
-        return own.reshape(1, -1, own.shape[2]), torch.arange(count), count
+            tiled = cores.new_zeros(row_blocks, rank_in, col_blocks, rank_out)
+            tiled[self._in[1], :, self._out[1], :] = cores
+            core = tiled.reshape(row_blocks * rank_in, col_blocks * rank_out)
+        a_t = self._projection(form.p_in_t, self._in)
+        b_t = self._projection(form.p_out_t, self._out)
+        if dtype != core.dtype:
+            a_t, core, b_t = a_t.to(dtype), core.to(dtype), b_t.to(dtype)
+        return Increment(a_t, core, b_t, self.m_in, self.m_out)
 
 
 @dataclass
 class Settings:
+    """Shared by every attached matrix; ``path`` ("auto", "activation") picks the kernel."""
+
     scale: float
     dropout: float
+    path: str = "auto"
 
 
 class Adapter(nn.Module):
@@ -125,7 +148,9 @@ class Adapter(nn.Module):
         for name, members in groups.items():
             for matrix, chosen in _by_matrix(members).items():
                 self.matrices[matrix.name] = matrix
-                self.placements.setdefault(matrix.name, []).append(_placement(_key(name), members, chosen))
+                self.placements.setdefault(matrix.name, []).append(
+                    Placement(_key(name), chosen, [members[p].index for p in chosen], *matrix.cut,
+                              fmt.projections_per_slice))
         self.head = head
         self._step = 0
         self._merged = False
@@ -140,11 +165,10 @@ class Adapter(nn.Module):
         model.add_module("factnet", self)
 
     # ---- what the attached matrices call ---------------------------------------------------
-    def increments(self, matrix: str) -> list[Increment]:
-        """The increments of ``matrix`` to apply now: none when disabled or merged."""
+    def increments(self, matrix: str, dtype: torch.dtype) -> list[Increment]:
+        """The increments of ``matrix`` to apply now (in ``dtype``): none when disabled or merged."""
         if self._merged or not self._enabled:
             return []
-        dtype = sites.weight_view(self.model, self.matrices[matrix]).dtype
         return [p.increment(self.groups[p.group].normal_form(self._step), dtype) for p in self.placements[matrix]]
 
     def _next_step(self, *_: object) -> None:
@@ -255,9 +279,3 @@ def _by_matrix(members: tuple[Slice, ...]) -> dict[Matrix, list[int]]:
     for pos, piece in enumerate(members):
         found.setdefault(piece.matrix, []).append(pos)
     return found
-
-
-def _placement(group: str, members: tuple[Slice, ...], chosen: list[int]) -> Placement:
-    matrix = members[chosen[0]].matrix
-    n_blocks, side = matrix.cut
-    return Placement(group, torch.tensor(chosen), torch.tensor([members[p].index for p in chosen]), n_blocks, side)

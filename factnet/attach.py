@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from factnet.kernel import Increment, adapted_linear, delta_weight
+from factnet.kernel import Increment, adapted_linear, effective_weight
 from factnet.slices import Matrix
 
 __all__ = ["AdaptedMatrix", "attach", "detach", "weight_view"]
 
-# (matrix name) -> increments to apply now ([] when disabled or merged)
-Source = Callable[[str], list[Increment]]
+# (matrix name, weight dtype) -> increments to apply now ([] when disabled or merged)
+Source = Callable[[str, torch.dtype], list[Increment]]
 
 
 class AdaptedMatrix(nn.Module):
@@ -38,14 +38,15 @@ class AdaptedMatrix(nn.Module):
         self.__dict__.update(original=original, source=source, settings=settings, matrix=matrix)
 
     def forward(self, x: Tensor) -> Tensor:
-        increments = self.source(self.matrix.name)
-        dropout = self.settings.dropout if self.training else 0.0
-        scale = self.settings.scale
+        increments = self.source(self.matrix.name, self.weight.dtype)
+        settings = self.settings
+        dropout = settings.dropout if self.training else 0.0
         if self.matrix.kind == "conv1x1":
-            y = adapted_linear(x.movedim(1, -1), self.weight.flatten(1), self.bias, increments, scale, dropout)
+            y = adapted_linear(x.movedim(1, -1), self.weight.flatten(1), self.bias, increments, settings.scale,
+                               dropout, settings.path)
             return y.movedim(-1, 1)
         weight = self.weight.t() if self.matrix.kind == "conv1d" else self.weight
-        return adapted_linear(x, weight, self.bias, increments, scale, dropout)
+        return adapted_linear(x, weight, self.bias, increments, settings.scale, dropout, settings.path)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -67,11 +68,7 @@ class _AddIncrement(nn.Module):
         self.__dict__.update(source=source, settings=settings, matrix=matrix)
 
     def forward(self, weight: Tensor) -> Tensor:
-        increments = self.source(self.matrix.name)
-        if not increments:
-            return weight
-        delta = sum(delta_weight(inc) for inc in increments)
-        return weight + self.settings.scale * delta
+        return effective_weight(weight, self.source(self.matrix.name, weight.dtype), self.settings.scale)
 
 
 def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:

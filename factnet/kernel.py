@@ -12,8 +12,9 @@ Projections are stored rank-major (``a_t`` is ``P_inᵀ``) because the thin prod
 in the layout BLAS runs fastest on this hardware (see ``benchmarks/layouts.py``).
 
 Two exact ways to apply it, both with no dense weight gradient:
-- merged (`_MergedLinear`): one GEMM with ``W + s·ΔW`` forward; the backward gives ``grad_x``
-  and the factor gradients from thin projections of ``x`` and ``grad_y``;
+- merged (`_MergedLinear`): one GEMM with ``W + s·ΔW`` forward (built by one ``addmm`` pass
+  over ``W`` and rebuilt in backward rather than stored); the backward gives ``grad_x`` from
+  it and the factor gradients from four thin products with ``x`` and ``grad_y``;
 - activation side (`_activation_side`): ``y = x Wᵀ + s · dropout(x P_in core) P_outᵀ``, used
   when factor-space dropout is active in training.
 """
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from factnet.plans import planned
 
-__all__ = ["Increment", "adapted_linear", "delta_weight"]
+__all__ = ["Increment", "adapted_linear", "delta_weight", "effective_weight"]
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,45 @@ class Increment:
         return self.a_t, self.core, self.b_t
 
 
+def _left(increment: Increment) -> Tensor:
+    """``L = P_out · coreᵀ`` per block: ``(d_out, m_in·α)``, so ``ΔW = L @ P_inᵀ`` block-wise."""
+    _, core, b_t = increment.tensors()
+    blocks = core.reshape(increment.m_in, -1, increment.m_out, b_t.shape[1])
+    b_op = b_t if b_t.shape[0] > 1 else b_t[0]
+    equation = ("qbk" if b_t.shape[0] > 1 else "bk") + ",paqb->qkpa"
+    left = planned(equation, tuple(b_op.shape), tuple(blocks.shape))(b_op, blocks)
+    return left.reshape(-1, core.shape[0])
+
+
+def effective_weight(weight: Tensor, increments: list[Increment], scale: float) -> Tensor:
+    """``W + s·Σ ΔW`` as a new ``(d_out, d_in)`` tensor, one ``addmm`` pass over ``W`` each."""
+    result = weight
+    for inc in increments:
+        a_t = inc.a_t
+        if a_t.shape[0] > 1:  # a projection per input block: contract block by block
+            result = result + scale * _delta_by_blocks(inc)
+            continue
+        left = _left(inc).reshape(-1, a_t.shape[1])  # rows (q, k, p) of ΔW viewed (d_out·m_in, d)
+        rows = result.reshape(left.shape[0], a_t.shape[2])
+        if result is weight:
+            result = torch.addmm(rows, left, a_t[0], alpha=scale).reshape(weight.shape)
+        else:
+            rows.addmm_(left, a_t[0], alpha=scale)
+    return result
+
+
 def delta_weight(increment: Increment) -> Tensor:
     """Dense ``ΔW: (d_out, d_in)`` of one increment (for merge and parametrized weights)."""
-    a_t, core, b_t = increment.tensors()
-    m_in, m_out = increment.m_in, increment.m_out
-    alpha, beta = a_t.shape[1], b_t.shape[1]
-    blocks = core.reshape(m_in, alpha, m_out, beta)
-    a_letters = "paj" if a_t.shape[0] > 1 else "aj"
-    b_letters = "qbk" if b_t.shape[0] > 1 else "bk"
-    a_op = a_t if a_t.shape[0] > 1 else a_t[0]
-    b_op = b_t if b_t.shape[0] > 1 else b_t[0]
-    equation = f"{b_letters},paqb,{a_letters}->qkpj"
-    delta = planned(equation, tuple(b_op.shape), tuple(blocks.shape), tuple(a_op.shape))(b_op, blocks, a_op)
-    return delta.reshape(m_out * b_t.shape[2], m_in * a_t.shape[2])
+    if increment.a_t.shape[0] > 1:
+        return _delta_by_blocks(increment)
+    d_in = increment.m_in * increment.a_t.shape[2]
+    return torch.mm(_left(increment).reshape(-1, increment.a_t.shape[1]), increment.a_t[0]).reshape(-1, d_in)
+
+
+def _delta_by_blocks(increment: Increment) -> Tensor:
+    """``ΔW`` when each input block has its own projection: ``(d_out, m_in, α) ⊗ (m_in, α, d)``."""
+    left = _left(increment).reshape(-1, increment.m_in, increment.a_t.shape[1])
+    return torch.einsum("rpa,paj->rpj", left, increment.a_t).reshape(left.shape[0], -1)
 
 
 def _times_t(x: Tensor, p_t: Tensor, m: int) -> Tensor:
@@ -92,9 +119,7 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, layout, *factors):  # type: ignore[override]
-        increments = _unflatten(layout, factors)
-        delta = sum(delta_weight(inc) for inc in increments)
-        y = F.linear(x, weight.add(delta, alpha=scale), bias)
+        y = F.linear(x, effective_weight(weight, _unflatten(layout, factors), scale), bias)
         ctx.save_for_backward(x, weight, *factors)
         ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
         return y
@@ -102,23 +127,20 @@ class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x, weight, *factors = ctx.saved_tensors
+        increments = _unflatten(ctx.layout, factors)
         needs = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
-        grad_x = torch.mm(grad_y, weight) if needs[0] else None
-        grad_factors: list[Tensor | None] = []
-        for inc in _unflatten(ctx.layout, factors):
+        grad_x = torch.mm(grad_y, effective_weight(weight, increments, ctx.scale)) if needs[0] else None
+        grad_factors: list[Tensor] = []
+        for inc in increments:
             scaled_core = inc.core * ctx.scale
             t = _times_t(grad_y, inc.b_t, inc.m_out)  # grad_y P_out: (N, m_out·β)
             u = _times_t(x, inc.a_t, inc.m_in)  # x P_in: (N, m_in·α)
-            r = torch.mm(t, scaled_core.t())  # (N, m_in·α)
-            w = torch.mm(u, scaled_core)  # (N, m_out·β)
             grad_factors += [
-                _outer(r, x, inc.m_in, inc.a_t.shape[0]),
+                _outer(torch.mm(t, scaled_core.t()), x, inc.m_in, inc.a_t.shape[0]),
                 torch.mm(u.t(), t).mul_(ctx.scale),
-                _outer(w, grad_y, inc.m_out, inc.b_t.shape[0]),
+                _outer(torch.mm(u, scaled_core), grad_y, inc.m_out, inc.b_t.shape[0]),
             ]
-            if grad_x is not None:
-                grad_x += _times(r, inc.a_t, inc.m_in)
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
         return grad_x, grad_weight, grad_bias, None, None, *grad_factors
@@ -142,16 +164,18 @@ def adapted_linear(
     increments: list[Increment],
     scale: float,
     dropout: float = 0.0,
+    path: str = "auto",
 ) -> Tensor:
     """``x: (..., d_in) → (..., d_out)``: the frozen layer plus ``s·ΔW`` of each increment.
 
     Factor-space ``dropout`` (active when > 0) needs the activation-side path; otherwise the
-    merged-weight path runs, which costs one GEMM forward and thin products backward.
+    merged-weight path runs (one GEMM forward, thin products backward). ``path`` forces
+    ``"activation"`` or ``"merged"`` (the latter only without dropout), for benchmarks.
     """
     if not increments:
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if dropout > 0:
+    if dropout > 0 or path == "activation":
         y = _activation_side(x2, weight, bias, scale, increments, dropout)
     else:
         layout = tuple((inc.m_in, inc.m_out) for inc in increments)

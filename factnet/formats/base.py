@@ -120,6 +120,12 @@ class Format:
         """The einsum that reconstructs ``ΔW`` from the factors, e.g. ``iab,ja,kb->ijk``."""
         return ",".join(self.factors.values()) + "->" + MODES
 
+    @property
+    def projections_per_slice(self) -> tuple[bool, bool]:
+        """Whether ``P_in`` / ``P_out`` differ per slice (their factor holds mode ``i``)."""
+        plan = _normal_plan(type(self))
+        return "i" in self.factors[plan.in_factor], "i" in self.factors[plan.out_factor]
+
     def reconstruct(self, factors: dict[str, Tensor]) -> Tensor:
         """Dense ``(n, d_in, d_out)`` tensor by the format's own einsum."""
         operands = [factors[name] for name in self.factors]
