@@ -51,13 +51,15 @@ def _kernel_cost(inc, tokens: int, d_in: int, d_out: int) -> str:
 
 
 def _delta_plan(inc) -> str:
-    a_op = inc.a_t if inc.a_t.shape[0] > 1 else inc.a_t[0]
-    b_op = inc.b_t if inc.b_t.shape[0] > 1 else inc.b_t[0]
+    """The ``W_eff`` build: ``L = P_out·coreᵀ`` by opt-einsum, then one addmm ``W + s·L P_inᵀ``."""
+    b_shape = tuple(inc.b_t.shape) if inc.b_t.shape[0] > 1 else tuple(inc.b_t.shape[1:])
     blocks = (inc.m_in, inc.a_t.shape[1], inc.m_out, inc.b_t.shape[1])
-    equation = f"{'qbk' if b_op.dim() == 3 else 'bk'},paqb,{'paj' if a_op.dim() == 3 else 'aj'}->qkpj"
-    _, info = opt_einsum.contract_path(equation, tuple(b_op.shape), blocks, tuple(a_op.shape), shapes=True,
-                                       optimize="optimal")
-    return f"dW (merged forward and merge): {equation}\n{info}"
+    equation = f"{'qbk' if len(b_shape) == 3 else 'bk'},paqb->qkpa"
+    _, info = opt_einsum.contract_path(equation, b_shape, blocks, shapes=True, optimize="optimal")
+    rows = inc.m_out * inc.b_t.shape[2] * inc.m_in
+    last = (f"then W_eff = addmm(W viewed ({rows}, {inc.a_t.shape[2]}), L, P_inᵀ)" if inc.a_t.shape[0] == 1
+            else "then per input block: einsum rpa,paj->rpj")
+    return f"W_eff (merged forward, rebuilt in backward; merge adds the same ΔW): L = {equation}\n{info}\n{last}"
 
 
 def _indent(text: str) -> str:
