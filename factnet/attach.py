@@ -99,6 +99,7 @@ def attach(model: nn.Module, matrix: Matrix, source: Source, settings: Any) -> N
     """Route ``matrix`` through the increments ``source`` provides."""
     owner, attribute = _owner(model, matrix)
     if matrix.kind in ("mha-in", "mha-out"):
+        owner.__dict__["_factnet_parameter_order"] = tuple(owner._parameters)
         parametrize.register_parametrization(owner, attribute, _AddIncrement(matrix, source, settings), unsafe=True)
     else:
         setattr(owner, attribute, AdaptedMatrix(getattr(owner, attribute), matrix, source, settings))
@@ -108,7 +109,9 @@ def detach(model: nn.Module, matrix: Matrix) -> None:
     """Undo `attach`: the original module or parameter is back, untouched."""
     owner, attribute = _owner(model, matrix)
     if matrix.kind in ("mha-in", "mha-out"):
+        order = list(owner.__dict__.pop("_factnet_parameter_order"))
         with torch.no_grad():
             parametrize.remove_parametrizations(owner, attribute, leave_parametrized=False)
+        owner._parameters = {name: owner._parameters[name] for name in order}  # registration order, as before
     else:
         setattr(owner, attribute, getattr(owner, attribute).original)
