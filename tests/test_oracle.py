@@ -137,3 +137,14 @@ def test_paper_counts_vit_base() -> None:
     adapter = Tensorizer(model).decompose("tt", rank=4)
     assert adapter.num_parameters() == 8448
     assert adapter.num_head_parameters() == 768 * 100 + 100
+
+
+@pytest.mark.parametrize("rows", [1000, 1001, 37])
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_outer_product_chunks_exact(rows: int, blocks: int) -> None:
+    """The chunked ``Σ_n r_pᵀ x_p`` equals one plain matrix product, remainders included."""
+    from factnet.kernel import _outer
+
+    r, x = torch.randn(rows, blocks * 3, dtype=torch.float64), torch.randn(rows, blocks * 5, dtype=torch.float64)
+    expected = r.reshape(rows * blocks, 3).t() @ x.reshape(rows * blocks, 5)
+    torch.testing.assert_close(_outer(r, x, blocks, 1)[0], expected)
