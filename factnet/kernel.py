@@ -15,8 +15,8 @@ Two exact ways to apply it, both with no dense weight gradient:
 - merged (`_MergedLinear`): one GEMM with ``W + s·ΔW`` forward (built by one ``addmm`` pass
   over ``W`` and rebuilt in backward rather than stored); the backward gives ``grad_x`` from
   it and the factor gradients from four thin products with ``x`` and ``grad_y``;
-- activation side (`_activation_side`): ``y = x Wᵀ + s · dropout(x P_in core) P_outᵀ``, used
-  when factor-space dropout is active in training.
+- activation side (`_ActivationLinear`): ``y = x Wᵀ + s · dropout(x P_in core) P_outᵀ``,
+  used when factor-space dropout is active in training; same thin-product backward.
 """
 
 from __future__ import annotations
@@ -106,6 +106,14 @@ def _times(r: Tensor, p_t: Tensor, m: int) -> Tensor:
     return torch.bmm(r.reshape(n, m, -1).transpose(0, 1), p_t).transpose(0, 1).reshape(n, -1)
 
 
+def _add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int) -> None:
+    """``out += r ⊗ p_t`` per block, in place (one ``addmm`` pass when the projection is shared)."""
+    if p_t.shape[0] == 1:
+        out.view(r.shape[0] * m, -1).addmm_(r.reshape(r.shape[0] * m, -1), p_t[0])
+    else:
+        out += _times(r, p_t, m)
+
+
 def _outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
     """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major).
 
@@ -159,15 +167,47 @@ class _MergedLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, *grad_factors
 
 
-def _activation_side(
-    x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, increments: list[Increment], dropout: float
-) -> Tensor:
-    """``y = x Wᵀ + bias + s · Σ dropout(x P_in core) P_outᵀ`` (autograd through thin products)."""
-    y = F.linear(x, weight, bias)
-    for inc in increments:
-        hidden = torch.mm(_times_t(x, inc.a_t, inc.m_in), inc.core * scale)
-        y = y + _times(F.dropout(hidden, dropout, training=True), inc.b_t, inc.m_out)
-    return y
+class _ActivationLinear(torch.autograd.Function):
+    """``y = x Wᵀ + bias + s · Σ (mask ⊙ x P_in core) P_outᵀ``: factor-space dropout.
+
+    ``masks`` are the dropout masks already scaled by ``1 / (1 - p)`` (all ones for none).
+    The backward mirrors `_MergedLinear`'s thin products and never forms a dense ``ΔW``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, layout, masks, *factors):  # type: ignore[override]
+        increments = _unflatten(layout, factors)
+        y = F.linear(x, weight, bias)
+        saved = []
+        for inc, mask in zip(increments, masks):
+            u = _times_t(x, inc.a_t, inc.m_in)
+            hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
+            _add_times(y, hidden, inc.b_t, inc.m_out)
+            saved += [u, hidden]
+        ctx.save_for_backward(x, weight, *factors, *masks, *saved)
+        ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, *rest = ctx.saved_tensors
+        count = len(ctx.layout)
+        factors, masks, saved = rest[: 3 * count], rest[3 * count: 4 * count], rest[4 * count:]
+        needs = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()
+        grad_x = torch.mm(grad_y, weight) if needs[0] else None
+        grad_factors: list[Tensor] = []
+        for pos, inc in enumerate(_unflatten(ctx.layout, factors)):
+            u, hidden = saved[2 * pos], saved[2 * pos + 1]
+            t = _times_t(grad_y, inc.b_t, inc.m_out).mul_(masks[pos]).mul_(ctx.scale)  # (N, m_out·β)
+            r = torch.mm(t, inc.core.t())  # (N, m_in·α)
+            grad_factors += [_outer(r, x, inc.m_in, inc.a_t.shape[0]), torch.mm(u.t(), t),
+                             _outer(hidden, grad_y, inc.m_out, inc.b_t.shape[0])]
+            if grad_x is not None:
+                _add_times(grad_x, r, inc.a_t, inc.m_in)
+        grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
+        grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, *grad_factors
 
 
 def adapted_linear(
@@ -188,11 +228,17 @@ def adapted_linear(
     if not increments:
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
+    layout = tuple((inc.m_in, inc.m_out) for inc in increments)
+    factors = [t for inc in increments for t in inc.tensors()]
     if dropout > 0 or path == "activation":
-        y = _activation_side(x2, weight, bias, scale, increments, dropout)
+        keep = 1.0 - dropout
+        masks = tuple(
+            x2.new_empty(x2.shape[0], inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
+            else x2.new_ones(1, inc.core.shape[1])
+            for inc in increments
+        )
+        y = _ActivationLinear.apply(x2, weight, bias, scale, layout, masks, *factors)
     else:
-        layout = tuple((inc.m_in, inc.m_out) for inc in increments)
-        factors = [t for inc in increments for t in inc.tensors()]
         y = _MergedLinear.apply(x2, weight, bias, scale, layout, *factors)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -148,3 +148,43 @@ def test_outer_product_chunks_exact(rows: int, blocks: int) -> None:
     r, x = torch.randn(rows, blocks * 3, dtype=torch.float64), torch.randn(rows, blocks * 5, dtype=torch.float64)
     expected = r.reshape(rows * blocks, 3).t() @ x.reshape(rows * blocks, 5)
     torch.testing.assert_close(_outer(r, x, blocks, 1)[0], expected)
+
+
+@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out"), [(1, 3, 1, 1), (4, 1, 1, 1), (1, 3, 1, 3), (4, 1, 4, 1)])
+def test_dropout_kernel_with_fixed_mask(m_in: int, m_out: int, g_in: int, g_out: int) -> None:
+    """Factor-space dropout: gradcheck with a fixed mask, and the value against the dense formula."""
+    from factnet.kernel import _ActivationLinear
+
+    torch.manual_seed(0)
+    d, alpha, beta, dt = 5, 3, 2, torch.float64
+    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
+    mask = torch.bernoulli(torch.full((9, m_out * beta), 0.7, dtype=dt)) / 0.7
+    inputs = (torch.randn(9, m_in * d, dtype=dt, requires_grad=True),
+              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
+              torch.randn(m_in * alpha, m_out * beta, dtype=dt, requires_grad=True),
+              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
+
+    def run(x, a_t, core, b_t):
+        return _ActivationLinear.apply(x, weight, bias, SCALE, ((m_in, m_out),), (mask,), a_t, core, b_t)
+
+    assert torch.autograd.gradcheck(run, inputs)
+    x, a_t, core, b_t = (t.detach() for t in inputs)
+    u = torch.cat([x[:, p * d:(p + 1) * d] @ a_t[p if g_in > 1 else 0].T for p in range(m_in)], dim=1)
+    hidden = (u @ core) * mask * SCALE
+    increment = torch.cat([hidden[:, q * beta:(q + 1) * beta] @ b_t[q if g_out > 1 else 0] for q in range(m_out)], 1)
+    torch.testing.assert_close(run(x, a_t, core, b_t), x @ weight.T + bias + increment)
+
+
+def test_dropout_changes_training_output_only() -> None:
+    base = tiny_vit()
+    model = copy.deepcopy(base)
+    adapter = Tensorizer(model).decompose("tt", rank=3, scale=SCALE, dropout=0.5, seed=3)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    evaluated = model.eval()(x)
+    adapter.settings.dropout = 0.0
+    torch.testing.assert_close(model.train()(x), evaluated)  # eval applies no dropout
+    adapter.settings.dropout = 0.5
+    assert not torch.allclose(model.train()(x), evaluated)
