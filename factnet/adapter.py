@@ -97,7 +97,7 @@ class Placement:
     def increment(self, form: NormalForm, dtype: torch.dtype) -> Increment:
         """This matrix's share of the group's ``ΔW`` as a kernel `Increment`."""
         cores = form.core[self.members]
-        count, rank_in, rank_out = cores.shape
+        rank_in, rank_out = cores.shape[1:]
         row_blocks, col_blocks = self._in[2], self._out[2]
         if self._tiling == "columns":
             core = cores.permute(1, 0, 2).reshape(rank_in, col_blocks * rank_out)
