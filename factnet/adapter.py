@@ -33,12 +33,25 @@ class GroupFactors(nn.Module):
         fmt.initialize(dict(self.factors.items()), generator)
         self._cache: tuple[tuple, NormalForm] | None = None
 
-    def normal_form(self, step: int) -> NormalForm:
-        """The group's normal form, built once per model forward (and per factor update)."""
-        key = (step, torch.is_grad_enabled(), tuple(p._version for p in self.factors.values()))
+    def normal_form(self) -> NormalForm:
+        """The group's normal form, built once per training step for all its matrices.
+
+        With grad enabled it is cached until the factors change or a backward pass runs
+        through it (which frees its graph); without grad it is rebuilt on each call.
+        """
+        if not torch.is_grad_enabled():
+            return self.format.normal_form(dict(self.factors.items()))
+        key = tuple((p.data_ptr(), p._version) for p in self.factors.values())
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.format.normal_form(dict(self.factors.items())))
+            form = self.format.normal_form(dict(self.factors.items()))
+            for tensor in (form.p_in_t, form.core, form.p_out_t):
+                if tensor.grad_fn is not None:  # built here: its graph is freed by backward
+                    tensor.register_hook(self._invalidate)
+            self._cache = (key, form)
         return self._cache[1]
+
+    def _invalidate(self, grad: Tensor) -> None:
+        self._cache = None
 
     def reconstruct(self) -> Tensor:
         """Dense ``ΔW: (n, d_in, d_out)`` (without the scale)."""
@@ -127,8 +140,9 @@ class Adapter(nn.Module):
     """Factors of every group, attached to a frozen model (create it with `Tensorizer.decompose`).
 
     The model's forward includes ``s·ΔW`` for every targeted slice; only the factors (and the
-    head, unless ``train_head=False``) require grad. The adapter is registered on the model as
-    ``model.factnet`` so ``model.parameters()`` reaches the factors.
+    head, unless ``train_head=False``) require grad: optimize ``adapter.trainable_parameters()``
+    (or the model's parameters that require grad). The adapter is registered on the model as
+    ``model.factnet``, so ``model.to()``, ``zero_grad()``, DDP and ``state_dict`` reach the factors.
     """
 
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
@@ -152,27 +166,27 @@ class Adapter(nn.Module):
                     Placement(_key(name), chosen, [members[p].index for p in chosen], *matrix.cut,
                               fmt.projections_per_slice))
         self.head = head
-        self._step = 0
         self._merged = False
         self._enabled = True
         self.__dict__["model"] = model
         self._requires_grad = {name: param.requires_grad for name, param in weights.items()}
-        self._hook = model.register_forward_pre_hook(self._next_step)
         for param_name, param in weights.items():
-            param.requires_grad_(any(param_name.startswith(h + ".") for h in head))
+            param.requires_grad_(_in_head(param_name, head))
         for matrix in self.matrices.values():
             sites.attach(model, matrix, self.increments, self.settings)
-        model.add_module("factnet", self)
+        model.add_module("factnet", self)  # so model.to(), zero_grad(), DDP and state_dict reach the factors
 
     # ---- what the attached matrices call ---------------------------------------------------
-    def increments(self, matrix: str, dtype: torch.dtype) -> list[Increment]:
-        """The increments of ``matrix`` to apply now (in ``dtype``): none when disabled or merged."""
+    def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
+        """The increments of ``matrix`` to apply now, for its ``weight``: none when disabled or merged."""
         if self._merged or not self._enabled:
             return []
-        return [p.increment(self.groups[p.group].normal_form(self._step), dtype) for p in self.placements[matrix]]
+        return [p.increment(self.groups[p.group].normal_form(), weight.dtype) for p in self.placements[matrix]]
 
-    def _next_step(self, *_: object) -> None:
-        self._step += 1
+    def forward(self, x: Tensor) -> Tensor:
+        """Identity: the adapter acts inside the model's matrices. (Registered as the last child
+        ``model.factnet``, an ``nn.Sequential`` root passes its output straight through.)"""
+        return x
 
     # ---- lifecycle -----------------------------------------------------------------------
     @property
@@ -182,6 +196,7 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ``s·ΔW`` into the weights: the model then costs what the base model costs."""
+        self._check_attached()
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
         self._add_deltas(+1.0)
@@ -190,17 +205,17 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract ``s·ΔW`` from the weights again (exact up to float rounding)."""
+        self._check_attached()
         if not self._merged:
             raise FactnetError("adapter is not merged; nothing to unmerge")
         self._merged = False
         self._add_deltas(-1.0)
 
     def _add_deltas(self, sign: float) -> None:
-        self._check_attached()
         for name, matrix in self.matrices.items():
             weight = sites.weight_view(self.model, matrix)
             for placement in self.placements[name]:
-                form = self.groups[placement.group].normal_form(self._step)
+                form = self.groups[placement.group].normal_form()
                 delta = delta_weight(placement.increment(form, form.core.dtype))
                 weight.add_(delta.to(weight.dtype), alpha=sign * self.settings.scale)
 
@@ -219,19 +234,24 @@ class Adapter(nn.Module):
             if was_merged:
                 self.merge()
 
-    def detach(self) -> nn.Module:
-        """Remove the adapter and give back the original model (unmerging first if merged)."""
+    def detach(self, keep_merged: bool = False) -> nn.Module:
+        """Remove the adapter and give back the model, exactly as it was before `decompose`.
+
+        A merged adapter has changed the weights: ``unmerge()`` first (exact up to float
+        rounding), or pass ``keep_merged=True`` to keep ``W + s·ΔW`` as the model's weights.
+        """
         self._check_attached()
-        if self._merged:
-            self.unmerge()
+        if self._merged and not keep_merged:
+            raise FactnetError("adapter is merged, so detaching would keep W + s·dW in the weights; call "
+                               "unmerge() first, or detach(keep_merged=True) to keep the merged weights")
         model = self.model
         for matrix in self.matrices.values():
             sites.detach(model, matrix)
-        self._hook.remove()
         for name, param in model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
         del model._modules["factnet"]
         self.__dict__["model"] = None
+        self._merged = False
         return model
 
     def _check_attached(self) -> None:
@@ -246,12 +266,16 @@ class Adapter(nn.Module):
     def num_parameters_by_group(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in self.groups[_key(name)].parameters()) for name in self.group_names}
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What to give the optimizer: the factors, then the head (unless ``train_head=False``)."""
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and _in_head(n, self.head)]
+        return [*self.parameters(), *head]
+
     def num_head_parameters(self) -> int:
         """Parameters of the trainable head (0 with ``train_head=False`` or no head)."""
         if self.model is None:
             return 0
-        return sum(p.numel() for n, p in self.model.named_parameters()
-                   if any(n.startswith(h + ".") for h in self.head) and p.requires_grad)
+        return sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and _in_head(n, self.head))
 
     def group_shapes(self) -> dict[str, tuple[int, int, int]]:
         return {name: self.groups[_key(name)].shape for name in self.group_names}
@@ -266,6 +290,10 @@ class Adapter(nn.Module):
         s = self.settings
         return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, "
                 f"parameters={self.num_parameters():,}")
+
+
+def _in_head(parameter: str, head: list[str]) -> bool:
+    return any(parameter.startswith(h + ".") for h in head)
 
 
 def _key(group: str) -> str:

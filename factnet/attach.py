@@ -2,8 +2,9 @@
 
 Linear, 1x1 conv and Conv1D modules are swapped for an `AdaptedMatrix` that owns the very
 same ``weight``/``bias`` parameters (so ``state_dict`` keys do not change) and runs the
-kernel. ``nn.MultiheadAttention`` reads its projection weights functionally, so its two
-matrices get a `torch.nn.utils.parametrize` parametrization ``W → W + s·ΔW`` instead.
+kernel. Weights their parent reads directly (``nn.MultiheadAttention``'s projections, the
+fused inference path of ``nn.TransformerEncoderLayer``) get a `torch.nn.utils.parametrize`
+parametrization ``W → W + s·ΔW`` instead: exact, but autograd forms their dense gradient.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from factnet.slices import Matrix
 
 __all__ = ["AdaptedMatrix", "attach", "detach", "weight_view"]
 
-# (matrix name, weight dtype) -> increments to apply now ([] when disabled or merged)
-Source = Callable[[str, torch.dtype], list[Increment]]
+# (matrix name, its weight) -> increments to apply now ([] when disabled or merged)
+Source = Callable[[str, Tensor], list[Increment]]
 
 
 class AdaptedMatrix(nn.Module):
@@ -38,7 +39,7 @@ class AdaptedMatrix(nn.Module):
         self.__dict__.update(original=original, source=source, settings=settings, matrix=matrix)
 
     def forward(self, x: Tensor) -> Tensor:
-        increments = self.source(self.matrix.name, self.weight.dtype)
+        increments = self.source(self.matrix.name, self.weight)
         settings = self.settings
         dropout = settings.dropout if self.training else 0.0
         if self.matrix.kind == "conv1x1":
@@ -68,23 +69,28 @@ class _AddIncrement(nn.Module):
         self.__dict__.update(source=source, settings=settings, matrix=matrix)
 
     def forward(self, weight: Tensor) -> Tensor:
-        return effective_weight(weight, self.source(self.matrix.name, weight.dtype), self.settings.scale)
+        return effective_weight(weight, self.source(self.matrix.name, weight), self.settings.scale)
 
 
 def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:
     """The module whose attribute holds the matrix, and the attribute name."""
     if matrix.kind == "mha-in":
         return model.get_submodule(matrix.name), "in_proj_weight"
-    if matrix.kind == "mha-out":
+    if matrix.functional:
         return model.get_submodule(matrix.name), "weight"
     parent, _, child = matrix.name.rpartition(".")
     return model.get_submodule(parent), child
 
 
+def _parametrized(matrix: Matrix) -> bool:
+    """Weights read outside their module's forward get a parametrization, not a wrapper."""
+    return matrix.kind == "mha-in" or matrix.functional
+
+
 def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
     """The live weight of ``matrix`` as a ``(d_out, d_in)`` view: writes reach the model."""
     owner, attribute = _owner(model, matrix)
-    if matrix.kind in ("mha-in", "mha-out"):
+    if _parametrized(matrix):
         parametrizations = getattr(owner, "parametrizations", None)
         if parametrizations is not None and attribute in parametrizations:
             return parametrizations[attribute].original
@@ -98,7 +104,7 @@ def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
 def attach(model: nn.Module, matrix: Matrix, source: Source, settings: Any) -> None:
     """Route ``matrix`` through the increments ``source`` provides."""
     owner, attribute = _owner(model, matrix)
-    if matrix.kind in ("mha-in", "mha-out"):
+    if _parametrized(matrix):
         owner.__dict__["_factnet_parameter_order"] = tuple(owner._parameters)
         parametrize.register_parametrization(owner, attribute, _AddIncrement(matrix, source, settings), unsafe=True)
     else:
@@ -108,7 +114,7 @@ def attach(model: nn.Module, matrix: Matrix, source: Source, settings: Any) -> N
 def detach(model: nn.Module, matrix: Matrix) -> None:
     """Undo `attach`: the original module or parameter is back, untouched."""
     owner, attribute = _owner(model, matrix)
-    if matrix.kind in ("mha-in", "mha-out"):
+    if _parametrized(matrix):
         order = list(owner.__dict__.pop("_factnet_parameter_order"))
         with torch.no_grad():
             parametrize.remove_parametrizations(owner, attribute, leave_parametrized=False)

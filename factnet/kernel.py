@@ -61,6 +61,8 @@ def _left(increment: Increment) -> Tensor:
 
 def effective_weight(weight: Tensor, increments: list[Increment], scale: float) -> Tensor:
     """``W + s·Σ ΔW`` as a new ``(d_out, d_in)`` tensor, one ``addmm`` pass over ``W`` each."""
+    if not weight.is_contiguous():  # keep the layout (Conv1D's transposed weight): same GEMM as the base
+        return weight + scale * sum(delta_weight(inc) for inc in increments) if increments else weight
     result = weight
     for inc in increments:
         a_t = inc.a_t

@@ -28,7 +28,7 @@ def plan_report(adapter: Adapter, tokens: int) -> str:
     for matrix_name, placements in adapter.placements.items():
         matrix = adapter.matrices[matrix_name]
         for placement in placements:
-            form = adapter.groups[placement.group].normal_form(-1)
+            form = adapter.groups[placement.group].normal_form()
             inc = placement.increment(form, form.core.dtype)
             layout = (matrix.d_out, matrix.d_in, tuple(inc.a_t.shape), tuple(inc.core.shape), tuple(inc.b_t.shape))
             if layout in seen:

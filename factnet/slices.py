@@ -30,6 +30,8 @@ DEFAULT_EXCLUDED_SEGMENTS = (
     "downsample", "reduction", "pre_logits", "attn_pool",
 )
 _FUSED_LABELS = {3: ("q", "k", "v"), 2: ("k", "v")}
+# Layers whose inference fast path reads their children's weights directly.
+_FUSED_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _FUSED_NAMES = re.compile(r"(^|.*\.)(qkv|kv|c_attn)$")
 
 
@@ -41,6 +43,7 @@ class Matrix:
     kind: Kind
     d_out: int
     d_in: int
+    functional: bool = False  # the parent reads the weight itself (MHA, fused Transformer layers)
 
     @property
     def cut(self) -> tuple[int, Side]:
@@ -107,10 +110,13 @@ def find_matrices(model: nn.Module) -> list[Matrix]:
                 out, inp = module.in_proj_weight.shape
                 found.append(Matrix(name, "mha-in", out, inp))
             out_name = f"{name}.out_proj" if name else "out_proj"
-            found.append(Matrix(out_name, "mha-out", *module.out_proj.weight.shape))
+            found.append(Matrix(out_name, "mha-out", *module.out_proj.weight.shape, functional=True))
             inside_mha.add(out_name)
         elif isinstance(module, nn.Linear):
-            found.append(Matrix(name, "linear", module.out_features, module.in_features))
+            parent = name.rpartition(".")[0]
+            functional = name.rpartition(".")[2] in ("linear1", "linear2") and isinstance(
+                model.get_submodule(parent), _FUSED_LAYERS)
+            found.append(Matrix(name, "linear", module.out_features, module.in_features, functional))
         elif _is_pointwise_conv(module):
             found.append(Matrix(name, "conv1x1", module.out_channels, module.in_channels))
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
