@@ -214,10 +214,7 @@ class Adapter(nn.Module):
     def _add_deltas(self, sign: float) -> None:
         for name, matrix in self.matrices.items():
             weight = sites.weight_view(self.model, matrix)
-            for placement in self.placements[name]:
-                form = self.groups[placement.group].normal_form()
-                delta = delta_weight(placement.increment(form, form.core.dtype))
-                weight.add_(delta.to(weight.dtype), alpha=sign * self.settings.scale)
+            weight.add_(self.delta_weight(name).to(weight.dtype), alpha=sign)
 
     @contextmanager
     def disable(self) -> Iterator[None]:
@@ -257,6 +254,24 @@ class Adapter(nn.Module):
     def _check_attached(self) -> None:
         if self.__dict__.get("model") is None:
             raise FactnetError("adapter was detached; decompose the model again to adapt it")
+
+    # ---- views of the increment ----------------------------------------------------------
+    def group(self, name: str) -> GroupFactors:
+        """The factors of group ``name`` (as in `group_names`)."""
+        if name not in self.group_names:
+            raise FactnetError(f"no group {name!r}; groups are {self.group_names}")
+        return self.groups[_key(name)]
+
+    @torch.no_grad()
+    def delta_weight(self, matrix: str) -> Tensor:
+        """``s·ΔW`` of one adapted matrix, dense ``(d_out, d_in)`` in linear convention."""
+        if matrix not in self.matrices:
+            raise FactnetError(f"{matrix!r} is not adapted; adapted matrices: {list(self.matrices)[:4]}, ...")
+        deltas = []
+        for placement in self.placements[matrix]:
+            form = self.groups[placement.group].normal_form()
+            deltas.append(delta_weight(placement.increment(form, form.core.dtype)))
+        return self.settings.scale * sum(deltas)
 
     # ---- reports ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
