@@ -174,6 +174,7 @@ class Adapter(nn.Module):
             param.requires_grad_(_in_head(param_name, head))
         for matrix in self.matrices.values():
             sites.attach(model, matrix, self.increments, self.settings)
+        self._hook = model.register_forward_pre_hook(self._prepare)
         model.add_module("factnet", self)  # so model.to(), zero_grad(), DDP and state_dict reach the factors
 
     # ---- what the attached matrices call ---------------------------------------------------
@@ -182,6 +183,13 @@ class Adapter(nn.Module):
         if self._merged or not self._enabled:
             return []
         return [p.increment(self.groups[p.group].normal_form(), weight.dtype) for p in self.placements[matrix]]
+
+    def _prepare(self, *_: object) -> None:
+        """Build every group's normal form as the model's forward starts: outside any
+        checkpointed block, so recomputation saves the same tensors as the first pass."""
+        if torch.is_grad_enabled() and self._enabled and not self._merged:
+            for group in self.groups.values():
+                group.normal_form()
 
     def forward(self, x: Tensor) -> Tensor:
         """Identity: the adapter acts inside the model's matrices. (Registered as the last child
@@ -194,12 +202,24 @@ class Adapter(nn.Module):
         return self._merged
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``s·ΔW`` into the weights: the model then costs what the base model costs."""
+    def merge(self, safe: bool = True) -> None:
+        """Fold ``s·ΔW`` into the weights: the model then costs what the base model costs.
+
+        With ``safe`` (the default) every merged weight is computed and checked for NaN/inf
+        before any weight is touched (one matrix at a time, so memory does not double), and
+        a diverged adapter cannot corrupt the model.
+        """
         self._check_attached()
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
-        self._add_deltas(+1.0)
+        for name, matrix in self.matrices.items() if safe else ():
+            weight = sites.weight_view(self.model, matrix)
+            if not torch.isfinite(weight + self.delta_weight(name).to(weight.dtype)).all():
+                raise FactnetError(f"merging would put non-finite values into {name} (the factors or scale "
+                                   "diverged); nothing was changed. Inspect the factors, or merge(safe=False)")
+        for name, matrix in self.matrices.items():
+            weight = sites.weight_view(self.model, matrix)
+            weight.add_(self.delta_weight(name).to(weight.dtype))
         self._merged = True
 
     @torch.no_grad()
@@ -209,12 +229,9 @@ class Adapter(nn.Module):
         if not self._merged:
             raise FactnetError("adapter is not merged; nothing to unmerge")
         self._merged = False
-        self._add_deltas(-1.0)
-
-    def _add_deltas(self, sign: float) -> None:
         for name, matrix in self.matrices.items():
             weight = sites.weight_view(self.model, matrix)
-            weight.add_(self.delta_weight(name).to(weight.dtype), alpha=sign)
+            weight.sub_(self.delta_weight(name).to(weight.dtype))
 
     @contextmanager
     def disable(self) -> Iterator[None]:
@@ -244,6 +261,7 @@ class Adapter(nn.Module):
         model = self.model
         for matrix in self.matrices.values():
             sites.detach(model, matrix)
+        self._hook.remove()
         for name, param in model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
         del model._modules["factnet"]

@@ -142,7 +142,9 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, layout, *factors):  # type: ignore[override]
-        y = F.linear(x, effective_weight(weight, _unflatten(layout, factors), scale), bias)
+        x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
+        with _no_autocast(x):
+            y = F.linear(x, effective_weight(weight, _unflatten(layout, factors), scale), bias)
         ctx.save_for_backward(x, weight, *factors)
         ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
         return y
@@ -152,7 +154,7 @@ class _MergedLinear(torch.autograd.Function):
         x, weight, *factors = ctx.saved_tensors
         increments = _unflatten(ctx.layout, factors)
         needs = ctx.needs_input_grad
-        grad_y = grad_y.contiguous()
+        grad_y = grad_y.to(x.dtype).contiguous()
         grad_x = torch.mm(grad_y, effective_weight(weight, increments, ctx.scale)) if needs[0] else None
         grad_factors: list[Tensor] = []
         for inc in increments:
@@ -166,7 +168,7 @@ class _MergedLinear(torch.autograd.Function):
             ]
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        return grad_x, grad_weight, grad_bias, None, None, *grad_factors
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, *_factor_dtypes(ctx, grad_factors))
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -178,14 +180,15 @@ class _ActivationLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, layout, masks, *factors):  # type: ignore[override]
-        increments = _unflatten(layout, factors)
-        y = F.linear(x, weight, bias)
+        x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
         saved = []
-        for inc, mask in zip(increments, masks):
-            u = _times_t(x, inc.a_t, inc.m_in)
-            hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
-            _add_times(y, hidden, inc.b_t, inc.m_out)
-            saved += [u, hidden]
+        with _no_autocast(x):
+            y = F.linear(x, weight, bias)
+            for inc, mask in zip(_unflatten(layout, factors), masks):
+                u = _times_t(x, inc.a_t, inc.m_in)
+                hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
+                _add_times(y, hidden, inc.b_t, inc.m_out)
+                saved += [u, hidden]
         ctx.save_for_backward(x, weight, *factors, *masks, *saved)
         ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
         return y
@@ -196,7 +199,7 @@ class _ActivationLinear(torch.autograd.Function):
         count = len(ctx.layout)
         factors, masks, saved = rest[: 3 * count], rest[3 * count: 4 * count], rest[4 * count:]
         needs = ctx.needs_input_grad
-        grad_y = grad_y.contiguous()
+        grad_y = grad_y.to(x.dtype).contiguous()
         grad_x = torch.mm(grad_y, weight) if needs[0] else None
         grad_factors: list[Tensor] = []
         for pos, inc in enumerate(_unflatten(ctx.layout, factors)):
@@ -209,7 +212,8 @@ class _ActivationLinear(torch.autograd.Function):
                 _add_times(grad_x, r, inc.a_t, inc.m_in)
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        return grad_x, grad_weight, grad_bias, None, None, None, *grad_factors
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None,
+                *_factor_dtypes(ctx, grad_factors))
 
 
 def adapted_linear(
@@ -243,6 +247,29 @@ def adapted_linear(
     else:
         y = _MergedLinear.apply(x2, weight, bias, scale, layout, *factors)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _in_compute_dtype(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, factors: tuple[Tensor, ...]):
+    """Cast to the autocast dtype when autocast is on (else the weight's), remembering the
+    inputs' dtypes so the backward returns gradients in them."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.factor_dtypes = tuple(f.dtype for f in factors)
+    cast = [f.to(dtype) for f in factors]
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _in_input_dtypes(ctx, *grads: Tensor | None) -> list[Tensor | None]:
+    return [None if g is None else g.to(d) for g, d in zip(grads, ctx.input_dtypes)]
+
+
+def _factor_dtypes(ctx, grads: list[Tensor]) -> list[Tensor]:
+    return [g.to(d) for g, d in zip(grads, ctx.factor_dtypes)]
 
 
 def _unflatten(layout: tuple[tuple[int, int], ...], factors: tuple[Tensor, ...] | list[Tensor]) -> list[Increment]:
