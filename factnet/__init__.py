@@ -7,10 +7,14 @@ increment ``s·ΔW`` of each (zero at start, backbone frozen), merge it in for i
 """
 
 from factnet.adapter import Adapter
+from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.formats import Format, available_formats, get_format
 from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer
 
-__all__ = ["Adapter", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats", "get_format"]
+__all__ = [
+    "Adapter", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats", "compress",
+    "get_format", "rank_sweep",
+]
 __version__ = "0.1.0"

@@ -92,6 +92,16 @@ class Format:
         """Dense ``(n, d_in, d_out)`` tensor reconstructed by tensorly (the test oracle)."""
         raise NotImplementedError
 
+    def from_tensorly(self, decomposition: Any) -> dict[str, Tensor]:
+        """The inverse of `to_tensorly`: factors (name → tensor) from a tensorly factorized tensor.
+
+        Rank sizes are taken from ``decomposition`` (they may be below ``self.rank``)."""
+        raise NotImplementedError(
+            f"format {getattr(self, 'name', type(self).__name__)!r} does not implement from_tensorly(), so "
+            "factnet.compress cannot map a tensorly decomposition onto its factors; implement "
+            f"{type(self).__name__}.from_tensorly(decomposition) -> dict[str, Tensor] (the inverse of to_tensorly)"
+        )
+
     def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
         """Fill factors in place: uniform ``±1/√fan`` (``fan`` the factor's largest non-slice
         size, as ``nn.Linear`` does), then `zero` set to zeros. Formats may override."""

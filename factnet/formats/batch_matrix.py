@@ -7,6 +7,7 @@ import torch
 from tensorly.cp_tensor import CPTensor
 from torch import Tensor
 
+from factnet.errors import FactnetError
 from factnet.formats.base import Format
 
 
@@ -34,3 +35,21 @@ class BatchMatrix(Format, name="batch-matrix"):
     def reference(self, factors: dict[str, Tensor]) -> Tensor:
         with tl.backend_context("pytorch"):
             return tl.cp_to_tensor(self.to_tensorly(factors))
+
+    def from_tensorly(self, decomposition: CPTensor) -> dict[str, Tensor]:
+        """Inverse of `to_tensorly`: a CP of rank ``n·r`` whose slice factor ``(n, n·r)`` is zero
+        outside block ``i`` in row ``i`` → ``u: (n, d_in, r)``, ``v: (n, d_out, r)``. The weights and
+        the slice factor's block entries are folded into ``u``."""
+        weights, (slice_factor, u, v) = decomposition
+        n, columns = slice_factor.shape
+        if columns % n:
+            raise FactnetError(f"batch-matrix needs a CP of rank n·r for n = {n} slices, got rank {columns}")
+        r = columns // n
+        blocks = slice_factor.reshape(n, n, r)
+        own = torch.arange(n, device=blocks.device)
+        coefficients = blocks[own, own] * weights.reshape(n, r)  # (n, r): the entries on the diagonal blocks
+        if torch.count_nonzero(blocks).item() != torch.count_nonzero(blocks[own, own]).item():
+            raise FactnetError("batch-matrix cannot represent this CP: its slice factor mixes slices (an entry "
+                               "outside slice i's block of r columns is non-zero); use format 'cp' instead")
+        per_slice = lambda f: f.reshape(f.shape[0], n, r).permute(1, 0, 2)  # noqa: E731  (n, d, r)
+        return {"u": per_slice(u) * coefficients[:, None, :], "v": per_slice(v)}

@@ -34,3 +34,8 @@ class CP(Format, name="cp"):
     def reference(self, factors: dict[str, Tensor]) -> Tensor:
         with tl.backend_context("pytorch"):
             return tl.cp_to_tensor(self.to_tensorly(factors))
+
+    def from_tensorly(self, decomposition: CPTensor) -> dict[str, Tensor]:
+        """Inverse of `to_tensorly`: ``(weights, [p, u, v])`` with modes (i, j, k)."""
+        weights, (p, u, v) = decomposition
+        return {"weights": weights, "p": p, "u": u, "v": v}

@@ -28,3 +28,9 @@ class TensorRing(Format, name="tensor-ring"):
     def reference(self, factors: dict[str, Tensor]) -> Tensor:
         with tl.backend_context("pytorch"):
             return tl.tr_to_tensor(self.to_tensorly(factors))
+
+    def from_tensorly(self, decomposition: TRTensor) -> dict[str, Tensor]:
+        """Inverse of `to_tensorly`: ring cores ``(a, n, b), (b, d_in, c), (c, d_out, a)`` over
+        modes (i, j, k) → ``slices: (a, n, b)``, ``u: (d_in, b, c)``, ``v: (d_out, c, a)``."""
+        slices, u, v = decomposition
+        return {"slices": slices, "u": u.permute(1, 0, 2), "v": v.permute(1, 0, 2)}

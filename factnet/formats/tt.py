@@ -30,3 +30,9 @@ class TensorTrain(Format, name="tt"):
     def reference(self, factors: dict[str, Tensor]) -> Tensor:
         with tl.backend_context("pytorch"):
             return tl.tt_to_tensor(self.to_tensorly(factors)).permute(1, 0, 2)
+
+    def from_tensorly(self, decomposition: TTTensor) -> dict[str, Tensor]:
+        """Inverse of `to_tensorly`: a TT over modes (j, i, k) with cores ``(1, d_in, a)``,
+        ``(a, n, b)``, ``(b, d_out, 1)`` → ``u: (d_in, a)``, ``sigma: (n, a, b)``, ``v: (d_out, b)``."""
+        first, middle, last = decomposition
+        return {"sigma": middle.permute(1, 0, 2), "u": first[0], "v": last[..., 0].t()}

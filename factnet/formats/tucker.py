@@ -41,3 +41,8 @@ class Tucker(Format, name="tucker"):
     def reference(self, factors: dict[str, Tensor]) -> Tensor:
         with tl.backend_context("pytorch"):
             return tl.tucker_to_tensor(self.to_tensorly(factors))
+
+    def from_tensorly(self, decomposition: TuckerTensor) -> dict[str, Tensor]:
+        """Inverse of `to_tensorly`: ``(core, [p, u, v])`` with modes (i, j, k)."""
+        core, (p, u, v) = decomposition
+        return {"core": core, "p": p, "u": u, "v": v}
