@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from factnet import attach as sites
+from factnet.adapter_set import AdapterSet, _in_head
 from factnet.errors import FactnetError
 from factnet.formats import Format, NormalForm
 from factnet.kernel import Increment, delta_weight
@@ -139,61 +140,44 @@ class Settings:
 class Adapter(nn.Module):
     """Factors of every group, attached to a frozen model (create it with `Tensorizer.decompose`).
 
-    The model's forward includes ``s·ΔW`` for every targeted slice; only the factors (and the
-    head, unless ``train_head=False``) require grad: optimize ``adapter.trainable_parameters()``
-    (or the model's parameters that require grad). The adapter is registered on the model as
-    ``model.factnet``, so ``model.to()``, ``zero_grad()``, DDP and ``state_dict`` reach the factors.
+    The model's forward includes ``s·ΔW`` for every targeted slice while this adapter is the
+    active one of ``model.factnet`` (an `AdapterSet`); only the factors (and the head, unless
+    ``train_head=False``) require grad: optimize ``adapter.trainable_parameters()``.
     """
 
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
-                 dropout: float, head: list[str], generator: torch.Generator | None = None) -> None:
+                 dropout: float, head: list[str], name: str = "default",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
-        weights = {name: param for name, param in model.named_parameters()}
-        reference = next(iter(weights.values()))
+        reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
+        self.name = name
         self.format = fmt
         self.settings = Settings(float(scale), float(dropout))
         self.group_names = list(groups)
         self.groups = nn.ModuleDict(
-            {_key(name): GroupFactors(fmt, members, dtype, reference.device, generator) for name, members in groups.items()}
+            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator) for g, members in groups.items()}
         )
         self.matrices: dict[str, Matrix] = {}
         self.placements: dict[str, list[Placement]] = {}
-        for name, members in groups.items():
+        for group, members in groups.items():
             for matrix, chosen in _by_matrix(members).items():
                 self.matrices[matrix.name] = matrix
                 self.placements.setdefault(matrix.name, []).append(
-                    Placement(_key(name), chosen, [members[p].index for p in chosen], *matrix.cut,
+                    Placement(_key(group), chosen, [members[p].index for p in chosen], *matrix.cut,
                               fmt.projections_per_slice))
         self.head = head
         self._merged = False
-        self._enabled = True
+        self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
         self.__dict__["model"] = model
-        self._requires_grad = {name: param.requires_grad for name, param in weights.items()}
-        for param_name, param in weights.items():
-            param.requires_grad_(_in_head(param_name, head))
-        for matrix in self.matrices.values():
-            sites.attach(model, matrix, self.increments, self.settings)
-        self._hook = model.register_forward_pre_hook(self._prepare)
-        model.add_module("factnet", self)  # so model.to(), zero_grad(), DDP and state_dict reach the factors
+        AdapterSet.of(model).add(name, self)
 
-    # ---- what the attached matrices call ---------------------------------------------------
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
-        """The increments of ``matrix`` to apply now, for its ``weight``: none when disabled or merged."""
-        if self._merged or not self._enabled:
-            return []
+        """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active)."""
         return [p.increment(self.groups[p.group].normal_form(), weight.dtype) for p in self.placements[matrix]]
 
-    def _prepare(self, *_: object) -> None:
-        """Build every group's normal form as the model's forward starts: outside any
-        checkpointed block, so recomputation saves the same tensors as the first pass."""
-        if torch.is_grad_enabled() and self._enabled and not self._merged:
-            for group in self.groups.values():
-                group.normal_form()
-
     def forward(self, x: Tensor) -> Tensor:
-        """Identity: the adapter acts inside the model's matrices. (Registered as the last child
-        ``model.factnet``, an ``nn.Sequential`` root passes its output straight through.)"""
+        """Identity: the adapter acts inside the model's matrices."""
         return x
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -201,17 +185,31 @@ class Adapter(nn.Module):
     def merged(self) -> bool:
         return self._merged
 
+    @property
+    def active(self) -> bool:
+        """Whether this adapter is the one acting in the model (see `activate`)."""
+        return self.__dict__.get("model") is not None and self._set.active == self.name
+
+    def activate(self) -> Adapter:
+        """Make this the adapter that acts in the model and trains (the others are frozen)."""
+        self._check_attached()
+        self._set.activate(self.name)
+        return self
+
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
         """Fold ``s·ΔW`` into the weights: the model then costs what the base model costs.
 
         With ``safe`` (the default) every merged weight is computed and checked for NaN/inf
         before any weight is touched (one matrix at a time, so memory does not double), and
-        a diverged adapter cannot corrupt the model.
+        a diverged adapter cannot corrupt the model. Only the active adapter merges.
         """
         self._check_attached()
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
+        if not self.active:
+            raise FactnetError(f"adapter {self.name!r} is not the active one ({self._set.active!r} is); "
+                               "activate() it before merging")
         for name, matrix in self.matrices.items() if safe else ():
             weight = sites.weight_view(self.model, matrix)
             if not torch.isfinite(weight + self.delta_weight(name).to(weight.dtype)).all():
@@ -237,41 +235,34 @@ class Adapter(nn.Module):
     def disable(self) -> Iterator[None]:
         """Run the base model inside the block (a merged adapter is unmerged meanwhile)."""
         self._check_attached()
-        was_merged = self._merged
-        if was_merged:
-            self.unmerge()
-        self._enabled = False
-        try:
+        with self._set.disable():
             yield
-        finally:
-            self._enabled = True
-            if was_merged:
-                self.merge()
 
     def detach(self, keep_merged: bool = False) -> nn.Module:
-        """Remove the adapter and give back the model, exactly as it was before `decompose`.
+        """Remove this adapter from the model and give the model back; once the last adapter is
+        gone, the model is exactly as it was before `decompose` (but for a trained head).
 
         A merged adapter has changed the weights: ``unmerge()`` first (exact up to float
         rounding), or pass ``keep_merged=True`` to keep ``W + s·ΔW`` as the model's weights.
         """
         self._check_attached()
-        if self._merged and not keep_merged:
-            raise FactnetError("adapter is merged, so detaching would keep W + s·dW in the weights; call "
-                               "unmerge() first, or detach(keep_merged=True) to keep the merged weights")
-        model = self.model
-        for matrix in self.matrices.values():
-            sites.detach(model, matrix)
-        self._hook.remove()
-        for name, param in model.named_parameters():
-            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
-        del model._modules["factnet"]
-        self.__dict__["model"] = None
-        self._merged = False
-        return model
+        return self._set.delete(self.name, keep_merged)
+
+    @property
+    def _set(self) -> AdapterSet:
+        return self.model.factnet
 
     def _check_attached(self) -> None:
         if self.__dict__.get("model") is None:
             raise FactnetError("adapter was detached; decompose the model again to adapt it")
+
+    def head_state(self) -> dict[str, Tensor]:
+        """This adapter's head parameters by model name (the model's own while it is active)."""
+        if self._head_state is not None:
+            return dict(self._head_state)
+        if self.__dict__.get("model") is None:
+            raise FactnetError("adapter was detached, so its head is no longer known")
+        return {n: p for n, p in self.model.named_parameters() if _in_head(n, self.head)}
 
     # ---- views of the increment ----------------------------------------------------------
     def group(self, name: str) -> GroupFactors:
@@ -291,6 +282,13 @@ class Adapter(nn.Module):
             deltas.append(delta_weight(placement.increment(form, form.core.dtype)))
         return self.settings.scale * sum(deltas)
 
+    def save(self, path: str, include_head: bool = True) -> None:
+        """Write the factors (and the head unless ``include_head=False``) with their spec to one
+        safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it."""
+        from factnet.io import save
+
+        save(self, path, include_head)
+
     # ---- reports ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Trainable factor parameters of the backbone (the head is counted apart)."""
@@ -301,14 +299,12 @@ class Adapter(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What to give the optimizer: the factors, then the head (unless ``train_head=False``)."""
-        head = [p for n, p in self.model.named_parameters() if p.requires_grad and _in_head(n, self.head)]
-        return [*self.parameters(), *head]
+        self._check_attached()
+        return [*self.parameters(), *self.head_state().values()]
 
     def num_head_parameters(self) -> int:
         """Parameters of the trainable head (0 with ``train_head=False`` or no head)."""
-        if self.model is None:
-            return 0
-        return sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and _in_head(n, self.head))
+        return sum(p.numel() for p in self.head_state().values()) if self.__dict__.get("model") is not None else 0
 
     def group_shapes(self) -> dict[str, tuple[int, int, int]]:
         return {name: self.groups[_key(name)].shape for name in self.group_names}
@@ -323,10 +319,6 @@ class Adapter(nn.Module):
         s = self.settings
         return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, "
                 f"parameters={self.num_parameters():,}")
-
-
-def _in_head(parameter: str, head: list[str]) -> bool:
-    return any(parameter.startswith(h + ".") for h in head)
 
 
 def _key(group: str) -> str:

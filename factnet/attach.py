@@ -9,8 +9,7 @@ parametrization ``W → W + s·ΔW`` instead: exact, but autograd forms their de
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +20,14 @@ from factnet.slices import Matrix
 
 __all__ = ["AdaptedMatrix", "attach", "detach", "weight_view"]
 
-# (matrix name, its weight) -> increments to apply now ([] when disabled or merged)
-Source = Callable[[str, Tensor], list[Increment]]
+
+class Source(Protocol):
+    """What an attached matrix asks for its increments (`factnet.adapter_set.AdapterSet`)."""
+
+    settings: Any  # scale, dropout, path of the increments returned
+
+    def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
+        """The increments to apply now for ``weight``; ``[]`` when none acts."""
 
 
 class AdaptedMatrix(nn.Module):
@@ -32,15 +37,15 @@ class AdaptedMatrix(nn.Module):
     (``in_features``, ``stride``, ...) read through to the original module.
     """
 
-    def __init__(self, original: nn.Module, matrix: Matrix, source: Source, settings: Any) -> None:
+    def __init__(self, original: nn.Module, matrix: Matrix, source: Source) -> None:
         super().__init__()
         self.register_parameter("weight", original.weight)
         self.register_parameter("bias", original.bias)
-        self.__dict__.update(original=original, source=source, settings=settings, matrix=matrix)
+        self.__dict__.update(original=original, source=source, matrix=matrix)
 
     def forward(self, x: Tensor) -> Tensor:
-        increments = self.source(self.matrix.name, self.weight)
-        settings = self.settings
+        increments = self.source.increments(self.matrix.name, self.weight)
+        settings = self.source.settings
         dropout = settings.dropout if self.training else 0.0
         if self.matrix.kind == "conv1x1":
             y = adapted_linear(x.movedim(1, -1), self.weight.flatten(1), self.bias, increments, settings.scale,
@@ -64,12 +69,12 @@ class AdaptedMatrix(nn.Module):
 class _AddIncrement(nn.Module):
     """Parametrization ``W → W + s·Σ ΔW`` for weights read functionally (MHA)."""
 
-    def __init__(self, matrix: Matrix, source: Source, settings: Any) -> None:
+    def __init__(self, matrix: Matrix, source: Source) -> None:
         super().__init__()
-        self.__dict__.update(source=source, settings=settings, matrix=matrix)
+        self.__dict__.update(source=source, matrix=matrix)
 
     def forward(self, weight: Tensor) -> Tensor:
-        return effective_weight(weight, self.source(self.matrix.name, weight), self.settings.scale)
+        return effective_weight(weight, self.source.increments(self.matrix.name, weight), self.source.settings.scale)
 
 
 def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:
@@ -101,14 +106,14 @@ def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
     return weight.t() if matrix.kind == "conv1d" else weight
 
 
-def attach(model: nn.Module, matrix: Matrix, source: Source, settings: Any) -> None:
+def attach(model: nn.Module, matrix: Matrix, source: Source) -> None:
     """Route ``matrix`` through the increments ``source`` provides."""
     owner, attribute = _owner(model, matrix)
     if _parametrized(matrix):
         owner.__dict__["_factnet_parameter_order"] = tuple(owner._parameters)
-        parametrize.register_parametrization(owner, attribute, _AddIncrement(matrix, source, settings), unsafe=True)
+        parametrize.register_parametrization(owner, attribute, _AddIncrement(matrix, source), unsafe=True)
     else:
-        setattr(owner, attribute, AdaptedMatrix(getattr(owner, attribute), matrix, source, settings))
+        setattr(owner, attribute, AdaptedMatrix(getattr(owner, attribute), matrix, source))
 
 
 def detach(model: nn.Module, matrix: Matrix) -> None:

@@ -64,13 +64,15 @@ def compress(
     n_iter_max: int = 500,
     restarts: int = 2,
     seed: int = 0,
+    name: str = "default",
 ) -> tuple[Adapter, dict[str, float]]:
     """Decompose ``finetuned - base`` on the targeted slices and attach it to ``base``.
 
     ``base`` is a model (it receives the adapter, as `Tensorizer.decompose` would give it, with
     ``train_head=False``); ``finetuned`` a model of the same architecture or its state dict
     (same parameter names). ``targets``, ``group`` and ``scale`` are those of `Tensorizer` and
-    `Tensorizer.decompose`. Returns the adapter and ``{group: ‖ΔW - s·ΔŴ‖ / ‖ΔW‖}`` (0 for a
+    `Tensorizer.decompose`, ``name`` that of the adapter in ``base.factnet``. Returns the
+    adapter and ``{group: ‖ΔW - s·ΔŴ‖ / ‖ΔW‖}`` (0 for a
     zero increment), measured with the adapter's own factors.
 
     ``n_iter_max`` bounds the ALS iterations of ``cp``/``tensor-ring`` (and Tucker's HOOI);
@@ -86,9 +88,9 @@ def compress(
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
         raise FactnetError(f"compress divides the increment by scale, so it must be a finite non-zero number, "
                            f"got {scale!r}")
-    for name, value, least in (("n_iter_max", n_iter_max, 1), ("restarts", restarts, 0), ("seed", seed, 0)):
+    for option, value, least in (("n_iter_max", n_iter_max, 1), ("restarts", restarts, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise FactnetError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise FactnetError(f"{option} must be an integer >= {least}, got {value!r}")
     if not isinstance(base, nn.Module):
         raise FactnetError(f"base must be the torch.nn.Module the adapter attaches to, got {type(base).__name__}")
     base_state = _state(base, "base")  # read before decompose re-registers functional weights
@@ -96,26 +98,26 @@ def compress(
     tensorizer = Tensorizer(base, targets, by=group)
     matrices = list(dict.fromkeys(s.matrix for s in tensorizer.slices))
     _check_finetuned(matrices, base_state, finetuned_state)
-    adapter = tensorizer.decompose(fmt, scale=scale, train_head=False)
+    adapter = tensorizer.decompose(fmt, scale=scale, train_head=False, name=name)
     options = _Options(n_iter_max, restarts, seed)
     errors: dict[str, float] = {}
     try:
-        for name in tqdm(adapter.group_names, desc=f"compress ({fmt.name} r{fmt.rank})", unit="group",
-                         disable=not progress):
-            factors = adapter.group(name).factors
-            delta = group_increment(tensorizer.groups[name], base_state, finetuned_state)
+        for group in tqdm(adapter.group_names, desc=f"compress ({fmt.name} r{fmt.rank})", unit="group",
+                          disable=not progress):
+            factors = adapter.group(group).factors
+            delta = group_increment(tensorizer.groups[group], base_state, finetuned_state)
             with torch.no_grad():
                 if torch.count_nonzero(delta).item() == 0:
                     for factor in factors.values():
                         factor.zero_()
-                    errors[name] = 0.0
+                    errors[group] = 0.0
                     continue
                 with tl.backend_context("pytorch"):
                     found = _fit_to_rank(fmt, fmt.from_tensorly(decomposer(delta / scale, fmt, options)))
                 for key, factor in factors.items():
                     factor.copy_(found[key])
-                rebuilt = adapter.group(name).reconstruct().to(torch.float64) * scale
-                errors[name] = (torch.linalg.vector_norm(delta - rebuilt) / torch.linalg.vector_norm(delta)).item()
+                rebuilt = adapter.group(group).reconstruct().to(torch.float64) * scale
+                errors[group] = (torch.linalg.vector_norm(delta - rebuilt) / torch.linalg.vector_norm(delta)).item()
     except BaseException:
         adapter.detach()  # a failed compress leaves base as it was
         raise
@@ -257,10 +259,10 @@ def _fit_to_rank(fmt: Format, factors: dict[str, Tensor]) -> dict[str, Tensor]:
 def _state(source: nn.Module | Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
     """``{parameter name: tensor}`` of a model (merged adapter allowed) or a state dict."""
     if isinstance(source, nn.Module):
-        carried = getattr(source, "factnet", None)
-        if isinstance(carried, Adapter) and not carried.merged:
-            raise FactnetError(f"{what} carries an unmerged factnet adapter, so its weights are not the fine-tuned "
-                               f"ones; call {what}.factnet.merge() first")
+        active = getattr(getattr(source, "factnet", None), "active_adapter", None)
+        if active is not None and not active.merged:
+            raise FactnetError(f"{what} carries an active, unmerged factnet adapter ({active.name!r}), so its weights "
+                               f"are not the fine-tuned ones; call {what}.factnet[{active.name!r}].merge() first")
         state = {_PARAMETRIZED.sub(r".\1", key).lstrip("."): value for key, value in source.state_dict().items()}
         return {key: value for key, value in state.items() if not key.startswith("factnet.")}
     if isinstance(source, Mapping):

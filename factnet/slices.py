@@ -100,12 +100,16 @@ class Slice:
 
 def find_matrices(model: nn.Module) -> list[Matrix]:
     """Every weight matrix of ``model`` factnet can adapt, in module order."""
+    from factnet.attach import AdaptedMatrix  # a model may carry adapters already
+
     found: list[Matrix] = []
     inside_mha: set[str] = set()
     for name, module in model.named_modules():
         if name in inside_mha:
             continue
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, AdaptedMatrix):
+            found.append(module.matrix)
+        elif isinstance(module, nn.MultiheadAttention):
             if module._qkv_same_embed_dim and module.in_proj_weight is not None:
                 out, inp = module.in_proj_weight.shape
                 found.append(Matrix(name, "mha-in", out, inp))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from factnet.adapter import Adapter, _key
+from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
@@ -64,6 +65,7 @@ class Tensorizer:
         train_head: bool = True,
         head: Sequence[str] | None = None,
         seed: int | None = None,
+        name: str = "default",
     ) -> Adapter:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
         and return the `Adapter` holding its factors.
@@ -71,22 +73,32 @@ class Tensorizer:
         ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
         (found automatically on timm models and for modules named head/classifier/fc); it stays
         trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
+        ``name`` registers it in ``model.factnet`` (an `AdapterSet`) beside any adapters the model
+        already has; the new one becomes the active one.
         """
         fmt = get_format(format, rank)
-        if getattr(self.model, "factnet", None) is not None:
-            raise FactnetError("this model already carries a factnet adapter; call model.factnet.detach() "
-                               "first or adapt a fresh copy of the model")
+        existing = getattr(self.model, "factnet", None)
+        if existing is not None:
+            if not isinstance(existing, AdapterSet):
+                raise FactnetError(f"model.factnet is a {type(existing).__name__}, not factnet's AdapterSet; "
+                                   "rename that attribute of the model")
+            if name in existing:
+                raise FactnetError(f"this model already has an adapter named {name!r}; pass another name= or "
+                                   f"delete it first (model.factnet.delete({name!r}))")
+            existing._check_switchable()
+        if not isinstance(name, str) or not name or "." in name:
+            raise FactnetError(f"adapter names are non-empty strings without dots, got {name!r}")
         if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
             raise FactnetError(f"scale must be a finite number, got {scale!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
-        for name, shape in self.group_shapes().items():
+        for group, shape in self.group_shapes().items():
             limit = fmt.max_rank(*shape)
             if fmt.rank > limit:
                 n, d_in, d_out = shape
-                raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {name!r} "
+                raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {group!r} "
                                    f"({n}x{d_in}x{d_out}); use rank <= {limit}")
-        keys = [_key(name) for name in self.groups]
+        keys = [_key(group) for group in self.groups]
         if len(set(keys)) != len(keys):
             raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")
         heads = self._heads(head) if train_head else []
@@ -94,7 +106,7 @@ class Tensorizer:
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, generator)
+        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator)
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())

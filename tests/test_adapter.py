@@ -45,10 +45,10 @@ def test_adapter_is_registered_and_keeps_state_dict_keys(vit):
     keys = list(vit.state_dict())
     adapter = factnet.Tensorizer(vit).decompose("tt", rank=2)
     assert isinstance(adapter, torch.nn.Module)
-    assert vit.factnet is adapter
+    assert vit.factnet["default"] is adapter and vit.factnet.active_adapter is adapter
     new_keys = list(vit.state_dict())
     assert [k for k in new_keys if not k.startswith("factnet.")] == keys
-    factor_names = {f"factnet.{n}" for n, _ in adapter.named_parameters()}
+    factor_names = {f"factnet.adapters.default.{n}" for n, _ in adapter.named_parameters()}
     assert {k for k in new_keys if k.startswith("factnet.")} == factor_names
     ids = {id(p) for p in vit.parameters()}
     assert all(id(p) in ids for p in adapter.parameters())  # the optimizer sees the factors
@@ -58,7 +58,7 @@ def test_adapter_is_registered_and_keeps_state_dict_keys(vit):
 def test_only_factors_and_head_are_trainable(vit):
     adapter = factnet.Tensorizer(vit).decompose("tucker", rank=2)
     trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
-    expected = {f"factnet.{n}" for n, _ in adapter.named_parameters()} | {"head.weight", "head.bias"}
+    expected = {f"factnet.adapters.default.{n}" for n, _ in adapter.named_parameters()} | {"head.weight", "head.bias"}
     assert trainable == expected
     assert {id(p) for p in adapter.trainable_parameters()} == {id(p) for p in vit.parameters() if p.requires_grad}
     assert adapter.num_head_parameters() == vit.head.weight.numel() + vit.head.bias.numel() == 48 * 5 + 5
@@ -67,7 +67,7 @@ def test_only_factors_and_head_are_trainable(vit):
 def test_train_head_false_freezes_the_head(vit):
     adapter = factnet.Tensorizer(vit).decompose("tt", rank=2, train_head=False)
     trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
-    assert trainable == {f"factnet.{n}" for n, _ in adapter.named_parameters()}
+    assert trainable == {f"factnet.adapters.default.{n}" for n, _ in adapter.named_parameters()}
     assert adapter.num_head_parameters() == 0
 
 
@@ -194,7 +194,7 @@ def test_detach_restores_model_exactly(vit, images):
     assert torch.equal(vit(images), out)
     # the detached model can be adapted again
     again = factnet.Tensorizer(vit).decompose("tt", rank=2)
-    assert vit.factnet is again
+    assert vit.factnet["default"] is again
 
 
 def test_detach_of_a_merged_adapter_is_explicit(vit, images):

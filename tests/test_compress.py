@@ -163,7 +163,7 @@ def test_exactly_representable_increment_is_recovered(fmt, rank):
     assert list(errors) == adapter.group_names == ["48x48"]
     assert all(error < EXACT for error in errors.values()), errors
     assert adapter.format.name == fmt and adapter.format.rank == rank and adapter.settings.scale == 2.0
-    assert base.factnet is adapter and not adapter.merged
+    assert base.factnet["default"] is adapter and not adapter.merged
     inputs = images(32)
     assert_close(outputs(base, inputs), outputs(tuned, inputs), 1e-4, f"{fmt} compressed vs fine-tuned")
     # merged, the compressed model's weights are the fine-tuned weights

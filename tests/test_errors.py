@@ -194,9 +194,10 @@ def test_decompose_twice(model):
     tensorizer = factnet.Tensorizer(model, ["qkv", "fc1"])
     adapter = tensorizer.decompose("tt", rank=2)
     randomize_factors(adapter)
-    raises(model, "already carries", lambda: tensorizer.decompose("tt", rank=2))
-    raises(model, "already carries", lambda: tensorizer.group({"x": ["qkv", "fc1"]}).decompose("cp", rank=2))
-    assert model.factnet is adapter
+    raises(model, "already has an adapter named 'default'", lambda: tensorizer.decompose("tt", rank=2))
+    raises(model, "already has an adapter named 'default'",
+           lambda: tensorizer.group({"x": ["qkv", "fc1"]}).decompose("cp", rank=2))
+    assert model.factnet["default"] is adapter
 
 
 def test_merge_twice(model):

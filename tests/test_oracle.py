@@ -97,7 +97,7 @@ def test_gradients_match_dense_autograd(fmt: str) -> None:
         for name, param in group.factors.items():
             torch.testing.assert_close(param.grad, factors[key][name].grad, rtol=1e-4, atol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert trainable == {f"factnet.groups.{k}.factors.{n}" for k, g in adapter.groups.items() for n in g.factors}
+    assert trainable == {f"factnet.adapters.default.groups.{k}.factors.{n}" for k, g in adapter.groups.items() for n in g.factors}
 
 
 @pytest.mark.parametrize("path", ["auto", "activation"])

@@ -1,0 +1,232 @@
+"""`AdapterSet`: the named adapters of one model, registered on it as ``model.factnet``.
+
+Every adapted matrix is attached once and asks the set for its increments; the set answers
+with the *active* adapter's (none when disabled, merged, or when no adapter is active). So
+several adapters share one frozen backbone, only one acts at a time, and switching costs
+nothing: the inactive adapters' factors are frozen and untouched by training. Each adapter
+keeps its own head values, swapped into the model's head when it is activated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from factnet import attach as sites
+from factnet.errors import FactnetError
+from factnet.kernel import Increment
+from factnet.slices import Matrix
+
+if TYPE_CHECKING:
+    from factnet.adapter import Adapter, Settings
+
+__all__ = ["AdapterSet"]
+
+
+class AdapterSet(nn.Module):
+    """``model.factnet``: named adapters over one frozen model, at most one active.
+
+    ``model.factnet["task"]`` is an adapter, ``activate(name)`` switches, ``disable()`` runs the
+    base model, ``delete(name)`` removes one (the last one gives the model back as it was).
+    Being a registered child, it lets ``model.to()``, ``zero_grad()``, DDP and ``state_dict``
+    (``factnet.adapters.<name>.groups.<group>.factors.<factor>``) reach every factor.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self._enabled = True
+        self.__dict__["model"] = model
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._head_init: dict[str, Tensor] = {}  # a head's values before any adapter trained it
+        self._attached: dict[str, Matrix] = {}
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self._hook = model.register_forward_pre_hook(self._prepare)
+        model.add_module("factnet", self)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> AdapterSet:
+        """The model's set, created (backbone frozen, registered as ``model.factnet``) if it has none."""
+        found = getattr(model, "factnet", None)
+        if found is None:
+            return cls(model)
+        if not isinstance(found, AdapterSet):
+            raise FactnetError(f"model.factnet is a {type(found).__name__}, not factnet's AdapterSet; rename that "
+                               "attribute of the model")
+        return found
+
+    # ---- the named adapters -----------------------------------------------------------------
+    def __getitem__(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise FactnetError(f"no adapter named {name!r}; this model has {self.names}")
+        return self.adapters[name]  # type: ignore[return-value]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.adapters
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.adapters))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    @property
+    def active_adapter(self) -> Adapter | None:
+        return None if self.active is None else self[self.active]
+
+    def add(self, name: str, adapter: Adapter) -> None:
+        """Register ``adapter`` as ``name``, attach the matrices it adapts, and activate it."""
+        self._check_switchable()
+        if not isinstance(name, str) or not name or "." in name:
+            raise FactnetError(f"adapter names are non-empty strings without dots, got {name!r}")
+        if name in self.adapters:
+            raise FactnetError(f"this model already has an adapter named {name!r}; pick another name or "
+                               f"delete it first (model.factnet.delete({name!r}))")
+        params = dict(self.model.named_parameters())
+        for param_name in params:
+            if _in_head(param_name, adapter.head) and param_name not in self._head_init:
+                self._head_init[param_name] = params[param_name].detach().clone()
+        self._stash_head()
+        self.adapters[name] = adapter
+        for matrix in adapter.matrices.values():
+            if matrix.name not in self._attached:
+                sites.attach(self.model, matrix, self)
+                self._attached[matrix.name] = matrix
+        self._switch(name)
+
+    def activate(self, name: str | None) -> Adapter | None:
+        """Make ``name`` the adapter that acts (``None``: none does) and the only one that trains."""
+        if name is not None:
+            self[name]  # noqa: B018  (raises for an unknown name)
+        if name != self.active:
+            self._check_switchable()
+            self._stash_head()
+            self._switch(name)
+        return self.active_adapter
+
+    def delete(self, name: str, keep_merged: bool = False) -> nn.Module:
+        """Remove adapter ``name``; the last one leaves the model exactly as it was before the first
+        `decompose` (but for a trained head). Returns the model. See `Adapter.detach`."""
+        adapter = self[name]
+        if adapter.merged and not keep_merged:
+            raise FactnetError(f"adapter {name!r} is merged, so removing it would keep W + s·dW in the weights; "
+                               "call unmerge() first, or pass keep_merged=True to keep the merged weights")
+        model = self.model
+        if name == self.active:
+            adapter._merged = False
+            self.active = None
+        del self.adapters[name]
+        adapter.__dict__["model"] = None
+        used = {m for other in self.adapters.values() for m in other.matrices}
+        for matrix_name in [m for m in self._attached if m not in used]:
+            sites.detach(model, self._attached.pop(matrix_name))
+        if not self.adapters:
+            self._hook.remove()
+            for param_name, param in model.named_parameters():
+                param.requires_grad_(self._requires_grad.get(param_name, param.requires_grad))
+            del model._modules["factnet"]
+            self.__dict__["model"] = None
+        else:
+            self._set_requires_grad()
+        return model
+
+    # ---- what the attached matrices call ----------------------------------------------------
+    def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
+        """The increments of ``matrix`` for its ``weight``: the active adapter's, none when disabled or merged."""
+        adapter = self.active_adapter
+        if adapter is None or not self._enabled or adapter.merged or matrix not in adapter.placements:
+            return []
+        return adapter.increments(matrix, weight)
+
+    @property
+    def settings(self) -> Settings:
+        """The active adapter's scale, dropout and kernel path (read with `increments`)."""
+        adapter = self.active_adapter
+        return _NO_SETTINGS if adapter is None else adapter.settings
+
+    def _prepare(self, *_: object) -> None:
+        """Build the active adapter's normal forms as the model's forward starts: outside any
+        checkpointed block, so recomputation saves the same tensors as the first pass."""
+        adapter = self.active_adapter
+        if torch.is_grad_enabled() and self._enabled and adapter is not None and not adapter.merged:
+            for group in adapter.groups.values():
+                group.normal_form()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Identity: adapters act inside the model's matrices. (Registered as the last child
+        ``model.factnet``, an ``nn.Sequential`` root passes its output straight through.)"""
+        return x
+
+    @contextmanager
+    def disable(self) -> Iterator[None]:
+        """Run the base model inside the block (a merged adapter is unmerged meanwhile)."""
+        adapter = self.active_adapter
+        was_merged = adapter is not None and adapter.merged
+        if was_merged:
+            adapter.unmerge()
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+            if was_merged:
+                adapter.merge()
+
+    # ---- switching --------------------------------------------------------------------------
+    def _check_switchable(self) -> None:
+        adapter = self.active_adapter
+        if adapter is not None and adapter.merged:
+            raise FactnetError(f"adapter {self.active!r} is merged into the weights; unmerge() it before switching "
+                               "or adding adapters")
+
+    def _stash_head(self) -> None:
+        """Keep the active adapter's head values with it before another takes the head."""
+        adapter = self.active_adapter
+        if adapter is not None and adapter.head:
+            adapter._head_state = {n: p.detach().clone() for n, p in self.model.named_parameters()
+                                   if _in_head(n, adapter.head)}
+
+    @torch.no_grad()
+    def _switch(self, name: str | None) -> None:
+        self.active = name
+        adapter = self.active_adapter
+        own = adapter._head_state if adapter is not None and adapter._head_state is not None else {}
+        for param_name, param in self.model.named_parameters():
+            if param_name in self._head_init:
+                param.copy_(own.get(param_name, self._head_init[param_name]))
+        if adapter is not None:
+            adapter._head_state = None  # the model's head holds it while active
+        self._set_requires_grad()
+
+    def _set_requires_grad(self) -> None:
+        active = self.active_adapter
+        head = active.head if active is not None else []
+        for name, param in self.model.named_parameters():
+            if not name.startswith("factnet."):
+                param.requires_grad_(_in_head(name, head))
+        for adapter in self.adapters.values():
+            adapter.requires_grad_(adapter is active)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active!r}"
+
+
+class _NoSettings:
+    scale, dropout, path = 1.0, 0.0, "auto"
+
+
+_NO_SETTINGS = _NoSettings()
+
+
+def _in_head(parameter: str, head: list[str]) -> bool:
+    return any(parameter.startswith(h + ".") for h in head)
