@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import tensorly as tl
 import torch
 from hypothesis import settings
 from torch import nn
@@ -68,13 +70,40 @@ class UserInPerSlice(factnet.Format, name="user-in-per-slice"):
         return torch.stack([u[i] @ g @ v.T for i in range(u.shape[0])])
 
 
-USER_FORMATS = ["user-in-per-slice", "user-out-per-slice", "user-tt"]
+class UserBlockTerm(factnet.Format, name="user-block-term"):
+    """Two Tucker terms summed; the term letter ``t`` has its own size (2), not the rank."""
+
+    factors = {"core": "tabc", "p": "ita", "u": "jtb", "v": "ktc"}
+    zero = "v"
+    own_sizes = {"t": 2}  # letters not sized by the rank (read by the tests too)
+
+    def sizes(self, n, d_in, d_out):
+        return {**super().sizes(n, d_in, d_out), **self.own_sizes}
+
+    def num_parameters(self, n, d_in, d_out):
+        return 2 * (self.rank**3 + (n + d_in + d_out) * self.rank)
+
+    def reference(self, factors):
+        with tl.backend_context("pytorch"):
+            return sum(tl.tucker_to_tensor((factors["core"][t], [factors[f][:, t] for f in "puv"])) for t in range(2))
+
+
+USER_FORMATS = ["user-block-term", "user-in-per-slice", "user-out-per-slice", "user-tt"]
 
 
 def reference(fmt: factnet.Format, factors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The oracle reconstruction ``(n, d_in, d_out)``: tensorly's (built-in formats) or the
     user format's own einsum; never factnet's planned contraction."""
     return fmt.reference(factors)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread keeps a shared machine from oversubscribing (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- tiny models --------------------------------------------------------------------------------

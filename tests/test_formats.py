@@ -47,8 +47,9 @@ def random_factors(fmt, n, d_in, d_out, seed, dtype=torch.float64):
 
 
 def einsum_sizes(fmt, n, d_in, d_out):
-    """Expected size of each letter, derived here: modes from the problem, the rest the rank."""
-    sizes = {"i": n, "j": d_in, "k": d_out}
+    """Expected size of each letter, derived here: modes from the problem, the rest the rank
+    (but for letters a user format sizes itself, ``own_sizes``)."""
+    sizes = {"i": n, "j": d_in, "k": d_out, **getattr(fmt, "own_sizes", {})}
     return {name: tuple(sizes.get(c, fmt.rank) for c in letters) for name, letters in fmt.factors.items()}
 
 
@@ -246,3 +247,16 @@ def test_float32_reconstruct_matches_float64(name):
     got = fmt.reconstruct(single)
     assert got.dtype == torch.float32
     assert_close(got, fmt.reference(factors), 1e-5, name)
+
+
+
+def test_a_rank_letter_of_its_own_size_reaches_the_normal_form():
+    fmt = factnet.get_format("user-block-term", 3)
+    generator = torch.Generator().manual_seed(0)
+    factors = {k: torch.randn(s, dtype=torch.float64, generator=generator) for k, s in fmt.shapes(5, 6, 7).items()}
+    dense = sum(torch.einsum("abc,ia,jb,kc->ijk", factors["core"][t], factors["p"][:, t], factors["u"][:, t],
+                             factors["v"][:, t]) for t in range(2))
+    form = fmt.normal_form(factors)
+    rebuilt = torch.einsum("iaj,iab,ibk->ijk", form.p_in_t.expand(5, -1, -1), form.core, form.p_out_t.expand(5, -1, -1))
+    torch.testing.assert_close(rebuilt, dense, rtol=1e-12, atol=1e-12)
+    assert sum(t.numel() for t in factors.values()) == fmt.num_parameters(5, 6, 7)

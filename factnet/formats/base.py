@@ -148,7 +148,9 @@ class Format:
         p_in_t = _projection(factors[plan.in_factor], self.factors[plan.in_factor], "j")
         p_out_t = _projection(factors[plan.out_factor], self.factors[plan.out_factor], "k")
         operands = [factors[name] for name in plan.rest]
-        operands += [torch.eye(self.rank, dtype=p_in_t.dtype, device=p_in_t.device)] * plan.identities
+        in_letters = self.factors[plan.in_factor]
+        operands += [torch.eye(factors[plan.in_factor].shape[in_letters.index(c)], dtype=p_in_t.dtype,
+                               device=p_in_t.device) for c in plan.shared]
         if plan.core_equation is None:  # the core is a single factor already in (i, a, b) order
             core = operands[0]
         else:
@@ -165,7 +167,7 @@ class Format:
             return "core: a factor as is (no contraction)"
         sizes = self.sizes(n, d_in, d_out)
         shapes = [tuple(sizes[c] for c in self.factors[name]) for name in plan.rest]
-        shapes += [(self.rank, self.rank)] * plan.identities
+        shapes += [(sizes[c], sizes[c]) for c in plan.shared]
         _, info = opt_einsum.contract_path(plan.core_equation, *shapes, shapes=True, optimize="optimal")
         return f"core: {plan.core_equation}\n{info}"
 
@@ -175,7 +177,7 @@ class _NormalPlan:
     in_factor: str
     out_factor: str
     rest: tuple[str, ...]
-    identities: int
+    shared: tuple[str, ...]  # rank letters of both projections: an identity each in the core
     core_equation: str | None
     core_equation_output: str
 
@@ -196,7 +198,7 @@ def _normal_plan(cls: type[Format]) -> _NormalPlan:
     output = slice_letter + "".join(in_ranks) + "".join(renamed.get(c, c) for c in out_ranks)
     equation = ",".join(inputs) + "->" + output
     trivial = len(inputs) == 1 and inputs[0] == output
-    return _NormalPlan(in_factor, out_factor, rest, len(renamed), None if trivial else equation, output)
+    return _NormalPlan(in_factor, out_factor, rest, tuple(renamed), None if trivial else equation, output)
 
 
 def _projection(factor: Tensor, letters: str, mode: str) -> Tensor:
