@@ -150,7 +150,7 @@ class Adapter(nn.Module):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
-        dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = factor_dtype(model)
         self.name = name
         self.format = fmt
         self.settings = Settings(float(scale), float(dropout))
@@ -319,6 +319,13 @@ class Adapter(nn.Module):
         s = self.settings
         return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, "
                 f"parameters={self.num_parameters():,}")
+
+
+def factor_dtype(model: nn.Module) -> torch.dtype:
+    """The factors' dtype on ``model``: its own if float32/float64, else float32 (bf16/fp16 models
+    keep float32 factors; autocast runs the kernel in low precision)."""
+    reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
+    return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _key(group: str) -> str:

@@ -48,7 +48,7 @@ class AdapterSet(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         self._hook = model.register_forward_pre_hook(self._prepare)
-        model.add_module("factnet", self)
+        model.add_module("factnet", self.train(model.training))
 
     @classmethod
     def of(cls, model: nn.Module) -> AdapterSet:
@@ -97,7 +97,7 @@ class AdapterSet(nn.Module):
             if _in_head(param_name, adapter.head) and param_name not in self._head_init:
                 self._head_init[param_name] = params[param_name].detach().clone()
         self._stash_head()
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.model.training)
         for matrix in adapter.matrices.values():
             if matrix.name not in self._attached:
                 sites.attach(self.model, matrix, self)

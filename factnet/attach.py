@@ -113,7 +113,8 @@ def attach(model: nn.Module, matrix: Matrix, source: Source) -> None:
         owner.__dict__["_factnet_parameter_order"] = tuple(owner._parameters)
         parametrize.register_parametrization(owner, attribute, _AddIncrement(matrix, source), unsafe=True)
     else:
-        setattr(owner, attribute, AdaptedMatrix(getattr(owner, attribute), matrix, source))
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, AdaptedMatrix(original, matrix, source).train(original.training))
 
 
 def detach(model: nn.Module, matrix: Matrix) -> None:

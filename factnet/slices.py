@@ -181,6 +181,9 @@ def select_slices(model: nn.Module, targets: Sequence[str] | None) -> list[Slice
         return chosen
     if isinstance(targets, str):
         targets = [targets]
+    if not targets:
+        raise FactnetError("targets is empty, so nothing would be adapted; pass patterns such as "
+                           "['blocks.*.attn.qkv[q,v]'], or targets=None for the default targets")
     owner: dict[Slice, str] = {}
     for pattern in targets:
         for piece in _match(pattern, matrices):

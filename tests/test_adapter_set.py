@@ -165,3 +165,36 @@ def test_unknown_and_duplicate_names(vit):
     with pytest.raises(factnet.FactnetError, match="already has an adapter named 'a'"):
         factnet.Tensorizer(vit).decompose("cp", rank=2, name="a")
     assert_same_model(vit, before)
+
+
+def test_attached_matrices_keep_the_model_mode(vit):
+    factnet.Tensorizer(vit).decompose("tt", rank=2, dropout=0.5)  # vit is in eval mode
+    assert not any(module.training for module in vit.modules())
+    vit.train()
+    factnet.Tensorizer(vit).decompose("tt", rank=2, name="second")
+    assert all(module.training for module in vit.modules())
+
+
+def test_load_adds_a_named_adapter_beside_others(vit, images, tmp_path):
+    base, a, b = two_adapters(vit)
+    with torch.no_grad():
+        vit.head.weight.mul_(3.0)  # b's trained head
+    b.save(tmp_path / "b.safetensors")
+    a.activate()
+    a.save(tmp_path / "a.safetensors")  # saved inactive: b's head stays with b
+    outputs = {}
+    for adapter in (a, b):
+        adapter.activate()
+        outputs[adapter.name] = vit(images)
+    fresh = copy.deepcopy(base)
+    factnet.Tensorizer(fresh).decompose("cp", rank=2, name="other")
+    before = snapshot(fresh)
+    with pytest.raises(factnet.FactnetError, match="already has an adapter named 'other'"):
+        factnet.load(fresh, tmp_path / "a.safetensors", name="other")
+    assert_same_model(fresh, before)
+    loaded_b = factnet.load(fresh, tmp_path / "b.safetensors", name="b")
+    loaded_a = factnet.load(fresh, tmp_path / "a.safetensors", name="a")
+    assert fresh.factnet.names == ["other", "b", "a"] and loaded_a.active
+    assert torch.equal(fresh(images), outputs["a"])
+    loaded_b.activate()
+    assert torch.equal(fresh(images), outputs["b"])
