@@ -9,12 +9,14 @@ increment ``s·ΔW`` of each (zero at start, backbone frozen), merge it in for i
 from factnet.adapter import Adapter
 from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
+from factnet.export import ExportReport, export_lora
 from factnet.formats import Format, available_formats, get_format
+from factnet.io import load, save
 from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer
 
 __all__ = [
-    "Adapter", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats", "compress",
-    "get_format", "rank_sweep",
+    "Adapter", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats", "compress",
+    "export_lora", "get_format", "load", "rank_sweep", "save",
 ]
 __version__ = "0.1.0"
