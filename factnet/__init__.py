@@ -7,6 +7,7 @@ increment ``s·ΔW`` of each (zero at start, backbone frozen), merge it in for i
 """
 
 from factnet.adapter import Adapter
+from factnet.adapter_set import AdapterSet
 from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
@@ -16,7 +17,7 @@ from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer
 
 __all__ = [
-    "Adapter", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats", "compress",
-    "export_lora", "get_format", "load", "rank_sweep", "save",
+    "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
+    "compress", "export_lora", "get_format", "load", "rank_sweep", "save",
 ]
 __version__ = "0.1.0"

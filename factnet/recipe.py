@@ -4,9 +4,11 @@
     optimizer, schedule = recipe.optimizer(adapter.trainable_parameters(), steps_per_epoch=len(loader))
     ...  optimizer.step(); schedule.step()                # once per batch
 
-The learning rate rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then
-follows a cosine down to ``min_lr`` at the end of ``epochs`` (the schedule of the authors' code,
-stepped per batch rather than per epoch).
+The learning rate rises linearly from ``warmup_lr`` towards ``lr`` over ``warmup_epochs``; from
+then on it is the cosine from ``lr`` (epoch 0) down to ``min_lr`` (epoch ``epochs``). That is
+timm's ``CosineLRScheduler(t_initial=epochs, warmup_t=warmup_epochs, warmup_lr_init=warmup_lr,
+lr_min=min_lr)`` of the authors' code, whose cosine counts from epoch 0, not from the warmup's
+end; here it is stepped per batch rather than per epoch (equal at whole epochs).
 """
 
 from __future__ import annotations
@@ -49,14 +51,15 @@ class Recipe:
         if not 0 <= self.dropout < 1 or not 0 <= self.drop_path < 1:
             raise FactnetError(f"recipe dropout and drop_path must be in [0, 1), got {self.dropout}, {self.drop_path}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise FactnetError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
+            raise FactnetError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs}); "
+                               "lower warmup_epochs (--warmup-epochs) or train for more epochs")
 
     def learning_rate(self, epoch: float) -> float:
         """The learning rate at fractional ``epoch`` (0 at the first step)."""
         warmup = min(self.warmup_epochs, self.epochs - 1) if self.epochs > 1 else 0
         if epoch < warmup:
             return self.warmup_lr + (self.lr - self.warmup_lr) * epoch / warmup
-        progress = min(1.0, (epoch - warmup) / max(self.epochs - warmup, 1e-12))
+        progress = min(1.0, epoch / self.epochs)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
     def optimizer(

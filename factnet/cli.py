@@ -1,0 +1,322 @@
+"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table.
+
+    factnet train --data vtab/cifar --model vit_base_patch16_224 --checkpoint vit_b16_in21k.safetensors \\
+                  --preset vtab1k/cifar --split train800val200 --out runs/cifar
+    factnet sweep --data vtab/cifar --model ... --ranks 2,4,8 --scales 0.1,1,10 --out sweeps/cifar
+    factnet info vit_base_patch16_224 --format tt --rank 4
+    factnet export runs/cifar/adapter.safetensors --model ... --checkpoint ... --out lora/cifar
+    factnet merge runs/cifar/adapter.safetensors --model ... --checkpoint ... --out cifar_merged.safetensors
+
+Errors (bad paths, unknown names, bad numbers) print one line on stderr and exit with status 2.
+Nothing is ever downloaded: pretrained weights come from ``--checkpoint FILE`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from factnet import __version__
+from factnet.adapter import Adapter
+from factnet.errors import FactnetError
+from factnet.export import export_lora
+from factnet.io import load, write_atomically
+from factnet.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
+from factnet.tensorizer import Tensorizer
+
+__all__ = ["main"]
+
+
+class UsageError(FactnetError):
+    """A malformed command line (reported like every other error: one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit; we raise instead
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# ---- argument types (a bad value is an argparse error: one line, exit status 2) ----------------------
+def _number(text: str, kind: type, minimum: float | None = None) -> int | float:
+    """``text`` as a finite ``kind`` (int or float), at least ``minimum``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or (minimum is not None and value < minimum):
+        what = "an integer" if kind is int else "a finite number"
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise argparse.ArgumentTypeError(f"expected {what}{bound}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, 1)
+
+
+def _nonnegative_int(text: str) -> int:
+    return _number(text, int, 0)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _number(text, float, 0)
+
+
+def _finite_float(text: str) -> float:
+    return _number(text, float)
+
+
+def _int_list(text: str) -> list[int]:
+    """``"2,4,8"`` -> ``[2, 4, 8]`` (positive integers)."""
+    return [_positive_int(item) for item in _items(text)]
+
+
+def _float_list(text: str) -> list[float]:
+    """``"0.1,1,10"`` -> ``[0.1, 1.0, 10.0]`` (finite numbers)."""
+    return [_finite_float(item) for item in _items(text)]
+
+
+def _items(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list such as 2,4,8, got {text!r}")
+    return items
+
+
+def _model_kwargs(text: str) -> dict[str, Any]:
+    """``"img_size=32,depths=(2, 2),global_pool=avg"`` (or a JSON object) -> keyword arguments for
+    ``timm.create_model``: values are Python literals where they parse as one, else strings."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"invalid JSON in --model-kwargs: {error}") from None
+    pieces, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            pieces.append(text[start:position])
+            start = position + 1
+    pieces.append(text[start:])
+    options: dict[str, Any] = {}
+    for piece in pieces:
+        key, equals, value = piece.partition("=")
+        if not equals or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {piece!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return options
+
+
+# ---- the parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="factnet", description="Factor-Tuning (FacT): train, inspect, export and merge adapters.")
+    parser.add_argument("--version", action="version", version=f"factnet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = _Parser(add_help=False)
+    model.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224")
+    model.add_argument("--checkpoint", type=Path, help="local weights file for the model (safetensors or .pth); "
+                       "without it the model starts from random weights")
+    model.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...",
+                       help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=2")
+    adapter = _Parser(add_help=False)
+    adapter.add_argument("--format", default="tt", help="tt (default), tucker, cp, batch-matrix, tensor-ring")
+    adapter.add_argument("--group", default="shape", help="shape (default), stage, or a regex naming the groups")
+    adapter.add_argument("--targets", action="append", metavar="PATTERN",
+                         help="adapt these matrices (glob with block selection, e.g. 'blocks.*.attn.qkv[q,v]'; "
+                              "repeatable); default: the paper's attention and MLP matrices")
+    training = _Parser(add_help=False)
+    training.add_argument("--data", type=Path, help="VTAB-1K task folder (train800.txt, ...) or ImageFolder tree")
+    for flag, kind, text in [("--epochs", _positive_int, "100"), ("--batch-size", _positive_int, "64"),
+                             ("--lr", _nonnegative_float, "1e-3"), ("--weight-decay", _nonnegative_float, "1e-4"),
+                             ("--warmup-epochs", _nonnegative_int, "10"),
+                             ("--warmup-lr", _nonnegative_float, "1e-6"), ("--min-lr", _nonnegative_float, "1e-5"),
+                             ("--dropout", _nonnegative_float, "0.1, in factor space"),
+                             ("--drop-path", _nonnegative_float, "0.1, on the backbone")]:
+        training.add_argument(flag, type=kind, help=f"default: the paper's {text}")
+    training.add_argument("--seed", type=int, default=0, help="seeds the factors, shuffling and dropout (default 0)")
+    training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    training.add_argument("--workers", type=_nonnegative_int, default=4, help="data loader processes (default 4)")
+    training.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    train = commands.add_parser("train", parents=[model, adapter, training], help="train an adapter on a data set",
+                                description="Train an adapter with the paper's recipe. Without --data, run the "
+                                            "built-in demo.")
+    train.add_argument("--rank", type=_positive_int, help="default 8, or the preset's")
+    train.add_argument("--scale", type=_finite_float, help="default 10, or the preset's")
+    train.add_argument("--preset", help="vtab1k/<task>: the paper's rank and scale for that task and --format")
+    train.add_argument("--split", choices=["train800", "train800val200"], default="train800",
+                       help="train800: train there, evaluate on val200 (default); train800val200: the final run, "
+                            "evaluated on test")
+    train.add_argument("--eval-every", type=_positive_int,
+                       help="evaluate every N epochs (default: every epoch on val200, only after the last on test)")
+    train.add_argument("--out", type=Path, default=Path("factnet-run"), help="output directory (default factnet-run)")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    train.set_defaults(handler=command_train)
+
+    sweep = commands.add_parser("sweep", parents=[model, adapter, training], help="rank x scale grid search",
+                                description="Train every rank x scale on train800 and evaluate on val200; retrain "
+                                            "the best (by val accuracy) on train800val200, evaluate it on test once.")
+    sweep.add_argument("--ranks", type=_int_list, required=True, metavar="R,...", help="e.g. 2,4,8")
+    sweep.add_argument("--scales", type=_float_list, required=True, metavar="S,...", help="e.g. 0.1,1,10")
+    sweep.add_argument("--out", type=Path, required=True, help="output directory")
+    sweep.add_argument("--resume", action="store_true", help="keep finished settings, continue the interrupted one")
+    sweep.set_defaults(handler=command_sweep)
+
+    info = commands.add_parser("info", parents=[adapter], help="dry run: what an adapter would train")
+    info.add_argument("model_name", metavar="MODEL", help="timm model name")
+    info.add_argument("--rank", type=_positive_int, default=8, help="default 8")
+    info.add_argument("--num-classes", type=_positive_int, help="head size (default: the model's)")
+    info.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...")
+    info.set_defaults(handler=command_info)
+
+    for name, text, out_help in [("export", "write a PEFT LoRA adapter directory", "output directory"),
+                                 ("merge", "write the merged model's weights", "output .safetensors file")]:
+        command = commands.add_parser(name, parents=[model], help=text, description=text)
+        command.add_argument("adapter", type=Path, metavar="ADAPTER", help="adapter.safetensors")
+        command.add_argument("--num-classes", type=_positive_int,
+                             help="head size (default: read from the adapter's saved head)")
+        command.add_argument("--out", type=Path, required=True, help=out_help)
+        command.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        command.set_defaults(handler=command_export if name == "export" else command_merge)
+    commands.choices["export"].add_argument("--max-rank", type=_positive_int,
+                                            help="cap the LoRA rank (truncated SVD above it)")
+
+    bench = commands.add_parser("bench-table", help="the built-in demo's benchmark table (markdown)")
+    bench.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting (default 3)")
+    bench.add_argument("--no-progress", dest="progress", action="store_false")
+    bench.set_defaults(handler=command_bench_table)
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------------------
+_DATA_ONLY = ("model", "checkpoint", "preset", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+              "warmup_lr", "min_lr", "dropout", "drop_path", "eval_every", "targets")
+
+
+def command_train(args: argparse.Namespace) -> int:
+    """Train one adapter (or, without ``--data``, run the built-in demo)."""
+    if args.data is None:
+        given = [f"--{name.replace('_', '-')}" for name in _DATA_ONLY if getattr(args, name) not in (None, False)]
+        if given or args.model_kwargs or args.resume or args.group != "shape":
+            raise FactnetError(f"{', '.join(given) or 'these options'} need --data; without --data, factnet train "
+                               "runs the built-in demo (options: --format, --rank, --scale, --seed, --out)")
+        from factnet import demo
+
+        results = demo.run(args.out, format=args.format, rank=args.rank, scale=args.scale, seed=args.seed,
+                           progress=args.progress)
+        print(json.dumps(results))
+        return 0
+    settings = RunSettings.from_args(args)
+    result = train_setting(settings, args.split, args.out, resume=args.resume, eval_every=args.eval_every)
+    print(f"{result.eval_split} accuracy {result.accuracy:.4f} after {settings.recipe.epochs} epochs "
+          f"({result.seconds:.1f}s); adapter {result.adapter_path} ({result.adapter_bytes:,} bytes: "
+          f"{result.parameters:,} factor parameters + {result.head_parameters:,} head parameters)")
+    return 0
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    """Grid over ranks x scales selected on val200; the best retrained and tested once."""
+    if args.data is None or args.model is None:
+        raise FactnetError("factnet sweep needs --data DIR and --model NAME")
+    settings = RunSettings.from_args(args)  # its rank and scale are replaced by each grid point
+    table = run_sweep(settings, args.ranks, args.scales, args.out, resume=args.resume)
+    print(table)
+    return 0
+
+
+def command_info(args: argparse.Namespace) -> int:
+    """Dry run on a weightless (meta-device) model: the slice table and what would train."""
+    options = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        options["num_classes"] = args.num_classes
+    model = build_model(args.model_name, kwargs=options, meta=True)
+    tensorizer = Tensorizer(model, targets=args.targets).group(args.group)
+    adapter = tensorizer.decompose(args.format, rank=args.rank)
+    factors, head = adapter.num_parameters(), adapter.num_head_parameters()
+    print(tensorizer)
+    print(f"\nformat {adapter.format.name}, rank {args.rank}, grouped by {args.group}")
+    for name, count in adapter.num_parameters_by_group().items():
+        n, d_in, d_out = adapter.group_shapes()[name]
+        print(f"  group {name}: {n}x{d_in}x{d_out} -> {count:,} parameters")
+    print(f"trainable factor parameters: {factors:,}")
+    print(f"head parameters: {head:,}")
+    print(f"adapter bytes: {4 * (factors + head):,} (factors {4 * factors:,} + head {4 * head:,}; an estimate of the "
+          "tensor bytes at 4 bytes a float32 parameter: the file adds a small header)")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    """Rebuild the adapter on the base model and write it as a PEFT LoRA directory."""
+    adapter = _load_adapter(args)
+    print(export_lora(adapter, args.out, max_rank=args.max_rank, overwrite=args.overwrite))
+    return 0
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    """Rebuild the adapter, fold it into the weights and write the model's state dict (safetensors)."""
+    out = args.out
+    if out.exists() and not args.overwrite:
+        raise FactnetError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FactnetError(f"directory {out.parent} does not exist; create it first")
+    adapter = _load_adapter(args)
+    adapter.merge()
+    model = adapter.detach(keep_merged=True)
+    state = {name: value.detach().cpu().clone().contiguous() for name, value in model.state_dict().items()}
+    write_atomically(str(out), lambda temp: safetensors.torch.save_file(state, temp))
+    classes = model.num_classes if hasattr(model, "num_classes") else None
+    print(f"wrote {out} ({out.stat().st_size:,} bytes). Load it with timm.create_model({args.model!r}, "
+          f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={classes}), "
+          f"num_classes={classes}{''.join(f', {k}={v!r}' for k, v in args.model_kwargs.items())})")
+    return 0
+
+
+def _load_adapter(args: argparse.Namespace) -> Adapter:
+    """The adapter file rebuilt on ``--model`` with ``--checkpoint``'s weights (head size from the file)."""
+    if args.model is None:
+        raise FactnetError(f"factnet {args.command} needs --model: the timm model the adapter was trained on")
+    if not args.adapter.is_file():
+        raise FactnetError(f"adapter file {args.adapter} does not exist")
+    classes = args.num_classes or adapter_classes(args.adapter, args.model)
+    options = dict(args.model_kwargs, **({"num_classes": classes} if classes else {}))
+    model = build_model(args.model, checkpoint=args.checkpoint, kwargs=options)
+    return load(model.eval(), args.adapter)
+
+
+def command_bench_table(args: argparse.Namespace) -> int:
+    """Print the built-in demo's benchmark table (markdown)."""
+    from factnet import demo
+
+    print(demo.bench_table(seeds=args.seeds, progress=args.progress))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for any error the user can fix)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except FactnetError as error:
+        print(f"factnet: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("factnet: interrupted (factnet train and sweep continue with --resume)", file=sys.stderr)
+        return 130
+    except SystemExit as done:  # --help and --version
+        return done.code if isinstance(done.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
