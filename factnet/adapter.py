@@ -176,10 +176,6 @@ class Adapter(nn.Module):
         """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active)."""
         return [p.increment(self.groups[p.group].normal_form(), weight.dtype) for p in self.placements[matrix]]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Identity: the adapter acts inside the model's matrices."""
-        return x
-
     # ---- lifecycle -----------------------------------------------------------------------
     @property
     def merged(self) -> bool:
