@@ -221,6 +221,19 @@ def tiny_transformer_encoder():
 
 
 # ---- factors ------------------------------------------------------------------------------------
+@pytest.fixture
+def vit():
+    """A tiny timm ViT in float64, eval mode (seeded)."""
+    torch.manual_seed(0)
+    return tiny_vit().double().eval()
+
+
+@pytest.fixture
+def images():
+    """Two float64 32x32 images for `vit`."""
+    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
 def randomize_factors(adapter: factnet.Adapter, std: float = 0.5, seed: int = 0) -> None:
     """Overwrite every factor with N(0, std²) values (in place, as a user would)."""
     generator = torch.Generator().manual_seed(seed)

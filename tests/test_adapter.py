@@ -22,17 +22,6 @@ from conftest import (
 FORMATS = factnet.available_formats()
 
 
-@pytest.fixture
-def vit():
-    torch.manual_seed(0)
-    return tiny_vit().double().eval()
-
-
-@pytest.fixture
-def images():
-    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-
 def adapted(model, fmt="tt", rank=3, scale=2.0, **kwargs):
     base = copy.deepcopy(model)
     adapter = factnet.Tensorizer(model).decompose(fmt, rank=rank, scale=scale, **kwargs)

@@ -9,19 +9,8 @@ import pytest
 import torch
 
 import factnet
-from conftest import assert_close, assert_same_model, oracle_forward, randomize_factors, snapshot, tiny_vit
+from conftest import assert_close, assert_same_model, oracle_forward, randomize_factors, snapshot
 from factnet.adapter_set import AdapterSet
-
-
-@pytest.fixture
-def vit():
-    torch.manual_seed(0)
-    return tiny_vit().double().eval()
-
-
-@pytest.fixture
-def images():
-    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
 def two_adapters(vit):
