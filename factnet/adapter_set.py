@@ -50,6 +50,23 @@ class AdapterSet(nn.Module):
         self._hook = model.register_forward_pre_hook(self._prepare)
         model.add_module("factnet", self.train(model.training))
 
+    @staticmethod
+    def check_addable(model: nn.Module, name: object) -> None:
+        """Raise unless an adapter ``name`` can join ``model`` now (valid, free name; nothing merged).
+        Checks only: the model is not touched."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise FactnetError(f"adapter names are non-empty strings without dots, got {name!r}")
+        found = getattr(model, "factnet", None)
+        if found is None:
+            return
+        if not isinstance(found, AdapterSet):
+            raise FactnetError(f"model.factnet is a {type(found).__name__}, not factnet's AdapterSet; rename that "
+                               "attribute of the model")
+        if name in found.adapters:
+            raise FactnetError(f"this model already has an adapter named {name!r}; pass another name= or delete it "
+                               f"first (model.factnet.delete({name!r}))")
+        found._check_switchable()
+
     @classmethod
     def of(cls, model: nn.Module) -> AdapterSet:
         """The model's set, created (backbone frozen, registered as ``model.factnet``) if it has none."""
@@ -86,12 +103,7 @@ class AdapterSet(nn.Module):
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Register ``adapter`` as ``name``, attach the matrices it adapts, and activate it."""
-        self._check_switchable()
-        if not isinstance(name, str) or not name or "." in name:
-            raise FactnetError(f"adapter names are non-empty strings without dots, got {name!r}")
-        if name in self.adapters:
-            raise FactnetError(f"this model already has an adapter named {name!r}; pick another name or "
-                               f"delete it first (model.factnet.delete({name!r}))")
+        self.check_addable(self.model, name)
         params = dict(self.model.named_parameters())
         for param_name in params:
             if _in_head(param_name, adapter.head) and param_name not in self._head_init:

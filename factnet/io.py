@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from factnet.adapter import Adapter, _in_head, factor_dtype
+from factnet.adapter_set import AdapterSet
 from factnet.attach import AdaptedMatrix
 from factnet.errors import FactnetError
 from factnet.formats import Format, available_formats, get_format
@@ -198,10 +199,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str = "default") 
     """
     if not isinstance(model, nn.Module):
         raise FactnetError(f"load needs a torch.nn.Module, got {type(model).__name__}")
-    carried = getattr(model, "factnet", None)
-    if carried is not None and name in getattr(carried, "adapters", {}):
-        raise FactnetError(f"this model already has an adapter named {name!r}; load(model, path, name=...) with "
-                           f"another name, or delete it first (model.factnet.delete({name!r}))")
+    AdapterSet.check_addable(model, name)
     adapter_name, name = name, _fspath(path)
     spec, tensors = _read(name)
     fmt = _registered_format(spec)

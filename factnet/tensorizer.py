@@ -77,17 +77,7 @@ class Tensorizer:
         already has; the new one becomes the active one.
         """
         fmt = get_format(format, rank)
-        existing = getattr(self.model, "factnet", None)
-        if existing is not None:
-            if not isinstance(existing, AdapterSet):
-                raise FactnetError(f"model.factnet is a {type(existing).__name__}, not factnet's AdapterSet; "
-                                   "rename that attribute of the model")
-            if name in existing:
-                raise FactnetError(f"this model already has an adapter named {name!r}; pass another name= or "
-                                   f"delete it first (model.factnet.delete({name!r}))")
-            existing._check_switchable()
-        if not isinstance(name, str) or not name or "." in name:
-            raise FactnetError(f"adapter names are non-empty strings without dots, got {name!r}")
+        AdapterSet.check_addable(self.model, name)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
             raise FactnetError(f"scale must be a finite number, got {scale!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
