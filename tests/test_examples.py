@@ -95,7 +95,7 @@ def test_compress_exact_rank_increment_round_trips(checkpoints):
     with torch.no_grad():
         error = (model(x) - finetuned(x)).abs().max().item()
         assert (base(x) - finetuned(x)).abs().max().item() > 1e-2  # the check can fail
-    assert error < 1e-5
+    assert error < 1e-4  # float32 rounding: 1e-5 was exceeded (1.0014e-5) with ATEN_CPU_CAPABILITY=default
 
 
 def test_compress_sweep_finds_the_rank(checkpoints):

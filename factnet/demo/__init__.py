@@ -100,6 +100,8 @@ def run(out_dir: Path, *, format: str = "tt", rank: int | None = None, scale: fl
         "head_params": float(result.head_params),
         "bytes": float(path.stat().st_size),
         "bytes_without_head": float(result.bytes),
+        "first_epoch_loss": result.epoch_losses[0],
+        "last_epoch_loss": result.epoch_losses[-1],
         "step_ms": result.step_ms,
         "adapt_seconds": result.seconds,
         "pretrain_seconds": 0.0 if backbone.cached else backbone.seconds,

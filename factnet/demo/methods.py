@@ -70,6 +70,7 @@ class Result:
     bytes: int  # size of the saved file, without the head (0: the linear probe saves no backbone file)
     step_ms: float  # median training step
     seconds: float  # setup, training and evaluation
+    epoch_losses: tuple[float, ...] = ()  # mean training loss of each epoch
 
 
 def downstream_model(backbone: Backbone, num_classes: int, drop_path: float) -> nn.Module:
@@ -95,13 +96,14 @@ def adapt(backbone: Backbone, method: Method, splits: Splits, recipe: Recipe, *,
         model = downstream_model(backbone, len(splits.downstream_classes), recipe.drop_path)
         head_params = sum(p.numel() for p in model.get_classifier().parameters())
         model, adapter, parameters, count, measure = _prepare(model, method, recipe, seed)
-        step_ms = fit(model, parameters, splits.train, recipe, seed=seed, augment=augment, progress=progress,
+        fitted = fit(model, parameters, splits.train, recipe, seed=seed, augment=augment, progress=progress,
                       desc=f"{method.name} ({method.settings}), seed {seed}", leave=leave)
     val, test = evaluate(model, splits.val), evaluate(model, splits.test)
     size = measure()
     if save_to is not None and method.kind == "fact":
         adapter.save(str(save_to))
-    result = Result(method, seed, val, test, count, head_params, size, step_ms, time.perf_counter() - start)
+    result = Result(method, seed, val, test, count, head_params, size, fitted.step_ms, time.perf_counter() - start,
+                    fitted.epoch_losses)
     return result, model, adapter
 
 

@@ -6,6 +6,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +15,21 @@ from torch import nn
 from factnet.demo.data import Split, shift
 from factnet.recipe import Recipe
 
-__all__ = ["evaluate", "fit", "threads"]
+__all__ = ["Fitted", "evaluate", "fit", "threads"]
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a training run measured: the median step and the mean training loss of each epoch."""
+
+    step_ms: float
+    epoch_losses: tuple[float, ...]
 
 
 def fit(model: nn.Module, parameters: list[nn.Parameter], split: Split, recipe: Recipe, *, seed: int,
-        augment: bool = True, progress: bool = True, desc: str = "training", leave: bool = False) -> float:
-    """Train ``parameters`` of ``model`` on ``split`` for ``recipe.epochs``; the median step in ms.
+        augment: bool = True, progress: bool = True, desc: str = "training", leave: bool = False) -> Fitted:
+    """Train ``parameters`` of ``model`` on ``split`` for ``recipe.epochs``; the median step (ms) and
+    the epochs' mean losses.
 
     A step is forward, backward, optimizer and schedule step of one batch (the batch's
     augmentation is drawn before the clock starts). Batches are drawn from ``seed``.
@@ -31,6 +41,7 @@ def fit(model: nn.Module, parameters: list[nn.Parameter], split: Split, recipe: 
     steps_per_epoch = -(-len(split) // size)
     optimizer, schedule = recipe.optimizer(parameters, steps_per_epoch)
     times: list[float] = []
+    losses: list[float] = []
     model.train()
     bar = tqdm(range(recipe.epochs), desc=desc, disable=not progress, leave=leave, unit="epoch")
     for _ in bar:
@@ -47,9 +58,10 @@ def fit(model: nn.Module, parameters: list[nn.Parameter], split: Split, recipe: 
             schedule.step()
             times.append(time.perf_counter() - began)
             total += loss.item() * len(rows)
-        bar.set_postfix(loss=f"{total / len(split):.3f}")
+        losses.append(total / len(split))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    return 1000 * statistics.median(times)
+    return Fitted(1000 * statistics.median(times), tuple(losses))
 
 
 @torch.no_grad()
