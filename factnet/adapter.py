@@ -32,27 +32,31 @@ class GroupFactors(nn.Module):
             {name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for name, shape in shapes.items()}
         )
         fmt.initialize(dict(self.factors.items()), generator)
-        self._cache: tuple[tuple, NormalForm] | None = None
+        self._cache: dict[bool, tuple[tuple, NormalForm]] = {}  # by grad mode
 
     def normal_form(self) -> NormalForm:
         """The group's normal form, built once per training step for all its matrices.
 
-        With grad enabled it is cached until the factors change or a backward pass runs
-        through it (which frees its graph); without grad it is rebuilt on each call.
+        Cached until the factors change; with grad enabled, also until a backward pass runs
+        through it (which frees its graph).
         """
-        if not torch.is_grad_enabled():
-            return self.format.normal_form(dict(self.factors.items()))
+        grad = torch.is_grad_enabled()
         key = tuple((p.data_ptr(), p._version) for p in self.factors.values())
-        if self._cache is None or self._cache[0] != key:
+        cached = self._cache.get(grad)
+        if cached is None or cached[0] != key:
             form = self.format.normal_form(dict(self.factors.items()))
-            for tensor in (form.p_in_t, form.core, form.p_out_t):
+            for tensor in (form.p_in_t, form.core, form.p_out_t) if grad else ():
                 if tensor.grad_fn is not None:  # built here: its graph is freed by backward
                     tensor.register_hook(self._invalidate)
-            self._cache = (key, form)
-        return self._cache[1]
+            cached = self._cache[grad] = (key, form)
+        return cached[1]
 
     def _invalidate(self, grad: Tensor) -> None:
-        self._cache = None
+        self._cache.pop(True, None)
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) leave the cached normal forms behind: they may hold a graph."""
+        return {**self.__dict__, "_cache": {}}
 
     def reconstruct(self) -> Tensor:
         """Dense ``ΔW: (n, d_in, d_out)`` (without the scale)."""
@@ -169,12 +173,24 @@ class Adapter(nn.Module):
         self.head = head
         self._merged = False
         self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
+        self._increments: dict[str, tuple[tuple[NormalForm, ...], torch.dtype, list[Increment]]] = {}
         self.__dict__["model"] = model
         AdapterSet.of(model).add(name, self)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
-        """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active)."""
-        return [p.increment(self.groups[p.group].normal_form(), weight.dtype) for p in self.placements[matrix]]
+        """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active); the
+        same objects while the normal forms are, so a matrix used twice in a step cuts them once."""
+        placements = self.placements[matrix]
+        forms = tuple(self.groups[p.group].normal_form() for p in placements)
+        cached = self._increments.get(matrix)
+        if cached is None or cached[1] != weight.dtype or any(a is not b for a, b in zip(cached[0], forms)):
+            cached = forms, weight.dtype, [p.increment(f, weight.dtype) for p, f in zip(placements, forms)]
+            self._increments[matrix] = cached
+        return cached[2]
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) leave the cached increments behind: they may hold a graph."""
+        return {**self.__dict__, "_increments": {}}
 
     # ---- lifecycle -----------------------------------------------------------------------
     @property

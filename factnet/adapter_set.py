@@ -9,6 +9,7 @@ keeps its own head values, swapped into the model's head when it is activated.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from factnet import attach as sites
 from factnet.errors import FactnetError
+from factnet.guard import WeightWatch
 from factnet.kernel import Increment
 from factnet.slices import Matrix
 
@@ -45,9 +47,12 @@ class AdapterSet(nn.Module):
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._head_init: dict[str, Tensor] = {}  # a head's values before any adapter trained it
         self._attached: dict[str, Matrix] = {}
+        self._verified: set[str] = set()  # matrices the first-forward guard has seen take part
+        self._watch: WeightWatch | None = None
         for param in model.parameters():
             param.requires_grad_(False)
-        self._hook = model.register_forward_pre_hook(self._prepare)
+        self._hooks = (model.register_forward_pre_hook(self._prepare),
+                       model.register_forward_hook(self._finish, always_call=True))
         model.add_module("factnet", self.train(model.training))
 
     @staticmethod
@@ -143,7 +148,8 @@ class AdapterSet(nn.Module):
         for matrix_name in [m for m in self._attached if m not in used]:
             sites.detach(model, self._attached.pop(matrix_name))
         if not self.adapters:
-            self._hook.remove()
+            for hook in self._hooks:
+                hook.remove()
             for param_name, param in model.named_parameters():
                 param.requires_grad_(self._requires_grad.get(param_name, param.requires_grad))
             del model._modules["factnet"]
@@ -156,9 +162,25 @@ class AdapterSet(nn.Module):
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight``: the active adapter's, none when disabled or merged."""
         adapter = self.active_adapter
-        if adapter is None or not self._enabled or adapter.merged or matrix not in adapter.placements:
+        if adapter is None or not self._enabled or matrix not in adapter.placements:
+            return []
+        if adapter.merged:
             return []
         return adapter.increments(matrix, weight)
+
+    def guard_merged(self, value: Tensor) -> Tensor:
+        """``value`` (an output or weight computed without increments), made to raise `FactnetError` in
+        backward if the active adapter is merged and trainable: training it then would be a silent no-op."""
+        adapter = self.active_adapter
+        if adapter is None or not adapter.merged or not (self.training and torch.is_grad_enabled()):
+            return value
+        trainable = [p for p in adapter.parameters() if p.requires_grad]
+        return _NoTrainingWhileMerged.apply(value, adapter.name, trainable[0]) if trainable else value
+
+    def applied(self, matrix: str) -> None:
+        """An attached matrix applied its increments (seen by the first-forward guard)."""
+        if self._watch is not None:
+            self._watch.applied.add(matrix)
 
     @property
     def settings(self) -> Settings:
@@ -167,12 +189,27 @@ class AdapterSet(nn.Module):
         return _NO_SETTINGS if adapter is None else adapter.settings
 
     def _prepare(self, *_: object) -> None:
-        """Build the active adapter's normal forms as the model's forward starts: outside any
-        checkpointed block, so recomputation saves the same tensors as the first pass."""
+        """As the model's forward starts: build the active adapter's increments (outside any
+        checkpointed block, so recomputation saves the same tensors as the first pass), and watch
+        the first forward of newly adapted matrices (`factnet.guard`)."""
         adapter = self.active_adapter
-        if torch.is_grad_enabled() and self._enabled and adapter is not None and not adapter.merged:
-            for group in adapter.groups.values():
-                group.normal_form()
+        if adapter is None or not self._enabled or adapter.merged:
+            return
+        if torch.is_grad_enabled():
+            for matrix in adapter.matrices.values():
+                adapter.increments(matrix.name, sites.weight_view(self.model, matrix))
+        pending = [m for m in adapter.matrices.values() if m.name not in self._verified]
+        if pending and self._watch is None and not torch.compiler.is_compiling():
+            self._watch = WeightWatch({id(sites.base_weight(self.model, m)): m.name for m in pending})
+            self._watch.__enter__()
+
+    def _finish(self, *_: object) -> None:
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return
+        watch.__exit__(None, None, None)
+        if sys.exc_info()[0] is None:  # the forward completed (this hook also runs when it raised)
+            self._verified |= watch.verdict()
 
     def forward(self, x: Tensor) -> Tensor:
         """Identity: adapters act inside the model's matrices. (Registered as the last child
@@ -231,6 +268,21 @@ class AdapterSet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}"
+
+
+class _NoTrainingWhileMerged(torch.autograd.Function):
+    """Identity forward; its backward raises: a merged adapter's factors would get no gradient."""
+
+    @staticmethod
+    def forward(ctx, value, name, factor):  # type: ignore[override]
+        ctx.name = name
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise FactnetError(f"adapter {ctx.name!r} is merged into the weights, so this backward would give its "
+                           "factors no gradient; unmerge() it before training (or freeze its factors with "
+                           "adapter.requires_grad_(False) to train the rest)")
 
 
 class _NoSettings:

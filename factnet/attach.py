@@ -1,10 +1,20 @@
-"""Attaching increments to a model's matrices, reversibly.
+"""Attaching increments to a model's matrices, reversibly, so that no read of a weight misses them.
 
-Linear, 1x1 conv and Conv1D modules are swapped for an `AdaptedMatrix` that owns the very
-same ``weight``/``bias`` parameters (so ``state_dict`` keys do not change) and runs the
-kernel. Weights their parent reads directly (``nn.MultiheadAttention``'s projections, the
-fused inference path of ``nn.TransformerEncoderLayer``) get a `torch.nn.utils.parametrize`
-parametrization ``W → W + s·ΔW`` instead: exact, but autograd forms their dense gradient.
+A targeted weight reaches the forward in one of two ways, and both see ``W + s·ΔW``:
+
+- **its module's forward**: Linear, 1x1 conv and Conv1D modules are swapped for an
+  `AdaptedMatrix` that owns the very same ``weight``/``bias`` parameters (``state_dict`` keys do
+  not change) and runs the kernel (thin-product gradients; the base model's own op when the
+  increment is zero, so exact at init bit for bit);
+- **a read of the attribute by someone else** (``F.linear(x, self.qkv.weight)`` in BEiT, EVA and
+  SwinV2, torchvision's Swin, ``nn.MultiheadAttention``'s ``out_proj`` and ``in_proj_weight``,
+  fused inference paths): ``module.weight`` returns the effective weight ``W + s·ΔW``, built
+  differentiably (autograd forms its dense gradient: exact, dearer than the kernel).
+
+`nn.MultiheadAttention`'s ``in_proj_weight`` belongs to the attention module itself, whose forward
+must run: its class is swapped for a subclass that answers that one attribute (picklable, undone
+by `detach`). What a model reads by any other channel (a weight cached before `decompose`,
+``module._parameters``) is caught by `factnet.guard` on the first forward.
 """
 
 from __future__ import annotations
@@ -13,12 +23,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from factnet.kernel import Increment, adapted_linear, effective_weight
 from factnet.slices import Matrix
 
-__all__ = ["AdaptedMatrix", "attach", "detach", "weight_view"]
+__all__ = ["AdaptedMatrix", "attach", "base_weight", "detach", "weight_view"]
 
 
 class Source(Protocol):
@@ -29,11 +38,45 @@ class Source(Protocol):
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments to apply now for ``weight``; ``[]`` when none acts."""
 
+    def guard_merged(self, value: Tensor) -> Tensor:
+        """``value`` as it is, or made to raise in backward while a trainable adapter is merged."""
+
+    def applied(self, matrix: str) -> None:
+        """Told each time ``matrix``'s increments are applied (for the first-forward guard)."""
+
+
+class _Effective:
+    """``W + s·ΔW`` for reads of a weight attribute, in the parameter's own layout; one build per
+    set of increments (a model that reads ``.weight.dtype`` three times a forward pays once)."""
+
+    def __init__(self, matrix: Matrix, source: Source) -> None:
+        self.matrix, self.source = matrix, source
+        self._cached: tuple[tuple, Tensor] | None = None
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        linear = to_linear(self.matrix, weight)
+        increments = self.source.increments(self.matrix.name, linear)
+        if not increments:
+            return self.source.guard_merged(weight)
+        self.source.applied(self.matrix.name)
+        key = (weight._version, torch.is_grad_enabled(), *(t for inc in increments for t in inc.tensors()))
+        if self._cached is not None and len(key) == len(self._cached[0]) and all(
+                a is b for a, b in zip(key[2:], self._cached[0][2:])) and key[:2] == self._cached[0][:2]:
+            return self._cached[1]
+        value = effective_weight(linear, increments, self.source.settings.scale)
+        value = _from_linear(self.matrix, value, weight)
+        self._cached = (key, value)
+        return value
+
+    def __getstate__(self) -> dict:
+        return {"matrix": self.matrix, "source": self.source, "_cached": None}  # a graph cannot be copied
+
 
 class AdaptedMatrix(nn.Module):
     """Stands in for an adapted ``nn.Linear``, 1x1 ``nn.Conv2d`` or ``Conv1D``.
 
-    Holds the original's ``weight`` and ``bias`` under the same names; other attributes
+    Holds the original's ``weight`` and ``bias`` under the same names; reading ``.weight`` gives
+    ``W + s·ΔW`` while an increment acts (`base_weight` gives ``W``). Other attributes
     (``in_features``, ``stride``, ...) read through to the original module.
     """
 
@@ -41,20 +84,22 @@ class AdaptedMatrix(nn.Module):
         super().__init__()
         self.register_parameter("weight", original.weight)
         self.register_parameter("bias", original.bias)
-        self.__dict__.update(original=original, source=source, matrix=matrix)
+        self.__dict__.update(original=original, source=source, matrix=matrix, effective=_Effective(matrix, source))
 
     def forward(self, x: Tensor) -> Tensor:
-        increments = self.source.increments(self.matrix.name, self.weight)
+        linear, bias = to_linear(self.matrix, self._parameters["weight"]), self._parameters["bias"]
+        increments = self.source.increments(self.matrix.name, linear)
+        if not increments:
+            return self.source.guard_merged(self.original(x))  # the base module's own kernel
+        self.source.applied(self.matrix.name)
         settings = self.source.settings
         dropout = settings.dropout if self.training else 0.0
-        if self.matrix.kind == "conv1x1":
-            y = adapted_linear(x.movedim(1, -1), self.weight.flatten(1), self.bias, increments, settings.scale,
-                               dropout, settings.path)
-            return y.movedim(-1, 1)
-        weight = self.weight.t() if self.matrix.kind == "conv1d" else self.weight
-        return adapted_linear(x, weight, self.bias, increments, settings.scale, dropout, settings.path)
+        return adapted_linear(x, linear, bias, increments, settings.scale, dropout, settings.path,
+                              pointwise=self.matrix.kind == "conv1x1")
 
     def __getattr__(self, name: str) -> Any:
+        if name == "weight" and "effective" in self.__dict__:
+            return self.__dict__["effective"](self._parameters["weight"])
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -66,64 +111,83 @@ class AdaptedMatrix(nn.Module):
         return f"{self.matrix.kind} {self.matrix.d_in}->{self.matrix.d_out}, adapted"
 
 
-class _AddIncrement(nn.Module):
-    """Parametrization ``W → W + s·Σ ΔW`` for weights read functionally (MHA)."""
+class _EffectiveInProjection:
+    """Mixin for an adapted ``nn.MultiheadAttention``: ``in_proj_weight`` reads as ``W + s·ΔW``."""
 
-    def __init__(self, matrix: Matrix, source: Source) -> None:
-        super().__init__()
-        self.__dict__.update(source=source, matrix=matrix)
+    def __getattr__(self, name: str) -> Any:
+        if name == "in_proj_weight":
+            return self.__dict__["_factnet_effective"](self._parameters["in_proj_weight"])
+        return super().__getattr__(name)  # type: ignore[misc]
 
-    def forward(self, weight: Tensor) -> Tensor:
-        return effective_weight(weight, self.source.increments(self.matrix.name, weight), self.source.settings.scale)
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return _adapted_instance, (type(self).__mro__[2],), self.__dict__
+
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def _adapted_class(cls: type) -> type:
+    if cls not in _ADAPTED_CLASSES:
+        _ADAPTED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (_EffectiveInProjection, cls), {})
+    return _ADAPTED_CLASSES[cls]
+
+
+def _adapted_instance(cls: type) -> nn.Module:
+    """Unpickling: an empty instance of the adapted subclass of ``cls`` (its state follows)."""
+    return object.__new__(_adapted_class(cls))
+
+
+def to_linear(matrix: Matrix, weight: Tensor) -> Tensor:
+    """A parameter as the ``(d_out, d_in)`` matrix (a view: writes reach the parameter)."""
+    if matrix.kind == "conv1x1":
+        return weight.flatten(1)
+    return weight.t() if matrix.kind == "conv1d" else weight
+
+
+def _from_linear(matrix: Matrix, linear: Tensor, weight: Tensor) -> Tensor:
+    if matrix.kind == "conv1x1":
+        return linear.reshape(weight.shape)
+    return linear.t() if matrix.kind == "conv1d" else linear
 
 
 def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:
     """The module whose attribute holds the matrix, and the attribute name."""
     if matrix.kind == "mha-in":
         return model.get_submodule(matrix.name), "in_proj_weight"
-    if matrix.functional:
-        return model.get_submodule(matrix.name), "weight"
     parent, _, child = matrix.name.rpartition(".")
     return model.get_submodule(parent), child
 
 
-def _parametrized(matrix: Matrix) -> bool:
-    """Weights read outside their module's forward get a parametrization, not a wrapper."""
-    return matrix.kind == "mha-in" or matrix.functional
+def base_weight(model: nn.Module, matrix: Matrix) -> Tensor:
+    """The parameter holding ``matrix`` (never the effective weight), in its own layout."""
+    owner, attribute = _owner(model, matrix)
+    if matrix.kind == "mha-in":
+        return owner._parameters[attribute]
+    return getattr(owner, attribute)._parameters["weight"]
 
 
 def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
     """The live weight of ``matrix`` as a ``(d_out, d_in)`` view: writes reach the model."""
-    owner, attribute = _owner(model, matrix)
-    if _parametrized(matrix):
-        parametrizations = getattr(owner, "parametrizations", None)
-        if parametrizations is not None and attribute in parametrizations:
-            return parametrizations[attribute].original
-        return getattr(owner, attribute)
-    weight = getattr(owner, attribute).weight
-    if matrix.kind == "conv1x1":
-        return weight.flatten(1)
-    return weight.t() if matrix.kind == "conv1d" else weight
+    return to_linear(matrix, base_weight(model, matrix))
 
 
 def attach(model: nn.Module, matrix: Matrix, source: Source) -> None:
     """Route ``matrix`` through the increments ``source`` provides."""
     owner, attribute = _owner(model, matrix)
-    if _parametrized(matrix):
-        owner.__dict__["_factnet_parameter_order"] = tuple(owner._parameters)
-        parametrize.register_parametrization(owner, attribute, _AddIncrement(matrix, source), unsafe=True)
+    if matrix.kind == "mha-in":
+        owner.__dict__["_factnet_effective"] = _Effective(matrix, source)
+        owner.__class__ = _adapted_class(type(owner))
     else:
         original = getattr(owner, attribute)
         setattr(owner, attribute, AdaptedMatrix(original, matrix, source).train(original.training))
 
 
 def detach(model: nn.Module, matrix: Matrix) -> None:
-    """Undo `attach`: the original module or parameter is back, untouched."""
+    """Undo `attach`: the original module or class is back, untouched."""
     owner, attribute = _owner(model, matrix)
-    if _parametrized(matrix):
-        order = list(owner.__dict__.pop("_factnet_parameter_order"))
-        with torch.no_grad():
-            parametrize.remove_parametrizations(owner, attribute, leave_parametrized=False)
-        owner._parameters = {name: owner._parameters[name] for name in order}  # registration order, as before
+    if matrix.kind == "mha-in":
+        del owner.__dict__["_factnet_effective"]
+        owner.__class__ = type(owner).__mro__[2]
     else:
         setattr(owner, attribute, getattr(owner, attribute).original)
+

@@ -141,12 +141,12 @@ class _MergedLinear(torch.autograd.Function):
     """``y = x (W + s·Σ ΔW)ᵀ + bias`` with factor gradients from thin projections."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, layout, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, layout, pointwise, *factors):  # type: ignore[override]
         x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
         with _no_autocast(x):
-            y = F.linear(x, effective_weight(weight, _unflatten(layout, factors), scale), bias)
+            y = _base_op(x, effective_weight(weight, _unflatten(layout, factors), scale), bias, pointwise)
         ctx.save_for_backward(x, weight, *factors)
-        ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
+        ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
         return y
 
     @staticmethod
@@ -154,7 +154,7 @@ class _MergedLinear(torch.autograd.Function):
         x, weight, *factors = ctx.saved_tensors
         increments = _unflatten(ctx.layout, factors)
         needs = ctx.needs_input_grad
-        grad_y = grad_y.to(x.dtype).contiguous()
+        x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
         grad_x = torch.mm(grad_y, effective_weight(weight, increments, ctx.scale)) if needs[0] else None
         grad_factors: list[Tensor] = []
         for inc in increments:
@@ -168,7 +168,9 @@ class _MergedLinear(torch.autograd.Function):
             ]
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, *_factor_dtypes(ctx, grad_factors))
+        grad_x = _unrows(grad_x, ctx) if grad_x is not None else None
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None,
+                *_factor_dtypes(ctx, grad_factors))
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -179,18 +181,22 @@ class _ActivationLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, layout, masks, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, layout, pointwise, masks, *factors):  # type: ignore[override]
         x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
         saved = []
         with _no_autocast(x):
-            y = F.linear(x, weight, bias)
+            y = _base_op(x, weight, bias, pointwise)
+            rows = _rows(x, pointwise)
             for inc, mask in zip(_unflatten(layout, factors), masks):
-                u = _times_t(x, inc.a_t, inc.m_in)
+                u = _times_t(rows, inc.a_t, inc.m_in)
                 hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
-                _add_times(y, hidden, inc.b_t, inc.m_out)
+                if pointwise:
+                    y += _times(hidden, inc.b_t, inc.m_out).reshape(*x.shape[:1], *x.shape[2:], -1).movedim(-1, 1)
+                else:
+                    _add_times(y, hidden, inc.b_t, inc.m_out)
                 saved += [u, hidden]
         ctx.save_for_backward(x, weight, *factors, *masks, *saved)
-        ctx.scale, ctx.layout, ctx.has_bias = scale, layout, bias is not None
+        ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
         return y
 
     @staticmethod
@@ -199,7 +205,7 @@ class _ActivationLinear(torch.autograd.Function):
         count = len(ctx.layout)
         factors, masks, saved = rest[: 3 * count], rest[3 * count: 4 * count], rest[4 * count:]
         needs = ctx.needs_input_grad
-        grad_y = grad_y.to(x.dtype).contiguous()
+        x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
         grad_x = torch.mm(grad_y, weight) if needs[0] else None
         grad_factors: list[Tensor] = []
         for pos, inc in enumerate(_unflatten(ctx.layout, factors)):
@@ -212,7 +218,8 @@ class _ActivationLinear(torch.autograd.Function):
                 _add_times(grad_x, r, inc.a_t, inc.m_in)
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None,
+        grad_x = _unrows(grad_x, ctx) if grad_x is not None else None
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None,
                 *_factor_dtypes(ctx, grad_factors))
 
 
@@ -224,29 +231,53 @@ def adapted_linear(
     scale: float,
     dropout: float = 0.0,
     path: str = "auto",
+    pointwise: bool = False,
 ) -> Tensor:
     """``x: (..., d_in) → (..., d_out)``: the frozen layer plus ``s·ΔW`` of each increment.
 
-    Factor-space ``dropout`` (active when > 0) needs the activation-side path; otherwise the
-    merged-weight path runs (one GEMM forward, thin products backward). ``path`` forces
-    ``"activation"`` or ``"merged"`` (the latter only without dropout), for benchmarks.
+    ``pointwise``: ``x: (N, d_in, H, W)`` through a 1x1 convolution (the base model's own op, so a
+    zero increment gives its output bit for bit). Factor-space ``dropout`` (active when > 0) needs
+    the activation-side path; otherwise the merged-weight path runs (one GEMM forward, thin
+    products backward). ``path`` forces ``"activation"`` or ``"merged"`` (the latter only without
+    dropout), for benchmarks.
     """
     if not increments:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
+        return _base_op(x, weight, bias, pointwise)
+    x2 = x if pointwise else x.reshape(-1, x.shape[-1])
+    rows = x.numel() // x.shape[1] if pointwise else x2.shape[0]
     layout = tuple((inc.m_in, inc.m_out) for inc in increments)
     factors = [t for inc in increments for t in inc.tensors()]
     if dropout > 0 or path == "activation":
         keep = 1.0 - dropout
         masks = tuple(
-            x2.new_empty(x2.shape[0], inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
+            x2.new_empty(rows, inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
             else x2.new_ones(1, inc.core.shape[1])
             for inc in increments
         )
-        y = _ActivationLinear.apply(x2, weight, bias, scale, layout, masks, *factors)
+        y = _ActivationLinear.apply(x2, weight, bias, scale, layout, pointwise, masks, *factors)
     else:
-        y = _MergedLinear.apply(x2, weight, bias, scale, layout, *factors)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = _MergedLinear.apply(x2, weight, bias, scale, layout, pointwise, *factors)
+    return y if pointwise else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) -> Tensor:
+    """The base model's op with ``weight: (d_out, d_in)``: a linear, or a 1x1 convolution."""
+    if pointwise:
+        return F.conv2d(x, weight.reshape(*weight.shape, 1, 1), bias)
+    return F.linear(x, weight, bias)
+
+
+def _rows(x: Tensor, pointwise: bool) -> Tensor:
+    """``(N·H·W, C)`` rows of a pointwise conv's ``(N, C, H, W)`` tensor; 2-D tensors as they are."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1]) if pointwise else x
+
+
+def _unrows(rows: Tensor, ctx) -> Tensor:
+    """Inverse of `_rows` for the gradient of the input ``x`` saved in ``ctx``."""
+    if not ctx.pointwise:
+        return rows
+    shape = ctx.saved_tensors[0].shape
+    return rows.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 
 def _in_compute_dtype(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, factors: tuple[Tensor, ...]):
