@@ -16,7 +16,6 @@ ALS and usually do (random restarts while the error is above `EXACT`).
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ __all__ = ["compress", "group_increment", "rank_sweep"]
 
 EXACT = 1e-6  # ALS formats stop restarting once a decomposition's relative error is below this
 # (float32 weights put a rounding floor of about 1e-7 under W_ft - W_base)
-_PARAMETRIZED = re.compile(r"\.?parametrizations\.(\w+)\.original$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def compress(
             raise FactnetError(f"{option} must be an integer >= {least}, got {value!r}")
     if not isinstance(base, nn.Module):
         raise FactnetError(f"base must be the torch.nn.Module the adapter attaches to, got {type(base).__name__}")
-    base_state = _state(base, "base")  # read before decompose re-registers functional weights
+    base_state = _state(base, "base")
     finetuned_state = _state(finetuned, "finetuned")
     tensorizer = Tensorizer(base, targets, by=group)
     matrices = list(dict.fromkeys(s.matrix for s in tensorizer.slices))
@@ -263,8 +261,7 @@ def _state(source: nn.Module | Mapping[str, Tensor], what: str) -> dict[str, Ten
         if active is not None and not active.merged:
             raise FactnetError(f"{what} carries an active, unmerged factnet adapter ({active.name!r}), so its weights "
                                f"are not the fine-tuned ones; call {what}.factnet[{active.name!r}].merge() first")
-        state = {_PARAMETRIZED.sub(r".\1", key).lstrip("."): value for key, value in source.state_dict().items()}
-        return {key: value for key, value in state.items() if not key.startswith("factnet.")}
+        return {key: value for key, value in source.state_dict().items() if not key.startswith("factnet.")}
     if isinstance(source, Mapping):
         return dict(source)
     raise FactnetError(f"{what} must be a torch.nn.Module or a state dict (Mapping[str, Tensor]), "

@@ -24,14 +24,17 @@ Kind = Literal["linear", "conv1x1", "conv1d", "mha-in", "mha-out"]
 Side = Literal["out", "in", "none"]
 
 # Name segments that mark a module as outside the paper's targets: the task head, patch
-# embedding, stems and Swin's patch-merging reduction.
+# embedding, stems, Swin's patch-merging reduction, and the MLPs that generate position biases
+# (SwinV2's ``cpb_mlp``, Hugging Face's ``continuous_position_bias_mlp``, relative-position nets).
 DEFAULT_EXCLUDED_SEGMENTS = (
     "head", "head_*", "heads", "lm_head", "classifier", "patch_embed", "conv_proj", "stem",
     "downsample", "reduction", "pre_logits", "attn_pool",
+    "cpb*", "*position*", "rel_pos*", "*pos_bias*", "rpe*",
 )
+# A default target is not tiny: its shorter side is at least this fraction of the widest matrix's
+# shorter side (SwinV2 tiny's 512x2 and 3x512 bias MLPs against its 768-wide blocks).
+TINY_FRACTION = 1 / 16
 _FUSED_LABELS = {3: ("q", "k", "v"), 2: ("k", "v")}
-# Layers whose inference fast path reads their children's weights directly.
-_FUSED_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _FUSED_NAMES = re.compile(r"(^|.*\.)(qkv|kv|c_attn)$")
 
 
@@ -43,7 +46,6 @@ class Matrix:
     kind: Kind
     d_out: int
     d_in: int
-    functional: bool = False  # the parent reads the weight itself (MHA, fused Transformer layers)
 
     @property
     def cut(self) -> tuple[int, Side]:
@@ -114,13 +116,10 @@ def find_matrices(model: nn.Module) -> list[Matrix]:
                 out, inp = module.in_proj_weight.shape
                 found.append(Matrix(name, "mha-in", out, inp))
             out_name = f"{name}.out_proj" if name else "out_proj"
-            found.append(Matrix(out_name, "mha-out", *module.out_proj.weight.shape, functional=True))
+            found.append(Matrix(out_name, "mha-out", module.out_proj.out_features, module.out_proj.in_features))
             inside_mha.add(out_name)
         elif isinstance(module, nn.Linear):
-            parent = name.rpartition(".")[0]
-            functional = name.rpartition(".")[2] in ("linear1", "linear2") and isinstance(
-                model.get_submodule(parent), _FUSED_LAYERS)
-            found.append(Matrix(name, "linear", module.out_features, module.in_features, functional))
+            found.append(Matrix(name, "linear", module.out_features, module.in_features))
         elif _is_pointwise_conv(module):
             found.append(Matrix(name, "conv1x1", module.out_channels, module.in_channels))
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
@@ -138,15 +137,14 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
 
 
 def default_slices(model: nn.Module, matrices: Iterable[Matrix]) -> list[Slice]:
-    """The paper's targets: every matrix except the head, embeddings, stems and reductions."""
+    """The paper's targets: the attention and MLP matrices of the blocks. Excluded: the head, and any
+    matrix with a name segment in `DEFAULT_EXCLUDED_SEGMENTS` (embeddings, stems, reductions,
+    position-bias MLPs), and tiny ones (shorter side below `TINY_FRACTION` of the widest's)."""
     classifier = _classifier_name(model)
-    chosen = []
-    for matrix in matrices:
-        segments = matrix.name.split(".")
-        excluded = any(fnmatch.fnmatchcase(s, p) for s in segments for p in DEFAULT_EXCLUDED_SEGMENTS)
-        if not excluded and matrix.name != classifier:
-            chosen.extend(matrix.slices())
-    return chosen
+    candidates = [m for m in matrices if m.name != classifier and not any(
+        fnmatch.fnmatchcase(s, p) for s in m.name.split(".") for p in DEFAULT_EXCLUDED_SEGMENTS)]
+    widest = max((min(m.d_out, m.d_in) for m in candidates), default=0)
+    return [s for m in candidates if min(m.d_out, m.d_in) >= TINY_FRACTION * widest for s in m.slices()]
 
 
 def _classifier_name(model: nn.Module) -> str | None:

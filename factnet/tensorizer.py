@@ -127,7 +127,7 @@ class Tensorizer:
             by_matrix.setdefault(piece.module, []).append(piece)
         for module, pieces in by_matrix.items():
             matrix = pieces[0].matrix
-            labels = ",".join(p.label for p in pieces) if matrix.cut[0] > 1 else "whole"
+            labels = _labels(pieces) if matrix.cut[0] > 1 else "whole"
             groups = ",".join(dict.fromkeys(group_of[p] for p in pieces))
             rows.append((module, matrix.kind, f"{matrix.d_out}x{matrix.d_in}", labels, groups))
         widths = [max(len(r[c]) for r in rows) for c in range(5)]
@@ -135,3 +135,11 @@ class Tensorizer:
         summary = ", ".join(f"{g} {n}x{i}x{o}" for g, (n, i, o) in self.group_shapes().items())
         return "\n".join([f"Tensorizer({type(self.model).__name__}: {len(self.slices)} slices; groups: {summary})",
                           *lines])
+
+
+def _labels(pieces: list[Slice]) -> str:
+    """``q,k,v``; a long run of block indices as ``0..255 (256 blocks)``."""
+    labels = [p.label for p in pieces]
+    if len(labels) > 8 and labels == [str(p.index) for p in pieces]:
+        return f"{labels[0]}..{labels[-1]} ({len(labels)} blocks)"
+    return ",".join(labels)
