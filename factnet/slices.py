@@ -112,8 +112,9 @@ def find_matrices(model: nn.Module) -> list[Matrix]:
         if isinstance(module, AdaptedMatrix):
             found.append(module.matrix)
         elif isinstance(module, nn.MultiheadAttention):
-            if module._qkv_same_embed_dim and module.in_proj_weight is not None:
-                out, inp = module.in_proj_weight.shape
+            in_proj = module._parameters.get("in_proj_weight")  # the parameter, even once adapted
+            if module._qkv_same_embed_dim and in_proj is not None:
+                out, inp = in_proj.shape
                 found.append(Matrix(name, "mha-in", out, inp))
             out_name = f"{name}.out_proj" if name else "out_proj"
             found.append(Matrix(out_name, "mha-out", module.out_proj.out_features, module.out_proj.in_features))

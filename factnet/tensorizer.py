@@ -11,6 +11,7 @@ from torch import nn
 
 from factnet.adapter import Adapter, _key
 from factnet.adapter_set import AdapterSet
+from factnet.attach import base_weight
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
@@ -113,8 +114,7 @@ class Tensorizer:
 
     def _check_weights(self) -> None:
         for matrix in {s.matrix for s in self.slices}:
-            owner = self.model.get_submodule(matrix.name)
-            weight = owner.in_proj_weight if matrix.kind == "mha-in" else owner.weight
+            weight = base_weight(self.model, matrix)
             if not weight.is_floating_point():
                 raise FactnetError(f"{matrix.name} has {weight.dtype} weights; factnet adapts floating-point "
                                    "weights only (dequantize the model first)")
