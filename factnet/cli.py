@@ -30,7 +30,8 @@ from factnet.errors import FactnetError
 from factnet.export import export_lora
 from factnet.io import load, write_atomically
 from factnet.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
-from factnet.tensorizer import Tensorizer
+from factnet.formats import available_formats
+from factnet.tensorizer import Tensorizer, parse_budget
 
 __all__ = ["main"]
 
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", parents=[adapter], help="dry run: what an adapter would train")
     info.add_argument("model_name", metavar="MODEL", help="timm model name")
     info.add_argument("--rank", type=_positive_int, default=8, help="default 8")
+    info.add_argument("--budget", help="instead: for every format, the largest rank whose exact count fits this many "
+                                       "parameters ('10k') or bytes ('40KB')")
     info.add_argument("--num-classes", type=_positive_int, help="head size (default: the model's)")
     info.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...")
     info.set_defaults(handler=command_info)
@@ -243,6 +246,8 @@ def command_info(args: argparse.Namespace) -> int:
         options["num_classes"] = args.num_classes
     model = build_model(args.model_name, kwargs=options, meta=True)
     tensorizer = Tensorizer(model, targets=args.targets).group(args.group)
+    if args.budget is not None:
+        return _print_budget(tensorizer, args.budget)
     adapter = tensorizer.decompose(args.format, rank=args.rank)
     factors, head = adapter.num_parameters(), adapter.num_head_parameters()
     print(tensorizer)
@@ -254,6 +259,21 @@ def command_info(args: argparse.Namespace) -> int:
     print(f"head parameters: {head:,}")
     print(f"adapter bytes: {4 * (factors + head):,} (factors {4 * factors:,} + head {4 * head:,}; an estimate of the "
           "tensor bytes at 4 bytes a float32 parameter: the file adds a small header)")
+    return 0
+
+
+def _print_budget(tensorizer: Tensorizer, budget: str) -> int:
+    allowed = parse_budget(budget)
+    print(tensorizer)
+    print(f"\nbudget {budget}: {allowed:,} factor parameters (4 bytes each); grouped as above")
+    print(f"{'format':16} {'rank':>5} {'parameters':>12}")
+    for name in available_formats():
+        try:
+            rank = tensorizer.rank_for_budget(name, allowed)
+        except FactnetError:
+            print(f"{name:16} {'-':>5} {'none fits':>12} (rank 1 needs {tensorizer.num_parameters(name, 1):,})")
+            continue
+        print(f"{name:16} {rank:5d} {tensorizer.num_parameters(name, rank):12,}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from factnet.adapter import Adapter, _key
+from factnet.adapter import factor_dtype as _factor_dtype
 from factnet.adapter_set import AdapterSet
 from factnet.attach import base_weight
 from factnet.errors import FactnetError
@@ -56,11 +58,30 @@ class Tensorizer:
         fmt = get_format(format, rank)
         return sum(fmt.num_parameters(*shape) for shape in self.group_shapes().values())
 
+    def rank_for_budget(self, format: str, budget: int | str) -> int:
+        """The largest rank whose exact factor count (the format's `num_parameters`) fits ``budget``.
+
+        ``budget``: parameters (``10_000``, ``"10k"``, ``"1.5M"``) or bytes with a unit (``"40KB"``,
+        ``"40KiB"``; 4 bytes a float32 factor, 8 a float64 one). Every rank up to the format's limit
+        for these groups is tried, so a format need not count monotonically.
+        """
+        if isinstance(format, Format):
+            raise FactnetError("rank_for_budget takes a format name (it builds the format at each rank)")
+        limit = min(get_format(format, 1).max_rank(*shape) for shape in self.group_shapes().values())
+        itemsize = torch.empty((), dtype=_factor_dtype(self.model)).element_size()
+        allowed = parse_budget(budget, itemsize)
+        fitting = [r for r in range(1, limit + 1) if self.num_parameters(format, r) <= allowed]
+        if not fitting:
+            raise FactnetError(f"no rank of {format!r} fits a budget of {allowed:,} parameters here: rank 1 needs "
+                               f"{self.num_parameters(format, 1):,}; raise the budget or target fewer matrices")
+        return fitting[-1]
+
     def decompose(
         self,
         format: str | Format,
         rank: int | None = None,
         *,
+        budget: int | str | None = None,
         scale: float = 1.0,
         dropout: float = 0.0,
         train_head: bool = True,
@@ -71,12 +92,17 @@ class Tensorizer:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
         and return the `Adapter` holding its factors.
 
+        ``budget`` instead of ``rank`` picks the largest rank that fits (see `rank_for_budget`).
         ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
         (found automatically on timm models and for modules named head/classifier/fc); it stays
         trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
         ``name`` registers it in ``model.factnet`` (an `AdapterSet`) beside any adapters the model
         already has; the new one becomes the active one.
         """
+        if budget is not None:
+            if rank is not None:
+                raise FactnetError("pass rank= or budget=, not both")
+            rank = self.rank_for_budget(format, budget)
         fmt = get_format(format, rank)
         AdapterSet.check_addable(self.model, name)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -143,3 +169,26 @@ def _labels(pieces: list[Slice]) -> str:
     if len(labels) > 8 and labels == [str(p.index) for p in pieces]:
         return f"{labels[0]}..{labels[-1]} ({len(labels)} blocks)"
     return ",".join(labels)
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_BUDGET = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<prefix>[kmg]i?)?(?P<bytes>b)?\s*$", re.IGNORECASE)
+
+
+def parse_budget(budget: int | str, itemsize: int = 4) -> int:
+    """A budget as parameters: ``10_000`` or ``"10k"`` parameters, ``"40KB"`` / ``"40KiB"`` bytes at
+    ``itemsize`` bytes a parameter."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise FactnetError(f"budget must be a number of parameters or a string such as '10k' or '40KB', got {budget!r}")
+    if isinstance(budget, int):
+        count = budget
+    else:
+        parsed = _BUDGET.match(budget)
+        if parsed is None or (parsed["prefix"] or "").lower().endswith("i") and not parsed["bytes"]:
+            raise FactnetError(f"cannot read budget {budget!r}: use parameters ('10000', '10k', '1.5M') or bytes "
+                               "('40KB', '40KiB', '2MB')")
+        value = float(parsed["number"]) * _UNITS[(parsed["prefix"] or "").lower()]
+        count = int(value // itemsize) if parsed["bytes"] else int(value)
+    if count < 1:
+        raise FactnetError(f"budget {budget!r} allows no parameter at all")
+    return count

@@ -285,6 +285,17 @@ def test_info_with_targets_counts_lora_on_q_and_v(capsys) -> None:
     assert "trainable factor parameters: 294,912" in stdout and "head parameters: 7,690" in stdout
 
 
+def test_info_budget_prints_every_format_rank_and_exact_count(capsys) -> None:
+    status, stdout, err = run(["info", "vit_base_patch16_224", "--budget", "10k"], capsys)
+    assert status == 0, err
+    rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()[-len(factnet.available_formats()):]}
+    assert set(rows) == set(factnet.available_formats())
+    assert rows["tt"] == ["4", "8,448"]  # the paper's FacT-TT rank 4 on ViT-B
+    assert rows["batch-matrix"][:3] == ["-", "none", "fits"]
+    status, _, err = run(["info", "vit_base_patch16_224", "--budget", "lots"], capsys)
+    assert status != 0 and "cannot read budget" in err
+
+
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory) -> Path:
     """An adapter trained briefly on the toy task (its factors and head are no longer zero/initial)."""
