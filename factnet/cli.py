@@ -219,7 +219,7 @@ def command_train(args: argparse.Namespace) -> int:
 
         results = demo.run(args.out, format=args.format, rank=args.rank, scale=args.scale, seed=args.seed,
                            progress=args.progress)
-        print(json.dumps(results))
+        print(demo.summary(results, args.out, args.format))
         return 0
     settings = RunSettings.from_args(args)
     result = train_setting(settings, args.split, args.out, resume=args.resume, eval_every=args.eval_every)

@@ -155,9 +155,11 @@ def write_atomically(target: str, write: Callable[[str], None]) -> None:
     temp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
     os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode: 0o666 less the umask
     try:
-        write(temp)
+        mode = stat.S_IMODE(os.stat(temp).st_mode)
+        write(temp)  # may recreate the file with its own mode (safetensors writes 0600)
         with contextlib.suppress(FileNotFoundError):
-            os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        os.chmod(temp, mode)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, target)

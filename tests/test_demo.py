@@ -146,10 +146,10 @@ def test_short_run_learns_and_writes_its_files(tiny_backbone, tmp_path):
     d, n, r = TINY.embed_dim, 12 * TINY.depth, 2
     assert metrics["params"] == 2 * d * r + n * r * r
     assert metrics["head_params"] == d * 5 + 5
-    adapter_file = tmp_path / "out" / "adapter.factnet"
+    adapter_file = tmp_path / "out" / demo.ADAPTER_FILE
     assert metrics["bytes"] == adapter_file.stat().st_size
     assert metrics["bytes"] > metrics["bytes_without_head"] > 4 * metrics["params"]
-    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    record = json.loads((tmp_path / "out" / demo.METRICS_FILE).read_text())
     assert record["metrics"] == metrics and record["rank"] == 2 and record["format"] == "tt"
     assert all(isinstance(v, float) for v in metrics.values())
     # the saved file (factors and head) rebuilds the trained model on a fresh copy of the backbone
@@ -159,6 +159,24 @@ def test_short_run_learns_and_writes_its_files(tiny_backbone, tmp_path):
     with torch.no_grad():
         accuracy = 100 * (model.eval()(test.x).argmax(-1) == test.y).float().mean().item()
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+    # the summary a person reads names the files that exist, and the numbers of the metrics file
+    text = demo.summary(metrics, tmp_path / "out", "tt")
+    assert str(adapter_file) in text and str(tmp_path / "out" / demo.METRICS_FILE) in text
+    assert f"{metrics['test_accuracy']:.1f}% test accuracy" in text and f"{int(metrics['bytes']):,} bytes" in text
+    assert "FacT-TT (rank 2, scale 10)" in text and "factnet bench-table" in text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_honor_the_umask(tiny_backbone, tmp_path, umask):
+    import os
+
+    before = os.umask(umask)
+    try:
+        demo.run(tmp_path, format="tt", rank=2, progress=False, config=replace(SMALL, epochs=1, warmup_epochs=0))
+    finally:
+        os.umask(before)
+    for name in (demo.ADAPTER_FILE, demo.METRICS_FILE):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 @pytest.mark.parametrize("fmt", sorted(set(factnet.available_formats()) & {"tt", "tucker", "cp", "batch-matrix",
@@ -168,7 +186,7 @@ def test_run_takes_every_builtin_format_with_defaults(tiny_backbone, tmp_path, f
     rank = demo.DEFAULTS.get(fmt, (4, 10.0))[0]
     fresh = downstream_model(tiny_backbone, 5, 0.0)
     assert metrics["params"] == factnet.Tensorizer(fresh).num_parameters(fmt, rank)
-    assert json.loads((tmp_path / "metrics.json").read_text())["rank"] == rank
+    assert json.loads((tmp_path / demo.METRICS_FILE).read_text())["rank"] == rank == metrics["rank"]
 
 
 def test_run_restores_torch_threads(cache, tmp_path):

@@ -22,9 +22,13 @@ from factnet.demo.backbone import PretrainConfig, pretrained_backbone
 from factnet.demo.data import DataConfig, load_splits
 from factnet.demo.methods import Method, adapt
 from factnet.demo.train import threads
+from factnet.io import write_atomically
 from factnet.recipe import Recipe
 
-__all__ = ["DEFAULTS", "DataConfig", "DemoConfig", "PretrainConfig", "bench_table", "run"]
+__all__ = ["ADAPTER_FILE", "DEFAULTS", "METRICS_FILE", "DataConfig", "DemoConfig", "PretrainConfig", "bench_table",
+           "run", "summary"]
+
+ADAPTER_FILE, METRICS_FILE = "adapter.safetensors", "metrics.json"
 
 # Rank and scale of run() when not given. tt and tucker: the choice of bench_table's validation
 # sweep (within a tenth of LoRA's parameters); other formats: a middle setting, not tuned.
@@ -74,7 +78,7 @@ class DemoConfig:
 def run(out_dir: Path, *, format: str = "tt", rank: int | None = None, scale: float | None = None, seed: int = 0,
         progress: bool = True, config: DemoConfig | None = None) -> dict[str, float]:
     """Pretrain (or load the cached) backbone, adapt it with FacT in ``format`` to the digits 5–9,
-    write ``adapter.factnet`` (factors and head) and ``metrics.json`` to ``out_dir``; the metrics.
+    write ``adapter.safetensors`` (factors and head) and ``metrics.json`` to ``out_dir``; the metrics.
 
     Accuracies are in percent: ``test_accuracy`` on the held-out test split (never used to
     choose anything), ``val_accuracy`` on the validation split.
@@ -90,10 +94,12 @@ def run(out_dir: Path, *, format: str = "tt", rank: int | None = None, scale: fl
         splits = load_splits(config.pretrain.data)
         backbone = pretrained_backbone(config.pretrain, progress=progress, splits=splits)
         method = Method("fact", config.lr, format, rank, float(scale))
-        path = out_dir / "adapter.factnet"
+        path = out_dir / ADAPTER_FILE
         result, _, _ = adapt(backbone, method, splits, config.recipe(), seed=seed, augment=config.augment,
                              progress=progress, leave=True, save_to=path)
     metrics = {
+        "rank": float(rank),
+        "scale": float(scale),
         "test_accuracy": result.test_accuracy,
         "val_accuracy": result.val_accuracy,
         "params": float(result.params),
@@ -112,8 +118,28 @@ def run(out_dir: Path, *, format: str = "tt", rank: int | None = None, scale: fl
     record = {"task": "digits 5-9 (sklearn load_digits), backbone pretrained on digits 0-4",
               "format": format, "rank": rank, "scale": scale, "seed": seed, "adapter": str(path),
               "backbone": str(backbone.path), "config": asdict(config), "metrics": metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomically(str(out_dir / METRICS_FILE), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
     return metrics
+
+
+def summary(metrics: dict[str, float], out_dir: Path, format: str) -> str:
+    """What `run` did, in a few sentences for a person (the numbers are in ``metrics.json``)."""
+    name = {"tt": "FacT-TT", "tucker": "FacT-TK"}.get(format, f"FacT ({format})")
+    out_dir = Path(out_dir)
+    pretrained = ("loaded the cached backbone" if metrics["backbone_cached"]
+                  else f"pretrained the backbone in {metrics['pretrain_seconds']:.0f} s (cached for next time)")
+    return (
+        f"Adapted a small ViT, pretrained on the digits 0-4, to telling apart the digits 5-9 with {name} "
+        f"(rank {int(metrics['rank'])}, scale {metrics['scale']:g}): {metrics['test_accuracy']:.1f}% test accuracy "
+        f"({metrics['val_accuracy']:.1f}% on validation).\n"
+        f"It trained {int(metrics['params']):,} factor parameters and a new {int(metrics['head_params']):,}-parameter "
+        f"head; the adapter file is {int(metrics['bytes']):,} bytes ({int(metrics['bytes_without_head']):,} without "
+        f"the head). It {pretrained} and took {metrics['seconds']:.0f} s in all.\n"
+        f"Wrote {out_dir / ADAPTER_FILE} and {out_dir / METRICS_FILE}.\n"
+        "Next: `factnet bench-table` compares it with linear probing, full fine-tuning and LoRA; "
+        "`factnet train --data DIR --model M --checkpoint FILE` adapts your own model to your data."
+    )
 
 
 def bench_table(seeds: int = 3, progress: bool = True, config: DemoConfig | None = None) -> str:

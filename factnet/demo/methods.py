@@ -140,7 +140,7 @@ def _prepare(model: nn.Module, method: Method, recipe: Recipe, seed: int):
 
         def measure() -> int:
             with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "adapter.factnet"
+                path = Path(folder) / "adapter.safetensors"
                 adapter.save(str(path), include_head=False)
                 return path.stat().st_size
 
