@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,9 @@ from factnet.errors import FactnetError
 from factnet.formats import Format, NormalForm
 from factnet.kernel import Increment, delta_weight
 from factnet.slices import Matrix, Slice
+
+if TYPE_CHECKING:
+    import tltorch
 
 __all__ = ["Adapter", "GroupFactors"]
 
@@ -57,6 +61,29 @@ class GroupFactors(nn.Module):
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) leave the cached normal forms behind: they may hold a graph."""
         return {**self.__dict__, "_cache": {}}
+
+    def to_tltorch(self) -> tltorch.FactorizedTensor:
+        """The factors as the matching tltorch factorized tensor (TT, Tucker, CP; batch-matrix as the CP
+        of its `to_tensorly`), modes as the format's `to_tensorly` orders them (FacT-TT: ``(d_in, n,
+        d_out)``), e.g. to build tltorch factorized layers from a trained increment. A detached copy.
+        Formats tltorch has no class for (tensor-ring) are an error."""
+        import tltorch
+        from tensorly.cp_tensor import CPTensor
+        from tensorly.tt_tensor import TTTensor
+        from tensorly.tucker_tensor import TuckerTensor
+
+        try:
+            found = self.format.to_tensorly({n: p.detach().clone() for n, p in self.factors.items()})
+        except NotImplementedError:
+            found = None
+        if isinstance(found, TTTensor):
+            return tltorch.TTTensor(list(found))
+        if isinstance(found, TuckerTensor):
+            return tltorch.TuckerTensor(found.core, list(found.factors))
+        if isinstance(found, CPTensor):
+            return tltorch.CPTensor(found.weights, list(found.factors))
+        raise FactnetError(f"tltorch has no factorized tensor for format {self.format.name!r} "
+                           f"({type(found).__name__ if found is not None else 'no to_tensorly'}); use reconstruct()")
 
     def reconstruct(self) -> Tensor:
         """Dense ``ΔW: (n, d_in, d_out)`` (without the scale)."""
