@@ -48,6 +48,8 @@ class AdapterSet(nn.Module):
         self._head_init: dict[str, Tensor] = {}  # a head's values before any adapter trained it
         self._attached: dict[str, Matrix] = {}
         self._verified: set[str] = set()  # matrices the first-forward guard has seen take part
+        self._readers: dict[str, tuple[set[str], tuple]] = {}  # module -> (matrices it may read, its hooks)
+        self._inside: list[int] = []  # reader modules whose forward is running
         self._watch: WeightWatch | None = None
         for param in model.parameters():
             param.requires_grad_(False)
@@ -119,6 +121,7 @@ class AdapterSet(nn.Module):
             if matrix.name not in self._attached:
                 sites.attach(self.model, matrix, self)
                 self._attached[matrix.name] = matrix
+                self._watch_readers(matrix)
         self._switch(name)
 
     def activate(self, name: str | None) -> Adapter | None:
@@ -146,6 +149,7 @@ class AdapterSet(nn.Module):
         adapter.__dict__["model"] = None
         used = {m for other in self.adapters.values() for m in other.matrices}
         for matrix_name in [m for m in self._attached if m not in used]:
+            self._unwatch_readers(self._attached[matrix_name])
             sites.detach(model, self._attached.pop(matrix_name))
         if not self.adapters:
             for hook in self._hooks:
@@ -176,6 +180,38 @@ class AdapterSet(nn.Module):
             return value
         trainable = [p for p in adapter.parameters() if p.requires_grad]
         return _NoTrainingWhileMerged.apply(value, adapter.name, trainable[0]) if trainable else value
+
+    @property
+    def reading(self) -> bool:
+        """Whether a module that may read adapted weights as attributes is in its forward: only then
+        does ``module.weight`` read as ``W + s·ΔW`` (elsewhere, as for FSDP or ``get_parameter``, it
+        is the parameter)."""
+        return bool(self._inside)
+
+    def _watch_readers(self, matrix: Matrix) -> None:
+        for name in sites.readers(matrix):
+            if name not in self._readers:
+                module = self.model.get_submodule(name)
+                hooks = (module.register_forward_pre_hook(self._enter),
+                         module.register_forward_hook(self._leave, always_call=True))
+                self._readers[name] = (set(), hooks)
+            self._readers[name][0].add(matrix.name)
+
+    def _unwatch_readers(self, matrix: Matrix) -> None:
+        for name in sites.readers(matrix):
+            matrices, hooks = self._readers[name]
+            matrices.discard(matrix.name)
+            if not matrices:
+                for hook in hooks:
+                    hook.remove()
+                del self._readers[name]
+
+    def _enter(self, module: nn.Module, *_: object) -> None:
+        self._inside.append(id(module))
+
+    def _leave(self, module: nn.Module, *_: object) -> None:
+        if self._inside and self._inside[-1] == id(module):
+            self._inside.pop()
 
     def applied(self, matrix: str) -> None:
         """An attached matrix applied its increments (seen by the first-forward guard)."""

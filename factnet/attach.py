@@ -27,13 +27,14 @@ from torch import Tensor, nn
 from factnet.kernel import Increment, adapted_linear, effective_weight
 from factnet.slices import Matrix
 
-__all__ = ["AdaptedMatrix", "attach", "base_weight", "detach", "weight_view"]
+__all__ = ["AdaptedMatrix", "attach", "base_weight", "detach", "readers", "weight_view"]
 
 
 class Source(Protocol):
     """What an attached matrix asks for its increments (`factnet.adapter_set.AdapterSet`)."""
 
     settings: Any  # scale, dropout, path of the increments returned
+    reading: bool  # whether a module that may read adapted weights is running its forward (see `readers`)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments to apply now for ``weight``; ``[]`` when none acts."""
@@ -54,6 +55,8 @@ class _Effective:
         self._cached: tuple[tuple, Tensor] | None = None
 
     def __call__(self, weight: Tensor) -> Tensor:
+        if not self.source.reading:
+            return weight  # outside the forward of its readers: the parameter itself
         linear = to_linear(self.matrix, weight)
         increments = self.source.increments(self.matrix.name, linear)
         if not increments:
@@ -156,6 +159,14 @@ def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:
         return model.get_submodule(matrix.name), "in_proj_weight"
     parent, _, child = matrix.name.rpartition(".")
     return model.get_submodule(parent), child
+
+
+def readers(matrix: Matrix) -> list[str]:
+    """Modules whose forward may read ``matrix``'s weight attribute: the module holding it and each
+    module above, up to (not including) the model itself (whose hooks others, e.g. FSDP, share)."""
+    owner = matrix.name if matrix.kind == "mha-in" else matrix.name.rpartition(".")[0]
+    parts = owner.split(".") if owner else []
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
 
 
 def base_weight(model: nn.Module, matrix: Matrix) -> Tensor:

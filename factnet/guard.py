@@ -52,8 +52,9 @@ class WeightWatch(TorchFunctionMode):
             raise FactnetError(
                 f"{len(skipped)} adapted matrices had their weight used in the forward without their increment: "
                 f"{_names(skipped)}. The model reads them by a way factnet does not see (a weight cached before "
-                "decompose, module._parameters, a fused kernel), so training would not reach them and merge() "
-                "would change the model. Leave them out of targets=, or read the weight as module.weight")
+                "decompose, module._parameters, a read by the model's own forward rather than a submodule's), so "
+                "training would not reach them and merge() would change the model. Leave them out of targets=, "
+                "read them as module.weight inside a submodule's forward, or wrap the model in a container module")
         unused = sorted(set(self.weights.values()) - self.seen - self.applied)
         if unused:
             warnings.warn(f"{len(unused)} adapted matrices took no part in the first forward, so their increments get "

@@ -113,7 +113,7 @@ def _add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int) -> None:
     if p_t.shape[0] == 1:
         out.view(r.shape[0] * m, -1).addmm_(r.reshape(r.shape[0] * m, -1), p_t[0])
     else:
-        out += _times(r, p_t, m)
+        out += _times(r, p_t, m).view_as(out)
 
 
 def _outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
@@ -141,10 +141,11 @@ class _MergedLinear(torch.autograd.Function):
     """``y = x (W + s·Σ ΔW)ᵀ + bias`` with factor gradients from thin projections."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, layout, pointwise, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, *factors):  # type: ignore[override]
         x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
         with _no_autocast(x):
-            y = _base_op(x, effective_weight(weight, _unflatten(layout, factors), scale), bias, pointwise)
+            merged = effective_weight(weight, _unflatten(layout, factors), scale)
+            y = _base_op(x, _like_trained(merged, as_trained), bias, pointwise)
         ctx.save_for_backward(x, weight, *factors)
         ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
         return y
@@ -169,7 +170,7 @@ class _MergedLinear(torch.autograd.Function):
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
         grad_x = _unrows(grad_x, ctx) if grad_x is not None else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None,
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None,
                 *_factor_dtypes(ctx, grad_factors))
 
 
@@ -181,19 +182,21 @@ class _ActivationLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, layout, pointwise, masks, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, masks, *factors):  # type: ignore[override]
         x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
         saved = []
         with _no_autocast(x):
-            y = _base_op(x, weight, bias, pointwise)
+            y = _base_op(x, _like_trained(weight, as_trained), bias, pointwise)
             rows = _rows(x, pointwise)
             for inc, mask in zip(_unflatten(layout, factors), masks):
                 u = _times_t(rows, inc.a_t, inc.m_in)
                 hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
                 if pointwise:
                     y += _times(hidden, inc.b_t, inc.m_out).reshape(*x.shape[:1], *x.shape[2:], -1).movedim(-1, 1)
-                else:
+                elif y.is_contiguous():
                     _add_times(y, hidden, inc.b_t, inc.m_out)
+                else:
+                    y += _times(hidden, inc.b_t, inc.m_out).view(y.shape)
                 saved += [u, hidden]
         ctx.save_for_backward(x, weight, *factors, *masks, *saved)
         ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
@@ -219,7 +222,7 @@ class _ActivationLinear(torch.autograd.Function):
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
         grad_x = _unrows(grad_x, ctx) if grad_x is not None else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None,
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None, None,
                 *_factor_dtypes(ctx, grad_factors))
 
 
@@ -235,29 +238,28 @@ def adapted_linear(
 ) -> Tensor:
     """``x: (..., d_in) → (..., d_out)``: the frozen layer plus ``s·ΔW`` of each increment.
 
-    ``pointwise``: ``x: (N, d_in, H, W)`` through a 1x1 convolution (the base model's own op, so a
-    zero increment gives its output bit for bit). Factor-space ``dropout`` (active when > 0) needs
+    The frozen layer runs the base model's own op on ``x`` as it comes (a linear on ``(..., d_in)``,
+    contiguous or not; with ``pointwise``, a 1x1 convolution on ``x: (N, d_in, H, W)``), so a zero
+    increment gives the base model's output bit for bit. Factor-space ``dropout`` (active when > 0) needs
     the activation-side path; otherwise the merged-weight path runs (one GEMM forward, thin
     products backward). ``path`` forces ``"activation"`` or ``"merged"`` (the latter only without
     dropout), for benchmarks.
     """
     if not increments:
         return _base_op(x, weight, bias, pointwise)
-    x2 = x if pointwise else x.reshape(-1, x.shape[-1])
-    rows = x.numel() // x.shape[1] if pointwise else x2.shape[0]
+    rows = x.numel() // (x.shape[1] if pointwise else x.shape[-1])
     layout = tuple((inc.m_in, inc.m_out) for inc in increments)
     factors = [t for inc in increments for t in inc.tensors()]
+    as_trained = torch.is_grad_enabled() and any(t.requires_grad for t in factors)
     if dropout > 0 or path == "activation":
         keep = 1.0 - dropout
         masks = tuple(
-            x2.new_empty(rows, inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
-            else x2.new_ones(1, inc.core.shape[1])
+            x.new_empty(rows, inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
+            else x.new_ones(1, inc.core.shape[1])
             for inc in increments
         )
-        y = _ActivationLinear.apply(x2, weight, bias, scale, layout, pointwise, masks, *factors)
-    else:
-        y = _MergedLinear.apply(x2, weight, bias, scale, layout, pointwise, *factors)
-    return y if pointwise else y.reshape(*x.shape[:-1], y.shape[-1])
+        return _ActivationLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, masks, *factors)
+    return _MergedLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, *factors)
 
 
 def _base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) -> Tensor:
@@ -267,16 +269,24 @@ def _base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) ->
     return F.linear(x, weight, bias)
 
 
+def _like_trained(weight: Tensor, as_trained: bool) -> Tensor:
+    """``weight``, flagged as requiring grad when the weight it stands for (``W + s·ΔW`` of trainable
+    factors) would: torch picks the GEMM path by that flag (a non-contiguous 3-D input is folded into
+    one mm only for such a weight), and the base model's path is the one to take, bit for bit."""
+    return weight.detach().requires_grad_() if as_trained and weight.is_floating_point() else weight
+
+
 def _rows(x: Tensor, pointwise: bool) -> Tensor:
-    """``(N·H·W, C)`` rows of a pointwise conv's ``(N, C, H, W)`` tensor; 2-D tensors as they are."""
-    return x.movedim(1, -1).reshape(-1, x.shape[1]) if pointwise else x
+    """The ``(N, d)`` rows of an input or output: ``(..., d)`` flattened, or a pointwise conv's
+    ``(B, d, H, W)`` as ``(B·H·W, d)``."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1]) if pointwise else x.reshape(-1, x.shape[-1])
 
 
 def _unrows(rows: Tensor, ctx) -> Tensor:
     """Inverse of `_rows` for the gradient of the input ``x`` saved in ``ctx``."""
-    if not ctx.pointwise:
-        return rows
     shape = ctx.saved_tensors[0].shape
+    if not ctx.pointwise:
+        return rows.reshape(shape)
     return rows.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 

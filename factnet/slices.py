@@ -24,12 +24,13 @@ Kind = Literal["linear", "conv1x1", "conv1d", "mha-in", "mha-out"]
 Side = Literal["out", "in", "none"]
 
 # Name segments that mark a module as outside the paper's targets: the task head, patch
-# embedding, stems, Swin's patch-merging reduction, and the MLPs that generate position biases
-# (SwinV2's ``cpb_mlp``, Hugging Face's ``continuous_position_bias_mlp``, relative-position nets).
+# embedding, stems, Swin's patch-merging reduction, and the nets that generate position biases or
+# encodings (SwinV2's ``cpb_mlp``, Hugging Face's ``continuous_position_bias_mlp``, XCiT's
+# ``pos_embed.token_projection``, relative-position nets).
 DEFAULT_EXCLUDED_SEGMENTS = (
     "head", "head_*", "heads", "lm_head", "classifier", "patch_embed", "conv_proj", "stem",
     "downsample", "reduction", "pre_logits", "attn_pool",
-    "cpb*", "*position*", "rel_pos*", "*pos_bias*", "rpe*",
+    "cpb*", "*position*", "rel_pos*", "*pos_bias*", "rpe*", "pos_embed*", "*pos_enc*",
 )
 # A default target is not tiny: its shorter side is at least this fraction of the widest matrix's
 # shorter side (SwinV2 tiny's 512x2 and 3x512 bias MLPs against its 768-wide blocks).
@@ -141,22 +142,25 @@ def default_slices(model: nn.Module, matrices: Iterable[Matrix]) -> list[Slice]:
     """The paper's targets: the attention and MLP matrices of the blocks. Excluded: the head, and any
     matrix with a name segment in `DEFAULT_EXCLUDED_SEGMENTS` (embeddings, stems, reductions,
     position-bias MLPs), and tiny ones (shorter side below `TINY_FRACTION` of the widest's)."""
-    classifier = _classifier_name(model)
-    candidates = [m for m in matrices if m.name != classifier and not any(
+    classifiers = classifier_names(model)
+    candidates = [m for m in matrices if m.name not in classifiers and not any(
         fnmatch.fnmatchcase(s, p) for s in m.name.split(".") for p in DEFAULT_EXCLUDED_SEGMENTS)]
     widest = max((min(m.d_out, m.d_in) for m in candidates), default=0)
     return [s for m in candidates if min(m.d_out, m.d_in) >= TINY_FRACTION * widest for s in m.slices()]
 
 
-def _classifier_name(model: nn.Module) -> str | None:
+def classifier_names(model: nn.Module) -> list[str]:
+    """The module names of the model's classifier(s) by timm's ``get_classifier()`` (DeiT-distilled
+    has two: ``head`` and ``head_dist``); ``[]`` when the model does not say."""
     get_classifier = getattr(model, "get_classifier", None)
     if not callable(get_classifier):
-        return None
+        return []
     try:
-        head = get_classifier()
+        heads = get_classifier()
     except (AttributeError, NotImplementedError, TypeError):
-        return None
-    return next((name for name, module in model.named_modules() if module is head), None)
+        return []
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    return [name for name, module in model.named_modules() if name and any(module is h for h in heads)]
 
 
 _PATTERN = re.compile(r"^(?P<glob>[^\[\]]+)(\[(?P<select>[^\[\]]*)\])?$")

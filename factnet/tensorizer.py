@@ -17,7 +17,7 @@ from factnet.attach import base_weight
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
-from factnet.slices import Slice, _classifier_name, select_slices
+from factnet.slices import Slice, classifier_names, select_slices
 
 __all__ = ["Tensorizer"]
 
@@ -133,9 +133,9 @@ class Tensorizer:
             if unknown:
                 raise FactnetError(f"head {unknown} is not a submodule of the model")
             return names
-        classifier = _classifier_name(self.model)
-        if classifier:
-            return [classifier]
+        classifiers = classifier_names(self.model)
+        if classifiers:
+            return classifiers
         return [n for n in _HEAD_NAMES if n in modules and any(True for _ in modules[n].parameters())][:1]
 
     def _check_weights(self) -> None:

@@ -48,6 +48,17 @@ class FunctionalBlock(nn.Module):
         return self.head(x)
 
 
+class Wrapped(nn.Module):
+    """A model around its blocks (reads by a submodule's forward see W + s·ΔW; the root's own do not)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
 class CachedWeight(nn.Module):
     """Uses a weight by a channel factnet cannot see: a tensor cached before `decompose`."""
 
@@ -78,10 +89,11 @@ def _x(*shape, seed=0):
 @pytest.mark.parametrize("fmt", ["tt", "tucker", "batch-matrix"])
 def test_weights_read_by_the_parent_get_their_increment_and_exact_gradients(fmt):
     torch.manual_seed(0)
-    model = FunctionalBlock().double()
+    model = Wrapped(FunctionalBlock()).double()
     base = copy.deepcopy(model)
     x = _x(5, 6)
-    adapter = factnet.Tensorizer(model, ["qkv", "proj", "fc1", "fc2"]).decompose(fmt, rank=2, scale=1.5, seed=0)
+    adapter = factnet.Tensorizer(model, ["block.qkv", "block.proj", "block.fc1", "block.fc2"]).decompose(
+        fmt, rank=2, scale=1.5, seed=0)
     assert torch.equal(model(x), base(x))
     randomize_factors(adapter, std=0.4)
     y = model(x)
@@ -100,8 +112,8 @@ def test_weights_read_by_the_parent_get_their_increment_and_exact_gradients(fmt)
 
 def test_only_functional_reads_still_train():
     """EVA-02 with targets=["blocks.*.attn.qkv"] gave every factor a None gradient before."""
-    model = FunctionalBlock().double()
-    adapter = factnet.Tensorizer(model, ["qkv"]).decompose("tt", rank=2, seed=0, train_head=False)
+    model = Wrapped(FunctionalBlock()).double()
+    adapter = factnet.Tensorizer(model, ["block.qkv"]).decompose("tt", rank=2, seed=0, train_head=False)
     model(_x(5, 6)).sum().backward()
     grads = {name: p.grad for name, p in adapter.named_parameters()}
     assert all(g is not None for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
@@ -118,6 +130,16 @@ def test_a_weight_used_by_an_unseen_channel_is_an_error_naming_it():
     fresh = CachedWeight().double()
     factnet.Tensorizer(fresh, ["other"]).decompose("tt", rank=2)
     fresh(_x(3, 6)).sum().backward()
+
+
+def test_a_read_by_the_models_own_forward_is_an_error_and_outside_forward_weight_is_the_parameter():
+    model = FunctionalBlock().double()  # the root itself reads qkv.weight and proj.weight
+    adapter = factnet.Tensorizer(model, ["qkv", "proj"]).decompose("tt", rank=2, seed=0)
+    with pytest.raises(FactnetError, match=r"proj, qkv.*model's own forward"):
+        model(_x(5, 6))
+    # outside any forward, module.weight is the parameter: get_parameter, FSDP2 and inspection see it
+    assert model.get_parameter("qkv.weight") is model.qkv.weight is dict(model.named_parameters())["qkv.weight"]
+    assert isinstance(model.qkv.weight, nn.Parameter) and adapter.num_parameters() > 0
 
 
 def test_a_weight_read_through_parameters_dict_is_caught():
@@ -181,7 +203,7 @@ def _bitwise_cases():
         "linear": (tiny_vit, lambda: (torch.randn(2, 3, 32, 32),)),
         "conv1d": (TinyGPT2, lambda: (torch.randint(0, 11, (2, 6)),)),
         "mha": (tiny_transformer_encoder, lambda: (torch.randn(2, 5, 16),)),
-        "functional": (FunctionalBlock, lambda: (torch.randn(5, 6),)),
+        "functional": (lambda: Wrapped(FunctionalBlock()), lambda: (torch.randn(5, 6),)),
     }
 
 

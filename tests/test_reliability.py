@@ -389,8 +389,7 @@ def test_merge_unmerge_100_cycles_without_drift():
     adapter = factnet.Tensorizer(model).decompose("tt", rank=4, scale=1.0)
     randomize_factors(adapter, std=0.17)
     names = list(adapter.matrices)
-    stored = dict(model.named_parameters())  # the parameters (module.weight reads as W + s·ΔW)
-    weights = {n: stored[f"{n}.weight"] for n in names}
+    weights = {n: model.get_submodule(n).weight for n in names}
     original = {n: w.detach().clone() for n, w in weights.items()}
     deltas = {n: adapter.delta_weight(n) for n in names}
     ratios = [(torch.linalg.norm(deltas[n]) / torch.linalg.norm(original[n])).item() for n in names]
