@@ -2,10 +2,10 @@
 
 Every builder makes a real architecture (timm, Hugging Face transformers, torchvision, torch) from
 a tiny config; nothing is downloaded. `prototype` returns a family's model in float64 with every
-dropout, drop-path and layer-drop probability set to 0 (so train mode is deterministic) and
-`revive`d: random init hides matrices behind constant parameters (zero-init norms, layer scales of
-1e-6, zero heads, all-ones gammas), which `revive` replaces with random values of order 1, so
-every matrix shows in the output.
+dropout, drop-path and layer-drop probability set to 0 (so train mode is deterministic), batch-norm
+statistics frozen (momentum 0), and `revive`d: random init hides matrices behind constant
+parameters (zero-init norms, layer scales of 1e-6, zero heads, all-ones gammas), which `revive`
+replaces with random values of order 1, so every matrix shows in the output.
 
 Used by ``tests/test_zoo.py`` and ``benchmarks/zoo_table.py`` (which puts this folder on sys.path).
 """
@@ -16,7 +16,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,7 +35,6 @@ class Family:
     kinds: frozenset[str]
     targets: list[str] | None = None  # None: factnet's default targets
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -220,8 +219,8 @@ FAMILIES: dict[str, Family] = {
                                       embed_dim=24, num_heads=4, drop_path_rate=0.0), _images(32), LINEAR,
                         notes="talking-heads proj_l/proj_w (4x4), class-attention blocks"),
     "timm-xcit": Family("timm", _timm("xcit_nano_12_p16_224", img_size=32, patch_size=16, depth=2, cls_attn_layers=1,
-                                      embed_dim=24, num_heads=2, drop_path_rate=0.0), _images(32),
-                        _kinds("linear", "conv1x1")),
+                                      embed_dim=24, num_heads=2, drop_path_rate=0.0), _images(32), LINEAR,
+                        notes="pos_embed.token_projection (a 1x1 conv) is a position encoding: not a default"),
     "timm-maxvit": Family("timm", _maxvit, _images(32), _kinds("linear", "conv1x1")),
     "timm-poolformer": Family("timm", _poolformer, _images(32), _kinds("conv1x1")),
     "timm-nest": Family("timm", _nest, _images(32), LINEAR),
@@ -260,8 +259,12 @@ FAMILIES: dict[str, Family] = {
 
 # ---- making a model ready ------------------------------------------------------------------------
 def no_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout, drop-path, stochastic-depth and layer-drop probability set to 0, in place."""
+    """Every dropout, drop-path, stochastic-depth and layer-drop probability set to 0, and every
+    batch norm's momentum to 0 (train-mode forwards leave its running statistics as they are, so
+    eval-mode outputs do not depend on how many train-mode forwards ran before), in place."""
     for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
         if type(module).__name__ == "StochasticDepth":  # torchvision
