@@ -244,6 +244,7 @@ class Adapter(nn.Module):
         a diverged adapter cannot corrupt the model. Only the active adapter merges.
         """
         self._check_attached()
+        self._check_unsharded("merge")
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
         if not self.active:
@@ -286,6 +287,13 @@ class Adapter(nn.Module):
         """
         self._check_attached()
         return self._set.delete(self.name, keep_merged)
+
+    def _check_unsharded(self, action: str) -> None:
+        tensors = [*self.parameters(), *(sites.base_weight(self.model, m) for m in self.matrices.values())]
+        if any(callable(getattr(t, "full_tensor", None)) for t in tensors):
+            raise FactnetError(f"cannot {action} a sharded model (FSDP2's DTensors): the weights live on several "
+                               "ranks. Save the adapter (adapter.save(path) on every rank gathers the factors), "
+                               "then factnet.load it into an unsharded copy of the base model and merge there")
 
     @property
     def _set(self) -> AdapterSet:

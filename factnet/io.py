@@ -123,6 +123,9 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
 def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True) -> None:
     """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
 
+    From a model sharded with FSDP2 (``fully_shard``), call it on every rank: the full factors are
+    gathered and rank 0 writes the one file.
+
     Holds the factors and, unless ``include_head=False``, the parameters of the trainable head;
     the size is the tensors' bytes (4 per float32 parameter) plus the JSON header (15 KiB for ViT-B).
     """
@@ -136,13 +139,30 @@ def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = Tr
     model = getattr(adapter, "model", None)
     if model is None:
         raise FactnetError("adapter was detached, so the model it fits is no longer known; save before detach()")
-    tensors = {f"factors.{name}.{factor}": value.detach().cpu().contiguous()
+    tensors = {f"factors.{name}.{factor}": value
                for name in adapter.group_names for factor, value in adapter.group(name).factors.items()}
     head = adapter.head_state() if include_head else {}  # an inactive adapter keeps its head values apart
-    tensors.update({f"head.{name}": value.detach().cpu().contiguous() for name, value in head.items()})
+    tensors.update({f"head.{name}": value for name, value in head.items()})
+    sharded = any(_is_sharded(t) for t in tensors.values())
+    tensors = {key: _full(value).detach().cpu().contiguous() for key, value in tensors.items()}
+    if sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
+        torch.distributed.barrier()
+        return
     text = json.dumps(_spec(adapter, list(head)), separators=(",", ":"), allow_nan=False)
     metadata = {SPEC_KEY: text, CHECKSUM_KEY: _checksum(text, tensors)}
     write_atomically(target, lambda temp: save_file(tensors, temp, metadata=metadata))
+    if sharded:
+        torch.distributed.barrier()  # the file exists for every rank once save returns
+
+
+def _is_sharded(tensor: Tensor) -> bool:
+    """A DTensor (FSDP2's ``fully_shard`` makes the parameters ones)."""
+    return callable(getattr(tensor, "full_tensor", None))
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else the tensor."""
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
 
 
 def write_atomically(target: str, write: Callable[[str], None]) -> None:
