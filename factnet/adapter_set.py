@@ -166,9 +166,7 @@ class AdapterSet(nn.Module):
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight``: the active adapter's, none when disabled or merged."""
         adapter = self.active_adapter
-        if adapter is None or not self._enabled or matrix not in adapter.placements:
-            return []
-        if adapter.merged:
+        if adapter is None or not self._enabled or adapter.merged or matrix not in adapter.placements:
             return []
         return adapter.increments(matrix, weight)
 

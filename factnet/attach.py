@@ -8,8 +8,10 @@ A targeted weight reaches the forward in one of two ways, and both see ``W + s·
   increment is zero, so exact at init bit for bit);
 - **a read of the attribute by someone else** (``F.linear(x, self.qkv.weight)`` in BEiT, EVA and
   SwinV2, torchvision's Swin, ``nn.MultiheadAttention``'s ``out_proj`` and ``in_proj_weight``,
-  fused inference paths): ``module.weight`` returns the effective weight ``W + s·ΔW``, built
-  differentiably (autograd forms its dense gradient: exact, dearer than the kernel).
+  fused inference paths): inside the forward of any module that holds it or sits above it (below
+  the model itself, whose hooks wrappers like FSDP2 share), ``module.weight`` returns the
+  effective weight ``W + s·ΔW``, built differentiably (autograd forms its dense gradient: exact,
+  dearer than the kernel). Outside those forwards it is the parameter, as torch expects.
 
 `nn.MultiheadAttention`'s ``in_proj_weight`` belongs to the attention module itself, whose forward
 must run: its class is swapped for a subclass that answers that one attribute (picklable, undone
@@ -52,24 +54,22 @@ class _Effective:
 
     def __init__(self, matrix: Matrix, source: Source) -> None:
         self.matrix, self.source = matrix, source
-        self._cached: tuple[tuple, Tensor] | None = None
+        self._cached: tuple[list[Increment], int, bool, Tensor] | None = None
 
     def __call__(self, weight: Tensor) -> Tensor:
         if not self.source.reading:
-            return weight  # outside the forward of its readers: the parameter itself
+            return weight  # outside the forward of the modules that may read it: the parameter itself
         linear = to_linear(self.matrix, weight)
         increments = self.source.increments(self.matrix.name, linear)
         if not increments:
             return self.source.guard_merged(weight)
         self.source.applied(self.matrix.name)
-        key = (weight._version, torch.is_grad_enabled(), *(t for inc in increments for t in inc.tensors()))
-        if self._cached is not None and len(key) == len(self._cached[0]) and all(
-                a is b for a, b in zip(key[2:], self._cached[0][2:])) and key[:2] == self._cached[0][:2]:
-            return self._cached[1]
-        value = effective_weight(linear, increments, self.source.settings.scale)
-        value = _from_linear(self.matrix, value, weight)
-        self._cached = (key, value)
-        return value
+        grad = torch.is_grad_enabled()
+        cached = self._cached  # the adapter hands out the same list while its factors are unchanged
+        if cached is None or cached[0] is not increments or cached[1:3] != (weight._version, grad):
+            value = _from_linear(self.matrix, effective_weight(linear, increments, self.source.settings.scale), weight)
+            cached = self._cached = (increments, weight._version, grad, value)
+        return cached[3]
 
     def __getstate__(self) -> dict:
         return {"matrix": self.matrix, "source": self.source, "_cached": None}  # a graph cannot be copied
@@ -78,9 +78,10 @@ class _Effective:
 class AdaptedMatrix(nn.Module):
     """Stands in for an adapted ``nn.Linear``, 1x1 ``nn.Conv2d`` or ``Conv1D``.
 
-    Holds the original's ``weight`` and ``bias`` under the same names; reading ``.weight`` gives
-    ``W + s·ΔW`` while an increment acts (`base_weight` gives ``W``). Other attributes
-    (``in_features``, ``stride``, ...) read through to the original module.
+    Holds the original's ``weight`` and ``bias`` under the same names; inside the forward of the
+    modules that may read it (`readers`) ``.weight`` reads as ``W + s·ΔW`` while an increment acts,
+    elsewhere as the parameter. Other attributes (``in_features``, ``stride``, ...) read through
+    to the original module.
     """
 
     def __init__(self, original: nn.Module, matrix: Matrix, source: Source) -> None:
