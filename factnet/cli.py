@@ -1,4 +1,4 @@
-"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table.
+"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table, frontier.
 
     factnet train --data vtab/cifar --model vit_base_patch16_224 --checkpoint vit_b16_in21k.safetensors \\
                   --preset vtab1k/cifar --split train800val200 --out runs/cifar
@@ -200,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting (default 3)")
     bench.add_argument("--no-progress", dest="progress", action="store_false")
     bench.set_defaults(handler=command_bench_table)
+
+    frontier = commands.add_parser(
+        "frontier", help="the built-in demo's frontier: accuracy vs trainable parameters (CSV, markdown, PNG)",
+        description="Train linear probe, full fine-tuning, PEFT LoRA/VeRA/VB-LoRA/TinyLoRA and FacT-TT/TK/CP at "
+                    "several budgets on the built-in demo's wide backbone (width 192); write frontier.csv, "
+                    "frontier.md, frontier.png and runs.jsonl to --out. Finished runs are kept in runs.jsonl: "
+                    "rerun the same command to continue an interrupted one.")
+    frontier.add_argument("--out", type=Path, default=Path("frontier"), help="output directory (default frontier)")
+    frontier.add_argument("--seeds", type=_positive_int, help="seeds per budget (default 3)")
+    frontier.add_argument("--jobs", type=_positive_int, default=1,
+                          help="training runs side by side, one torch thread each (default 1)")
+    frontier.add_argument("--smoke", action="store_true",
+                          help="a tiny backbone and recipe (seconds): checks the pipeline, measures nothing")
+    frontier.add_argument("--no-progress", dest="progress", action="store_false")
+    frontier.set_defaults(handler=command_frontier)
     return parser
 
 
@@ -320,6 +335,21 @@ def command_bench_table(args: argparse.Namespace) -> int:
     from factnet import demo
 
     print(demo.bench_table(seeds=args.seeds, progress=args.progress))
+    return 0
+
+
+def command_frontier(args: argparse.Namespace) -> int:
+    """Train the demo's frontier and print its markdown table (the files are in --out)."""
+    from dataclasses import replace
+
+    from factnet.demo import frontier
+
+    config = frontier.SMOKE if args.smoke else frontier.FrontierConfig()
+    if args.seeds is not None:
+        config = replace(config, seeds=args.seeds)
+    print(frontier.run(args.out, config, jobs=args.jobs, progress=args.progress))
+    print(f"\nWrote {args.out / frontier.CSV_FILE}, {args.out / frontier.TABLE_FILE}, {args.out / frontier.FIGURE_FILE} "
+          f"and {args.out / frontier.RUNS_FILE}.")
     return 0
 
 

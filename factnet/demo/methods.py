@@ -7,6 +7,11 @@
   as the paper's LoRA on q and v as two separate matrices, ``2 · 2·d·r``).
 - ``fact``: factnet, any format, on the default targets (q, k, v, o and the d×d blocks of
   fc1/fc2 of every block, stacked into one ``12L × d × d`` group).
+- ``peft``: any of PEFT's tuners named in `PEFT_TUNERS` (LoRA, VeRA, VB-LoRA, TinyLoRA) with its
+  config's options, on ``targets`` (a PEFT ``target_modules`` regex; the frontier adapts the
+  same matrices as FacT: ``qkv``, ``proj``, ``fc1`` and ``fc2`` of every block). Its count is
+  PEFT's own ``get_nb_trainable_parameters()``; its file is PEFT's adapter state dict
+  (``get_peft_model_state_dict``) as safetensors.
 
 Every method trains a fresh head (``d·classes + classes`` parameters); counts and file sizes
 below exclude it, since every method ships the same head.
@@ -27,26 +32,39 @@ from factnet.demo.data import Splits
 from factnet.demo.train import evaluate, fit
 from factnet.recipe import Recipe
 
-__all__ = ["Method", "Result", "adapt", "downstream_model"]
+__all__ = ["BLOCK_MATRICES", "Method", "PEFT_TUNERS", "Result", "adapt", "downstream_model"]
 
 _FORMAT_NAMES = {"tt": "FacT-TT", "tucker": "FacT-TK"}
+
+# PEFT tuner -> (config class, its dropout option, display name)
+PEFT_TUNERS: dict[str, tuple[str, str, str]] = {
+    "lora": ("LoraConfig", "lora_dropout", "LoRA"),
+    "vera": ("VeraConfig", "vera_dropout", "VeRA"),
+    "vblora": ("VBLoRAConfig", "vblora_dropout", "VB-LoRA"),
+    "tinylora": ("TinyLoraConfig", "tinylora_dropout", "TinyLoRA"),
+}
+# The matrices FacT adapts by default, as a PEFT target_modules regex (not the patch embedding's proj)
+BLOCK_MATRICES = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
 @dataclass(frozen=True)
 class Method:
     """One method with its hyper-parameters (``rank``/``scale``: LoRA's r and alpha, or FacT's)."""
 
-    kind: str  # linear, full, lora, fact
+    kind: str  # linear, full, lora, fact, peft
     lr: float
-    format: str | None = None
+    format: str | None = None  # fact: the factnet format; peft: the tuner (a key of PEFT_TUNERS)
     rank: int | None = None
     scale: float | None = None
-    targets: tuple[str, ...] | None = None  # FacT: Tensorizer targets (None: the paper's)
+    targets: tuple[str, ...] | None = None  # FacT: Tensorizer targets (None: the paper's); peft: one regex
+    options: tuple[tuple[str, object], ...] = ()  # peft: more config options, e.g. (("num_vectors", 64),)
 
     @property
     def name(self) -> str:
         if self.kind == "fact":
             return _FORMAT_NAMES.get(self.format or "", f"FacT-{self.format}")
+        if self.kind == "peft":
+            return "PEFT " + PEFT_TUNERS[self.format or ""][2]
         return {"linear": "linear probe", "full": "full fine-tuning", "lora": "PEFT LoRA"}[self.kind]
 
     @property
@@ -56,7 +74,12 @@ class Method:
             text = f"r {self.rank}, alpha {self.scale:g}, " + text
         elif self.kind == "fact":
             text = f"r {self.rank}, s {self.scale:g}, " + text
+        elif self.kind == "peft":
+            text = ", ".join([f"r {self.rank}"] + [f"{k} {v}" for k, v in self.options if k in _SHOWN] + [text])
         return text
+
+
+_SHOWN = ("num_vectors", "u", "weight_tying")  # the peft options that Method.settings names
 
 
 @dataclass(frozen=True)
@@ -145,7 +168,23 @@ def _prepare(model: nn.Module, method: Method, recipe: Recipe, seed: int):
                 return path.stat().st_size
 
         return model, adapter, adapter.trainable_parameters(), adapter.num_parameters(), measure
-    raise ValueError(f"unknown method {method.kind!r}; known: linear, full, lora, fact")
+    if method.kind == "peft":
+        import peft
+
+        class_name, dropout, _ = PEFT_TUNERS[method.format or ""]
+        options = dict(method.options)
+        if method.format == "lora":
+            options.setdefault("lora_alpha", method.scale if method.scale is not None else method.rank)
+        targets = method.targets[0] if method.targets else BLOCK_MATRICES
+        config = getattr(peft, class_name)(r=method.rank, target_modules=targets, **{dropout: recipe.dropout},
+                                           **options)
+        wrapped = peft.get_peft_model(model, config)
+        count, _ = wrapped.get_nb_trainable_parameters()  # PEFT's own count, before the head is unfrozen
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
+        parameters = [p for p in wrapped.parameters() if p.requires_grad]
+        return wrapped, wrapped, parameters, count, lambda: _file_size(peft.get_peft_model_state_dict(wrapped))
+    raise ValueError(f"unknown method {method.kind!r}; known: linear, full, lora, fact, peft")
 
 
 def _file_size(tensors: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,514 @@
+"""The frontier on the embedded task: test accuracy against trainable parameters (the paper's Fig. 1).
+
+    from factnet.demo.frontier import run
+    table = run(Path("frontier"))        # frontier.csv, frontier.md, frontier.png, runs.jsonl
+
+Every method adapts the wide backbone (`WIDE`: ViT-Ti's width 192, 3 heads, the demo's depth 4,
+pretrained on the digits 0–4 with the default backbone's recipe and cached the same way, in
+``$FACTNET_CACHE``) to the digits 5–9 with the demo's recipe (`factnet.demo.DemoConfig`: AdamW,
+warmup/cosine, 100 epochs, batch 32, dropout 0.1, drop-path 0.1). Its patches are 4×4 (4 tokens
+and the class token), not the default's 2×2: at width 192 a 2×2-patch step costs four times as
+much (a full fine-tuning step 167 ms against 42 ms on one core), which would put the ~70 training
+runs of the frontier at hours on a 2-core machine; the parameter counts, which are what the wider
+backbone is for, do not depend on the patch size. The families and their budgets:
+
+- linear probe and full fine-tuning, the two ends;
+- PEFT LoRA at ranks 1, 2, 4, 8 (alpha = r);
+- PEFT VeRA, VB-LoRA and TinyLoRA at two budgets each;
+- FacT-TT, FacT-TK and CP (factnet's ``tt``, ``tucker``, ``cp``) at several ranks.
+
+All PEFT tuners adapt the matrices FacT adapts: ``qkv``, ``proj``, ``fc1`` and ``fc2`` of every
+block (`factnet.demo.methods.BLOCK_MATRICES`).
+
+Protocol (nothing is chosen on test). A family's hyper-parameter (the learning rate; for FacT,
+the scale at the demo's FacT learning rate) is chosen once per family, at its reference budget:
+each candidate trains with seed 0 and the best validation accuracy wins (ties: the first
+listed). Every budget of the family then trains with that setting and seeds 0..n-1 (the
+reference's seed-0 run is reused); the table gives test accuracy, mean ± sample std over seeds.
+
+Counts exclude the new head every method trains. File bytes: the file each method would ship
+without the head, in its smallest form that reloads: factnet's adapter file (tensors plus its
+JSON spec), PEFT's adapter state dict as safetensors (VeRA and TinyLoRA without the projections
+they regenerate from a seed, VB-LoRA with only its top-k weights), the backbone's weights for
+full fine-tuning, nothing for the linear probe.
+
+Each finished run is appended to ``runs.jsonl`` in the output folder; a rerun with the same
+settings reuses those runs (so an interrupted run continues).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from factnet.demo import DemoConfig
+from factnet.demo.backbone import Backbone, PretrainConfig, pretrained_backbone
+from factnet.demo.data import Splits, load_splits
+from factnet.demo.methods import PEFT_TUNERS, Method, Result, adapt
+from factnet.demo.train import threads
+
+__all__ = ["CSV_FILE", "FIGURE_FILE", "Family", "FrontierConfig", "Point", "RUNS_FILE", "SMOKE", "TABLE_FILE",
+           "WIDE", "families", "plot", "read_csv", "replot", "run", "title"]
+
+CSV_FILE, TABLE_FILE, FIGURE_FILE, RUNS_FILE = "frontier.csv", "frontier.md", "frontier.png", "runs.jsonl"
+
+# The wide backbone: ViT-Ti's width (192, 3 heads of 64) at the demo's depth and pretraining recipe, on 4x4
+# patches (4 tokens and the class token: a third of the compute of 2x2 patches, see the module docstring).
+WIDE = PretrainConfig(embed_dim=192, depth=4, num_heads=3, patch_size=4)
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """The backbone, the recipe (``demo``), every family's budgets and candidate settings.
+
+    Budgets are given as each family's own knobs; ``*_reference`` is the index of the budget
+    where the family's candidates are compared.
+    """
+
+    demo: DemoConfig = field(default_factory=lambda: DemoConfig(pretrain=WIDE))  # backbone and recipe
+    seeds: int = 3
+    linear_lrs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    lora_ranks: tuple[int, ...] = (1, 2, 4, 8)
+    lora_reference: int = 2
+    lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    vera_ranks: tuple[int, ...] = (64, 1024)
+    vera_reference: int = 1
+    vera_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
+    vblora: tuple[tuple[int, int], ...] = ((2, 16), (4, 64))  # (rank, num_vectors)
+    vblora_vector_length: int = 64  # divides every adapted matrix's sides (192, 576, 768)
+    vblora_topk: int = 2
+    vblora_reference: int = 1
+    vblora_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    tinylora: tuple[tuple[int, int], ...] = ((2, 4), (8, 64))  # (SVD rank r, trainable u per module)
+    tinylora_reference: int = 1
+    tinylora_lrs: tuple[float, ...] = (3e-3, 1e-2, 1e-1)
+    fact_ranks: tuple[tuple[str, tuple[int, ...]], ...] = (("tt", (2, 8, 32)), ("tucker", (4, 16)), ("cp", (16, 64)))
+    fact_scales: tuple[float, ...] = (0.1, 1.0, 10.0)  # at the demo's FacT learning rate
+    fact_reference: tuple[tuple[str, int], ...] = (("tt", 1), ("tucker", 1), ("cp", 1))
+
+
+# A configuration that runs in seconds (tests, and `factnet frontier --smoke` to check the pipeline).
+SMOKE = FrontierConfig(
+    demo=DemoConfig(pretrain=PretrainConfig(embed_dim=16, depth=1, num_heads=2, epochs=2, lr=1e-2, augment=False),
+                    epochs=2, warmup_epochs=1, lr=3e-2, augment=False, drop_path=0.0),
+    seeds=2, linear_lrs=(0.3,), full_lrs=(1e-3,), lora_ranks=(1, 2), lora_reference=0, lora_lrs=(1e-2,),
+    vera_ranks=(16,), vera_reference=0, vera_lrs=(3e-2,), vblora=((2, 4),), vblora_vector_length=16,
+    vblora_reference=0, vblora_lrs=(3e-2,), tinylora=((2, 4),), tinylora_reference=0, tinylora_lrs=(1e-1,),
+    fact_ranks=(("tt", (2, 4)), ("tucker", (2,)), ("cp", (4,))), fact_scales=(10.0,),
+    fact_reference=(("tt", 0), ("tucker", 0), ("cp", 0)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One line of the plot: methods that differ only in their budget, and the candidate settings
+    (keyword arguments of `dataclasses.replace` on a `Method`) compared at ``points[reference]``."""
+
+    name: str
+    points: tuple[tuple[str, Method], ...]  # (budget label, method without its chosen setting)
+    candidates: tuple[tuple[tuple[str, float], ...], ...]  # each: (("lr", 1e-2),) or (("scale", 10.0),)
+    reference: int = 0
+
+
+@dataclass
+class Point:
+    """A row of the table: one budget of a family, with its chosen setting and one result per seed."""
+
+    family: str
+    budget: str
+    method: Method
+    candidates: int  # settings compared for the family (at its reference budget)
+    reference: bool  # this is the budget where they were compared
+    results: list[Result]
+
+    def test(self) -> tuple[float, float]:
+        values = [r.test_accuracy for r in self.results]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def params(self) -> int:
+        return self.results[0].params
+
+    @property
+    def bytes(self) -> int:
+        return self.results[0].bytes
+
+    @property
+    def step_ms(self) -> float:
+        return statistics.median(r.step_ms for r in self.results)
+
+
+def families(config: FrontierConfig) -> list[Family]:
+    """The families of `config`, in table order."""
+    demo = config.demo
+    lrs = lambda values: tuple((("lr", v),) for v in values)  # noqa: E731
+    out = [
+        Family("linear probe", (("", Method("linear", config.linear_lrs[0])),), lrs(config.linear_lrs)),
+        Family("full fine-tuning", (("", Method("full", config.full_lrs[0])),), lrs(config.full_lrs)),
+        Family("PEFT LoRA", tuple((f"r {r}", Method("peft", 0.0, "lora", r, float(r))) for r in config.lora_ranks),
+               lrs(config.lora_lrs), config.lora_reference),
+        Family("PEFT VeRA", tuple((f"r {r}", Method("peft", 0.0, "vera", r, options=(("save_projection", False),)))
+                                  for r in config.vera_ranks), lrs(config.vera_lrs), config.vera_reference),
+        Family("PEFT VB-LoRA", tuple(
+            (f"r {r}, {n} vectors", Method("peft", 0.0, "vblora", r, options=(
+                ("num_vectors", n), ("vector_length", config.vblora_vector_length), ("topk", config.vblora_topk),
+                ("save_only_topk_weights", True))))
+            for r, n in config.vblora), lrs(config.vblora_lrs), config.vblora_reference),
+        Family("PEFT TinyLoRA", tuple(
+            (f"r {r}, u {u}", Method("peft", 0.0, "tinylora", r, options=(("u", u), ("save_projection", False))))
+            for r, u in config.tinylora), lrs(config.tinylora_lrs), config.tinylora_reference),
+    ]
+    out = [f for f in out if f.points[0][1].kind != "peft" or _in_peft(f.points[0][1].format)]
+    reference = dict(config.fact_reference)
+    names = {"tt": "FacT-TT", "tucker": "FacT-TK", "cp": "CP"}
+    for fmt, ranks in config.fact_ranks:
+        out.append(Family(names.get(fmt, f"FacT-{fmt}"),
+                          tuple((f"r {r}", Method("fact", demo.lr, fmt, r, config.fact_scales[0])) for r in ranks),
+                          tuple((("scale", s),) for s in config.fact_scales), reference.get(fmt, 0)))
+    for family in out:
+        if not 0 <= family.reference < len(family.points):
+            raise ValueError(f"{family.name}: reference {family.reference} is not one of its "
+                             f"{len(family.points)} budgets")
+    return out
+
+
+def _in_peft(tuner: str) -> bool:
+    import peft
+
+    return hasattr(peft, PEFT_TUNERS[tuner][0])
+
+
+def left_out() -> list[str]:
+    """The PEFT tuners of the frontier that the installed PEFT lacks (their families are left out)."""
+    import peft
+
+    return [f"{PEFT_TUNERS[t][2]} (PEFT {peft.__version__} has no {PEFT_TUNERS[t][0]})"
+            for t in ("vera", "vblora", "tinylora") if not _in_peft(t)]
+
+
+# ---- running --------------------------------------------------------------------------------------
+def _key(backbone: Backbone, demo, method: Method, seed: int) -> str:
+    text = json.dumps({"backbone": backbone.config.key(), "recipe": asdict(demo.recipe()), "augment": demo.augment,
+                       "method": repr(method), "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _record(result: Result, key: str, family: str, budget: str) -> dict:
+    values = asdict(result)
+    values["method"] = repr(result.method)
+    return {"key": key, "family": family, "budget": budget, **values}
+
+
+def _from_record(record: dict, method: Method) -> Result:
+    names = ("seed", "val_accuracy", "test_accuracy", "params", "head_params", "bytes", "step_ms", "seconds")
+    return Result(method, **{n: record[n] for n in names}, epoch_losses=tuple(record.get("epoch_losses", ())))
+
+
+def _worker(backbone: Backbone, method: Method, splits: Splits, demo, seed: int) -> Result:
+    with threads(demo.threads), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*save_projection.*|.*[Ss]pecified to not save.*")
+        return adapt(backbone, method, splits, demo.recipe(), seed=seed, augment=demo.augment, progress=False)[0]
+
+
+class _Runner:
+    """Trains (method, seed) pairs, inline or in ``jobs`` processes, reusing runs from ``runs.jsonl``."""
+
+    def __init__(self, backbone: Backbone, splits: Splits, demo, out_dir: Path, jobs: int, bar) -> None:
+        self.backbone, self.splits, self.demo, self.bar = backbone, splits, demo, bar
+        self.path = out_dir / RUNS_FILE
+        self.done: dict[str, dict] = {}
+        self.trained = 0  # runs trained by this call (the others came from runs.jsonl)
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.done[record["key"]] = record
+        self.pool = None
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, method: Method, seed: int, family: str, budget: str):
+        """A future-like object whose ``result()`` is the run's `Result`."""
+        key = _key(self.backbone, self.demo, method, seed)
+        if key in self.done:
+            return _Done(self._finish(_from_record(self.done[key], method), key, family, budget, cached=True))
+        if self.pool is None:
+            result = _worker(self.backbone, method, self.splits, self.demo, seed)
+            return _Done(self._finish(result, key, family, budget))
+        future = self.pool.submit(_worker, self.backbone, method, self.splits, self.demo, seed)
+        return _Pending(future, lambda result: self._finish(result, key, family, budget))
+
+    def _finish(self, result: Result, key: str, family: str, budget: str, cached: bool = False) -> Result:
+        if not cached:
+            self.trained += 1
+            record = _record(result, key, family, budget)
+            self.done[key] = record
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.bar.update()
+        self.bar.set_postfix_str(f"{family}, {result.method.settings}: val {result.val_accuracy:.1f}",
+                                 refresh=False)
+        return result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+class _Done:
+    def __init__(self, result: Result) -> None:
+        self._result = result
+
+    def result(self) -> Result:
+        return self._result
+
+
+class _Pending:
+    def __init__(self, future, finish: Callable[[Result], Result]) -> None:
+        self.future, self.finish, self._result = future, finish, None
+
+    def result(self) -> Result:
+        if self._result is None:
+            self._result = self.finish(self.future.result())
+        return self._result
+
+
+def _points(config: FrontierConfig, runner: _Runner, order: list[Family]) -> list[Point]:
+    """Choose every family's setting, then train all its budgets (candidates of all families first,
+    so that parallel jobs always have work)."""
+    seeds = config.seeds
+    tried = {f.name: [runner.submit(replace(f.points[f.reference][1], **dict(c)), 0, f.name,
+                                    f.points[f.reference][0]) for c in f.candidates] for f in order}
+    chosen: dict[str, Method] = {}
+    later: dict[str, list[list]] = {}
+    for family in order:  # submit each family's remaining runs as soon as its choice is known
+        results = [t.result() for t in tried[family.name]]
+        best = max(range(len(results)), key=lambda i: results[i].val_accuracy)  # first of equals
+        setting = dict(family.candidates[best])
+        chosen[family.name] = replace(family.points[family.reference][1], **setting)
+        later[family.name] = []
+        for index, (budget, method) in enumerate(family.points):
+            method = replace(method, **setting)
+            start = 1 if index == family.reference else 0
+            later[family.name].append([runner.submit(method, s, family.name, budget) for s in range(start, seeds)])
+    points = []
+    for family in order:
+        best = max(range(len(family.candidates)),
+                   key=lambda i: tried[family.name][i].result().val_accuracy)
+        for index, (budget, method) in enumerate(family.points):
+            method = replace(method, **dict(family.candidates[best]))
+            results = [r.result() for r in later[family.name][index]]
+            if index == family.reference:
+                results = [tried[family.name][best].result()] + results
+            points.append(Point(family.name, budget, method, len(family.candidates), index == family.reference,
+                                results))
+    return points
+
+
+def run(out_dir: Path, config: FrontierConfig | None = None, *, jobs: int = 1, progress: bool = True) -> str:
+    """Train the frontier, write ``frontier.csv``, ``frontier.md`` and ``frontier.png`` to ``out_dir``;
+    the markdown table.
+
+    ``jobs``: training runs side by side, each in its own process with ``config.demo.threads``
+    torch threads (1: one after another, in this process).
+    """
+    from tqdm.auto import tqdm
+
+    config = config or FrontierConfig()
+    if config.seeds < 1 or jobs < 1:
+        raise ValueError(f"seeds and jobs must be >= 1, got {config.seeds} and {jobs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    demo = config.demo
+    order = families(config)
+    total = sum(len(f.candidates) - 1 + len(f.points) * config.seeds for f in order)
+    start = time.perf_counter()
+    with threads(demo.threads):
+        splits = load_splits(demo.pretrain.data)
+        backbone = pretrained_backbone(demo.pretrain, progress=progress, splits=splits)
+        bar = tqdm(total=total, desc="frontier", unit="run", disable=not progress, smoothing=0)
+        runner = _Runner(backbone, splits, demo, out_dir, jobs, bar)
+        try:
+            points = _points(config, runner, order)
+        finally:
+            runner.close()
+            bar.close()
+    seconds = time.perf_counter() - start
+    info = _Info(backbone, splits, demo, config, seconds, jobs, runner.trained, total)
+    _write(out_dir / CSV_FILE, _csv(points))
+    table = _markdown(points, info)
+    _write(out_dir / TABLE_FILE, table + "\n")
+    replot(out_dir, config)
+    return table
+
+
+@dataclass
+class _Info:
+    backbone: Backbone
+    splits: Splits
+    demo: object
+    config: FrontierConfig
+    seconds: float
+    jobs: int
+    trained: int  # runs trained by this call
+    runs: int  # runs in the table (trained now or reused from runs.jsonl)
+
+
+def _write(path: Path, text: str) -> None:
+    from factnet.io import write_atomically
+
+    write_atomically(str(path), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+
+def _csv(points: Sequence[Point]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["family", "budget", "setting", "chosen_at_this_budget", "candidates", "trainable_params",
+                     "file_bytes", "test_acc", "test_mean", "test_std", "val_acc_seed0", "step_ms", "seeds",
+                     "test_per_seed"])
+    for p in points:
+        mean, std = p.test()
+        writer.writerow([p.family, p.budget, p.method.settings, int(p.reference), p.candidates, p.params, p.bytes,
+                         f"{mean:.1f} ± {std:.1f}", f"{mean:.2f}", f"{std:.2f}",
+                         f"{p.results[0].val_accuracy:.1f}", f"{p.step_ms:.1f}", len(p.results),
+                         " ".join(f"{r.test_accuracy:.2f}" for r in p.results)])
+    return buffer.getvalue()
+
+
+def _markdown(points: Sequence[Point], info: _Info) -> str:
+    pre, demo, splits = info.backbone.config, info.demo, info.splits
+    lines = [
+        f"Frontier: digits {_digits(splits.downstream_classes)} ({len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test images) on a ViT (width {pre.embed_dim}, depth {pre.depth}, {pre.num_heads} heads, "
+        f"{pre.patch_size}x{pre.patch_size} patches of 8x8 images) pretrained on digits "
+        f"{_digits(splits.pretrain_classes)} (val accuracy {info.backbone.val_accuracy:.1f}%). One recipe for all: "
+        f"{demo.epochs} epochs, batch {demo.batch_size}, AdamW + warmup/cosine, weight decay {demo.weight_decay:g}, "
+        f"dropout {demo.dropout:g}, drop-path {demo.drop_path:g}. Each family's learning rate (FacT: scale, at lr "
+        f"{demo.lr:g}) chosen on val with seed 0 at one budget (marked *), then used at every budget; test "
+        f"accuracy mean ± std over {info.config.seeds} seed(s).",
+        "",
+        "| method | setting | trainable params | file bytes | test acc | step ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        mean, std = p.test()
+        mark = f" (* of {p.candidates})" if p.reference else ""
+        lines.append(f"| {p.family} | {p.method.settings}{mark} | {p.params:,} | {p.bytes:,} | "
+                     f"{mean:.1f} ± {std:.1f} | {p.step_ms:.1f} |")
+    head = points[0].results[0].head_params
+    cache = "backbone from the cache" if info.backbone.cached else f"pretraining {info.backbone.seconds:.0f} s"
+    lines += [
+        "",
+        f"Every method also trains the new head ({head:,} parameters), not counted above. PEFT tuners adapt qkv, "
+        "proj, fc1 and fc2 of every block, the matrices FacT adapts (trainable params: PEFT's own "
+        "get_nb_trainable_parameters()). File bytes: the file without the head (factnet's adapter file with its JSON "
+        "spec; PEFT's adapter state dict: VeRA and TinyLoRA without their seeded projections, VB-LoRA with top-k "
+        "weights only; the backbone for full fine-tuning). Step: median ms of a training step at "
+        f"{demo.threads or 'default'} torch thread(s), {info.jobs} run(s) side by side. Wall time "
+        f"{info.seconds:.0f} s for " + (f"all {info.runs} training runs" if info.trained == info.runs else
+                                         f"{info.trained} of the {info.runs} training runs (the others from "
+                                         f"{RUNS_FILE})") + f" ({cache}).",
+    ]
+    if left_out():
+        lines[-1] += " Left out: " + "; ".join(left_out()) + "."
+    return "\n".join(lines)
+
+
+def _digits(classes: tuple[int, ...]) -> str:
+    return f"{classes[0]}-{classes[-1]}" if list(classes) == list(range(classes[0], classes[-1] + 1)) else \
+        ",".join(map(str, classes))
+
+
+# ---- the figure -----------------------------------------------------------------------------------
+_STYLE = {  # family -> (color, marker)
+    "PEFT LoRA": ("#1f77b4", "o"), "PEFT VeRA": ("#9467bd", "v"), "PEFT VB-LoRA": ("#8c564b", "P"),
+    "PEFT TinyLoRA": ("#e377c2", "X"), "FacT-TT": ("#d62728", "s"), "FacT-TK": ("#ff7f0e", "D"),
+    "CP": ("#2ca02c", "^"),
+}
+_ENDS = (("full fine-tuning", "--"), ("linear probe", ":"))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``frontier.csv``."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> None:
+    """Test accuracy (mean ± std) against trainable parameters from ``frontier.csv`` rows: log x,
+    one line per family, each budget labelled; the linear probe and full fine-tuning as
+    horizontal reference lines (with their ± std band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float, float, str]]] = {}
+    for row in rows:
+        curves.setdefault(row["family"], []).append(
+            (int(row["trainable_params"]), float(row["test_mean"]), float(row["test_std"]), row["budget"]))
+    ends = {name: curves.pop(name)[0] for name, _ in _ENDS if name in curves}
+    fig, ax = plt.subplots(figsize=(10, 5.6), dpi=120)
+    for name, style in _ENDS:
+        if name in ends:
+            params, mean, std, _ = ends[name]
+            count = "0 trainable" if params == 0 else f"{params:,} trainable"
+            ax.axhline(mean, color="0.3", linestyle=style, linewidth=1.4,
+                       label=f"{name}: {mean:.1f} ± {std:.1f} ({count})")
+            ax.axhspan(mean - std, mean + std, color="0.5", alpha=0.12, linewidth=0)
+    for name, members in curves.items():
+        members.sort()
+        color, marker = _STYLE.get(name, (None, "o"))
+        x, mean, std, budgets = zip(*members)
+        peft = name.startswith("PEFT ")
+        ax.errorbar(x, mean, yerr=std, color=color, marker=marker, markersize=7, linewidth=1.8, capsize=3,
+                    linestyle="--" if peft else "-", label=name.removeprefix("PEFT ") + (" (PEFT)" if peft else
+                                                                                    " (factnet)"))
+        for xi, yi, label in zip(x, mean, budgets):
+            ax.annotate(label, (xi, yi), xytext=(5, -11), textcoords="offset points", fontsize=7, color=color)
+    if curves:
+        counts = [m[0] for members in curves.values() for m in members]
+        ax.set_xlim(min(counts) / 1.8, max(counts) * 1.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters, without the head (log scale)")
+    ax.set_ylabel("test accuracy, %  (mean ± std over seeds)")
+    if title:
+        ax.set_title(title, fontsize=11)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", axis="x", alpha=0.12)
+    ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    data = buffer.getvalue()
+    from factnet.io import write_atomically
+
+    write_atomically(str(path), lambda temp: Path(temp).write_bytes(data))
+
+
+def title(config: FrontierConfig) -> str:
+    """The figure's title: the task and the backbone."""
+    pre, data = config.demo.pretrain, config.demo.pretrain.data
+    down = tuple(d for d in range(10) if d not in data.pretrain_classes)
+    return (f"Digits {_digits(down)}: a ViT (width {pre.embed_dim}, depth {pre.depth}) pretrained on digits "
+            f"{_digits(tuple(sorted(data.pretrain_classes)))}, adapted at several budgets")
+
+
+def replot(out_dir: Path, config: FrontierConfig | None = None) -> Path:
+    """Draw ``frontier.png`` again from the ``frontier.csv`` in ``out_dir`` (no training)."""
+    out_dir = Path(out_dir)
+    path = out_dir / FIGURE_FILE
+    plot(read_csv(out_dir / CSV_FILE), path, title=title(config or FrontierConfig()))
+    return path
