@@ -1,6 +1,7 @@
 """Train-step time and activation memory of FacT against the frozen floor and PEFT LoRA.
 
     python benchmarks/step_time.py [--model vit_small_patch16_224] [--batch 8] [--reps 15]
+    python benchmarks/step_time.py --sizes demo,vit_s,vit_b --batches 1,8 [--reps 7]
 
 One process, random weights, CPU. Every variant runs once per round, in rotating order
 (interleaved), and the median over rounds is reported with its ratio to the floor:
@@ -11,6 +12,10 @@ One process, random weights, CPU. Every variant runs once per round, in rotating
 A step is forward, loss, backward, and (for trainable variants) AdamW step + zero_grad.
 Memory is the bytes autograd saves for backward (distinct storages, via saved-tensor hooks):
 the part of training memory the methods differ in.
+
+``--sizes`` sweeps models (``demo``: the embedded demo's ViT, width 64, depth 4, 8x8 images;
+``vit_s``; ``vit_b``) and batches with the variants floor, FacT-TT r8, FacT-TK r8 and PEFT
+LoRA r8 (dropout 0), then times inference (eval, no grad) of FacT-TT unmerged against merged.
 """
 
 from __future__ import annotations
@@ -28,6 +33,19 @@ from torch import nn
 from factnet import Tensorizer
 
 Step = Callable[[], None]
+SIZES = {
+    "demo": (lambda: _demo_vit(), (1, 8, 8)),
+    "vit_s": (lambda: timm.create_model("vit_small_patch16_224", num_classes=10), (3, 224, 224)),
+    "vit_b": (lambda: timm.create_model("vit_base_patch16_224", num_classes=10), (3, 224, 224)),
+}
+SWEEP = {"floor": "floor", "FacT-TT r8": "fact:tt:0:auto", "FacT-TK r8": "fact:tucker:0:auto",
+         "PEFT LoRA r8": "lora:0"}
+
+
+def _demo_vit() -> nn.Module:
+    from factnet.demo.backbone import PretrainConfig, build_vit
+
+    return build_vit(PretrainConfig(), num_classes=5)
 
 
 def saved_bytes(step_forward: Callable[[], torch.Tensor]) -> int:
@@ -77,15 +95,39 @@ def make_variant(base: nn.Module, kind: str, x: torch.Tensor) -> tuple[Step, Cal
     return step, forward
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def interleaved(steps: dict[str, Step], warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds of each step, the steps run once per round in rotating order."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for rep in range(warmup + reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def inference(base: nn.Module, x: torch.Tensor, warmup: int, reps: int) -> dict[str, float]:
+    """Eval-mode, no-grad forward of FacT-TT r8 unmerged and merged (the base model's cost)."""
+    unmerged, merged = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    for model in (unmerged, merged):
+        adapter = Tensorizer(model).decompose("tt", rank=8, scale=10.0, seed=0, train_head=False)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_(0, 0.02)
+    merged.factnet.active_adapter.merge()
+
+    def run(model: nn.Module) -> Step:
+        def forward() -> None:
+            with torch.no_grad():
+                model(x)
+        return forward
+
+    return interleaved({"unmerged": run(unmerged), "merged": run(merged)}, warmup, reps)
+
+
+def one_model(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False, num_classes=10)
     x = torch.randn(args.batch, 3, 224, 224)
@@ -101,24 +143,49 @@ def main() -> None:
     }
     variants = {name: make_variant(base, kind, x) for name, kind in kinds.items()}
     memory = {name: saved_bytes(forward) for name, (_, forward) in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for rep in range(args.warmup + args.reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            variants[name][0]()
-            if rep >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    floor = statistics.median(times["floor"])
-    lora = statistics.median(times["PEFT LoRA r8"])
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
+    median = interleaved({name: step for name, (step, _) in variants.items()}, args.warmup, args.reps)
+    floor, lora = median["floor"], median["PEFT LoRA r8"]
+    print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {args.reps} interleaved steps")
     print(f"{'variant':34} {'step ms':>8} {'x floor':>8} {'x LoRA':>7} {'saved MB':>9} {'x floor':>8}")
-    for name in names:
-        median = statistics.median(times[name])
-        print(f"{name:34} {median * 1e3:8.1f} {median / floor:8.3f} {median / lora:7.3f} "
+    for name in variants:
+        print(f"{name:34} {median[name] * 1e3:8.1f} {median[name] / floor:8.3f} {median[name] / lora:7.3f} "
               f"{memory[name] / 2**20:9.1f} {memory[name] / memory['floor']:8.3f}")
+
+
+def sweep(args: argparse.Namespace) -> None:
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps")
+    print(f"{'model':6} {'batch':>5} | {'floor ms':>9} | " + " | ".join(f"{n:>12}" for n in list(SWEEP)[1:])
+          + " | FacT-TT/LoRA | inference unmerged/merged")
+    for size in args.sizes.split(","):
+        build, shape = SIZES[size]
+        torch.manual_seed(0)
+        base = build()
+        for batch in batches:
+            x = torch.randn(batch, *shape)
+            steps = {name: make_variant(base, kind, x)[0] for name, kind in SWEEP.items()}
+            median = interleaved(steps, args.warmup, args.reps)
+            floor = median["floor"]
+            cells = " | ".join(f"{median[n] / floor:7.3f}x fl" for n in list(SWEEP)[1:])
+            infer = inference(base, x, args.warmup, args.reps)
+            print(f"{size:6} {batch:5d} | {floor * 1e3:9.1f} | {cells} | "
+                  f"{median['FacT-TT r8'] / median['PEFT LoRA r8']:12.3f} | "
+                  f"{infer['unmerged'] / infer['merged']:.3f} ({infer['merged'] * 1e3:.1f} ms merged)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--sizes", help=f"sweep these ({', '.join(SIZES)}) instead of one --model")
+    parser.add_argument("--batches", default="1,8", help="the sweep's batch sizes (default 1,8)")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sweep(args) if args.sizes else one_model(args)
 
 
 if __name__ == "__main__":

@@ -59,16 +59,19 @@ class _Effective:
     def __call__(self, weight: Tensor) -> Tensor:
         if not self.source.reading:
             return weight  # outside the forward of the modules that may read it: the parameter itself
-        linear = to_linear(self.matrix, weight)
-        increments = self.source.increments(self.matrix.name, linear)
+        increments = self.source.increments(self.matrix.name, to_linear(self.matrix, weight))
         if not increments:
             return self.source.guard_merged(weight)
         self.source.applied(self.matrix.name)
+        return self.of(weight, increments)
+
+    def of(self, weight: Tensor, increments: list[Increment]) -> Tensor:
+        """``W + s·ΔW`` in ``weight``'s layout, built once while the increments and ``weight`` stay."""
         grad = torch.is_grad_enabled()
         cached = self._cached  # the adapter hands out the same list while its factors are unchanged
         if cached is None or cached[0] is not increments or cached[1:3] != (weight._version, grad):
-            value = _from_linear(self.matrix, effective_weight(linear, increments, self.source.settings.scale), weight)
-            cached = self._cached = (increments, weight._version, grad, value)
+            linear = effective_weight(to_linear(self.matrix, weight), increments, self.source.settings.scale)
+            cached = self._cached = (increments, weight._version, grad, _from_linear(self.matrix, linear, weight))
         return cached[3]
 
     def __getstate__(self) -> dict:
@@ -98,6 +101,10 @@ class AdaptedMatrix(nn.Module):
         self.source.applied(self.matrix.name)
         settings = self.source.settings
         dropout = settings.dropout if self.training else 0.0
+        if not torch.is_grad_enabled() and not dropout:  # inference: the base op with W + s·ΔW, built once
+            weight = self.__dict__["effective"].of(self._parameters["weight"], increments)
+            return adapted_linear(x, to_linear(self.matrix, weight), bias, [], 0.0,
+                                  pointwise=self.matrix.kind == "conv1x1")
         return adapted_linear(x, linear, bias, increments, settings.scale, dropout, settings.path,
                               pointwise=self.matrix.kind == "conv1x1")
 
