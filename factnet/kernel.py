@@ -148,6 +148,7 @@ class _MergedLinear(torch.autograd.Function):
             y = _base_op(x, _like_trained(merged, as_trained), bias, pointwise)
         ctx.save_for_backward(x, weight, *factors)
         ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
+        ctx.x_shape = x.shape
         return y
 
     @staticmethod
@@ -200,6 +201,7 @@ class _ActivationLinear(torch.autograd.Function):
                 saved += [u, hidden]
         ctx.save_for_backward(x, weight, *factors, *masks, *saved)
         ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
+        ctx.x_shape = x.shape
         return y
 
     @staticmethod
@@ -283,8 +285,8 @@ def _rows(x: Tensor, pointwise: bool) -> Tensor:
 
 
 def _unrows(rows: Tensor, ctx) -> Tensor:
-    """Inverse of `_rows` for the gradient of the input ``x`` saved in ``ctx``."""
-    shape = ctx.saved_tensors[0].shape
+    """Inverse of `_rows` for the gradient of the input, whose shape is ``ctx.x_shape``."""
+    shape = ctx.x_shape  # (not ctx.saved_tensors: checkpointing lets backward unpack them once)
     if not ctx.pointwise:
         return rows.reshape(shape)
     return rows.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
