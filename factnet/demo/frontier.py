@@ -8,7 +8,7 @@ pretrained on the digits 0–4 with the default backbone's recipe and cached the
 ``$FACTNET_CACHE``) to the digits 5–9 with the demo's recipe (`factnet.demo.DemoConfig`: AdamW,
 warmup/cosine, 100 epochs, batch 32, dropout 0.1, drop-path 0.1). Its patches are 4×4 (4 tokens
 and the class token), not the default's 2×2: at width 192 a 2×2-patch step costs four times as
-much (a full fine-tuning step 167 ms against 42 ms on one core), which would put the ~70 training
+much (a full fine-tuning step 167 ms against 42 ms on one core), which would put the ~80 training
 runs of the frontier at hours on a 2-core machine; the parameter counts, which are what the wider
 backbone is for, do not depend on the patch size. The families and their budgets:
 
@@ -76,13 +76,13 @@ class FrontierConfig:
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(pretrain=WIDE))  # backbone and recipe
     seeds: int = 3
     linear_lrs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
-    full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
     lora_ranks: tuple[int, ...] = (1, 2, 4, 8)
     lora_reference: int = 2
     lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     vera_ranks: tuple[int, ...] = (64, 1024)
     vera_reference: int = 1
-    vera_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
+    vera_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1)
     vblora: tuple[tuple[int, int], ...] = ((2, 16), (4, 64))  # (rank, num_vectors)
     vblora_vector_length: int = 64  # divides every adapted matrix's sides (192, 576, 768)
     vblora_topk: int = 2
@@ -459,7 +459,13 @@ def plot(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> None:
         curves.setdefault(row["family"], []).append(
             (int(row["trainable_params"]), float(row["test_mean"]), float(row["test_std"]), row["budget"]))
     ends = {name: curves.pop(name)[0] for name, _ in _ENDS if name in curves}
-    fig, ax = plt.subplots(figsize=(10, 5.6), dpi=120)
+    everything = [m for members in curves.values() for m in members] + list(ends.values())
+    # the y range: every end and curve point within reach of the linear probe; a collapsed run (far
+    # below it) is drawn on the floor with its value written next to it, so it does not squash the rest
+    floor = min([e[1] - e[2] for e in ends.values()] or [min(m[1] for m in everything)]) - 6
+    floor = min(floor, min((m[1] - m[2] for m in everything if m[1] - m[2] >= floor - 4), default=floor)) - 1
+    top = max(m[1] + m[2] for m in everything) + 2
+    fig, ax = plt.subplots(figsize=(10, 5.8), dpi=120)
     for name, style in _ENDS:
         if name in ends:
             params, mean, std, _ = ends[name]
@@ -467,16 +473,29 @@ def plot(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> None:
             ax.axhline(mean, color="0.3", linestyle=style, linewidth=1.4,
                        label=f"{name}: {mean:.1f} ± {std:.1f} ({count})")
             ax.axhspan(mean - std, mean + std, color="0.5", alpha=0.12, linewidth=0)
+    best = [m for m in sorted(everything) if not any(o[0] <= m[0] and o[1] > m[1] for o in everything)]
+    shown = [m for m in best if m[0] > 0]
+    if shown:  # the frontier: the points that no point with fewer (or as many) parameters beats
+        ax.plot([m[0] for m in shown], [m[1] for m in shown], color="#f2c14e", linewidth=9, alpha=0.45,
+                solid_capstyle="round", zorder=0, label="frontier (no cheaper point beats it)")
     for name, members in curves.items():
         members.sort()
         color, marker = _STYLE.get(name, (None, "o"))
         x, mean, std, budgets = zip(*members)
         peft = name.startswith("PEFT ")
-        ax.errorbar(x, mean, yerr=std, color=color, marker=marker, markersize=7, linewidth=1.8, capsize=3,
+        y = [max(v, floor + 1.2) for v in mean]
+        err = [0 if v < floor + 1.2 else e for v, e in zip(mean, std)]
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, markersize=7, linewidth=1.8, capsize=3,
                     linestyle="--" if peft else "-", label=name.removeprefix("PEFT ") + (" (PEFT)" if peft else
                                                                                     " (factnet)"))
-        for xi, yi, label in zip(x, mean, budgets):
-            ax.annotate(label, (xi, yi), xytext=(5, -11), textcoords="offset points", fontsize=7, color=color)
+        for xi, yi, vi, ei, label in zip(x, y, mean, std, budgets):
+            label = label.replace(" vectors", "v")
+            if yi != vi:
+                label += f": {vi:.1f} ± {ei:.1f}, off the scale"
+            offset, align = ((6, -12), "left") if peft else ((-6, 7), "right")
+            ax.annotate(label, (xi, yi), xytext=offset, textcoords="offset points", fontsize=7.5, color=color,
+                        ha=align)
+    ax.set_ylim(floor, top)
     if curves:
         counts = [m[0] for members in curves.values() for m in members]
         ax.set_xlim(min(counts) / 1.8, max(counts) * 1.8)
@@ -484,7 +503,7 @@ def plot(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> None:
     ax.set_xlabel("trainable parameters, without the head (log scale)")
     ax.set_ylabel("test accuracy, %  (mean ± std over seeds)")
     if title:
-        ax.set_title(title, fontsize=11)
+        ax.set_title(title, fontsize=10.5, loc="left")
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", axis="x", alpha=0.12)
     ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
@@ -502,8 +521,8 @@ def title(config: FrontierConfig) -> str:
     """The figure's title: the task and the backbone."""
     pre, data = config.demo.pretrain, config.demo.pretrain.data
     down = tuple(d for d in range(10) if d not in data.pretrain_classes)
-    return (f"Digits {_digits(down)}: a ViT (width {pre.embed_dim}, depth {pre.depth}) pretrained on digits "
-            f"{_digits(tuple(sorted(data.pretrain_classes)))}, adapted at several budgets")
+    return (f"Digits {_digits(down)}, ViT (width {pre.embed_dim}, depth {pre.depth}) pretrained on digits "
+            f"{_digits(tuple(sorted(data.pretrain_classes)))}: test accuracy vs trainable parameters")
 
 
 def replot(out_dir: Path, config: FrontierConfig | None = None) -> Path:
