@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import factnet
-import factnet.demo as demo
+from factnet import demo
 from factnet.cli import main
 from factnet.demo import frontier
 from factnet.demo.backbone import pretrained_backbone
@@ -133,7 +133,7 @@ def test_counts_equal_peft_and_factnet_on_a_fresh_model(cache, rows):
     import peft
 
     backbone = pretrained_backbone(PRE, progress=False)
-    fresh = lambda: downstream_model(backbone, 5, 0.0)  # noqa: E731
+    fresh = lambda: downstream_model(backbone, 5, 0.0)
     model = fresh()
     assert _count(rows, "full fine-tuning") == sum(p.numel() for k, p in model.named_parameters()
                                                    if not k.startswith("head."))

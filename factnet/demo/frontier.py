@@ -55,8 +55,23 @@ from factnet.demo.data import Splits, load_splits
 from factnet.demo.methods import PEFT_TUNERS, Method, Result, adapt
 from factnet.demo.train import threads
 
-__all__ = ["CSV_FILE", "FIGURE_FILE", "Family", "FrontierConfig", "Point", "RUNS_FILE", "SMOKE", "TABLE_FILE",
-           "WIDE", "families", "plot", "read_csv", "replot", "run", "title"]
+__all__ = [
+    "CSV_FILE",
+    "FIGURE_FILE",
+    "RUNS_FILE",
+    "SMOKE",
+    "TABLE_FILE",
+    "WIDE",
+    "Family",
+    "FrontierConfig",
+    "Point",
+    "families",
+    "plot",
+    "read_csv",
+    "replot",
+    "run",
+    "title",
+]
 
 CSV_FILE, TABLE_FILE, FIGURE_FILE, RUNS_FILE = "frontier.csv", "frontier.md", "frontier.png", "runs.jsonl"
 
@@ -149,7 +164,7 @@ class Point:
 def families(config: FrontierConfig) -> list[Family]:
     """The families of `config`, in table order."""
     demo = config.demo
-    lrs = lambda values: tuple((("lr", v),) for v in values)  # noqa: E731
+    lrs = lambda values: tuple((("lr", v),) for v in values)
     out = [
         Family("linear probe", (("", Method("linear", config.linear_lrs[0])),), lrs(config.linear_lrs)),
         Family("full fine-tuning", (("", Method("full", config.full_lrs[0])),), lrs(config.full_lrs)),
@@ -389,14 +404,14 @@ def _csv(points: Sequence[Point]) -> str:
 def _markdown(points: Sequence[Point], info: _Info) -> str:
     pre, demo, splits = info.backbone.config, info.demo, info.splits
     lines = [
-        f"Frontier: digits {_digits(splits.downstream_classes)} ({len(splits.train)} train / {len(splits.val)} val / "
+        (f"Frontier: digits {_digits(splits.downstream_classes)} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images) on a ViT (width {pre.embed_dim}, depth {pre.depth}, {pre.num_heads} heads, "
         f"{pre.patch_size}x{pre.patch_size} patches of 8x8 images) pretrained on digits "
         f"{_digits(splits.pretrain_classes)} (val accuracy {info.backbone.val_accuracy:.1f}%). One recipe for all: "
         f"{demo.epochs} epochs, batch {demo.batch_size}, AdamW + warmup/cosine, weight decay {demo.weight_decay:g}, "
         f"dropout {demo.dropout:g}, drop-path {demo.drop_path:g}. Each family's learning rate (FacT: scale, at lr "
         f"{demo.lr:g}) chosen on val with seed 0 at one budget (marked *), then used at every budget; test "
-        f"accuracy mean ± std over {info.config.seeds} seed(s).",
+        f"accuracy mean ± std over {info.config.seeds} seed(s)."),
         "",
         "| method | setting | trainable params | file bytes | test acc | step ms |",
         "|---|---|---:|---:|---:|---:|",

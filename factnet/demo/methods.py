@@ -32,7 +32,7 @@ from factnet.demo.data import Splits
 from factnet.demo.train import evaluate, fit
 from factnet.recipe import Recipe
 
-__all__ = ["BLOCK_MATRICES", "Method", "PEFT_TUNERS", "Result", "adapt", "downstream_model"]
+__all__ = ["BLOCK_MATRICES", "PEFT_TUNERS", "Method", "Result", "adapt", "downstream_model"]
 
 _FORMAT_NAMES = {"tt": "FacT-TT", "tucker": "FacT-TK"}
 
