@@ -51,6 +51,7 @@ class AdapterSet(nn.Module):
         self._readers: dict[str, tuple[set[str], tuple]] = {}  # module -> (matrices it may read, its hooks)
         self._inside: list[int] = []  # reader modules whose forward is running
         self._watch: WeightWatch | None = None
+        self.mix = None  # a mixed-adapter batch's assignment while `per_sample` runs
         for param in model.parameters():
             param.requires_grad_(False)
         self._hooks = (model.register_forward_pre_hook(self._prepare),

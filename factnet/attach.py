@@ -36,6 +36,7 @@ class Source(Protocol):
     """What an attached matrix asks for its increments (`factnet.adapter_set.AdapterSet`)."""
 
     settings: Any  # scale, dropout, path of the increments returned
+    mix: Any  # the assignment of a mixed-adapter batch (`factnet.mixing.Mix`), or None
     reading: bool  # whether a module that may read adapted weights is running its forward (see `readers`)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
@@ -59,6 +60,8 @@ class _Effective:
     def __call__(self, weight: Tensor) -> Tensor:
         if not self.source.reading:
             return weight  # outside the forward of the modules that may read it: the parameter itself
+        if self.source.mix is not None:
+            return self.source.mix.read(self, weight)
         increments = self.source.increments(self.matrix.name, to_linear(self.matrix, weight))
         if not increments:
             return self.source.guard_merged(weight)
@@ -94,6 +97,8 @@ class AdaptedMatrix(nn.Module):
         self.__dict__.update(original=original, source=source, matrix=matrix, effective=_Effective(matrix, source))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.source.mix is not None:  # a mixed-adapter batch (`AdapterSet.per_sample`)
+            return self.source.mix.forward(self, x)
         linear, bias = to_linear(self.matrix, self._parameters["weight"]), self._parameters["bias"]
         increments = self.source.increments(self.matrix.name, linear)
         if not increments:

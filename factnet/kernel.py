@@ -29,7 +29,7 @@ from torch import Tensor
 
 from factnet.plans import planned
 
-__all__ = ["Increment", "adapted_linear", "delta_weight", "effective_weight"]
+__all__ = ["Increment", "adapted_linear", "delta_rows", "delta_weight", "effective_weight"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,19 @@ def _delta_by_blocks(increment: Increment) -> Tensor:
     """``ΔW`` when each input block has its own projection: ``(d_out, m_in, α) ⊗ (m_in, α, d)``."""
     left = _left(increment).reshape(-1, increment.m_in, increment.a_t.shape[1])
     return torch.einsum("rpa,paj->rpj", left, increment.a_t).reshape(left.shape[0], -1)
+
+
+def delta_rows(rows: Tensor, increments: list[Increment], scale: float) -> Tensor:
+    """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``
+    (mixed-adapter batches: each adapter's rows get its own increments)."""
+    out = None
+    for inc in increments:
+        hidden = torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core)  # (N, m_out·β)
+        if out is None:
+            out = _times(hidden, inc.b_t, inc.m_out).mul_(scale)
+        else:
+            _add_times(out, hidden.mul_(scale), inc.b_t, inc.m_out)
+    return out
 
 
 def _times_t(x: Tensor, p_t: Tensor, m: int) -> Tensor:
