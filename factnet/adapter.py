@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,9 +195,9 @@ class Adapter(nn.Module):
         for group, members in groups.items():
             for matrix, chosen in _by_matrix(members).items():
                 self.matrices[matrix.name] = matrix
-                self.placements.setdefault(matrix.name, []).append(
-                    Placement(_key(group), chosen, [members[p].index for p in chosen], *matrix.cut,
-                              fmt.projections_per_slice))
+                self.placements.setdefault(matrix.name, []).append(_placement(
+                    _key(group), tuple(chosen), tuple(members[p].index for p in chosen), *matrix.cut,
+                    fmt.projections_per_slice))
         self.head = head
         self._merged = False
         self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
@@ -214,6 +215,17 @@ class Adapter(nn.Module):
             cached = forms, weight.dtype, [p.increment(f, weight.dtype) for p, f in zip(placements, forms)]
             self._increments[matrix] = cached
         return cached[2]
+
+    def build_increments(self, matrix: str, dtype: torch.dtype, forms: dict[str, NormalForm]) -> list[Increment]:
+        """The increments of ``matrix``, built anew (no cache kept: mixed batches of many adapters), from
+        the normal forms in ``forms`` (by group; missing ones are built and added)."""
+        found = []
+        for placement in self.placements[matrix]:
+            if placement.group not in forms:
+                group = self.groups[placement.group]
+                forms[placement.group] = group.format.normal_form(dict(group.factors.items()))
+            found.append(placement.increment(forms[placement.group], dtype))
+        return found
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) leave the cached increments behind: they may hold a graph."""
@@ -373,6 +385,14 @@ def factor_dtype(model: nn.Module) -> torch.dtype:
     keep float32 factors; autocast runs the kernel in low precision)."""
     reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
     return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@functools.lru_cache(maxsize=4096)
+def _placement(group: str, members: tuple[int, ...], blocks: tuple[int, ...], n_blocks: int, side: str,
+               per_slice: tuple[bool, bool]) -> Placement:
+    """One `Placement` per layout, shared by every adapter of that layout (1,000 adapters of one
+    model hold one set, not 1,000)."""
+    return Placement(group, list(members), list(blocks), n_blocks, side, per_slice)
 
 
 def _key(group: str) -> str:

@@ -10,7 +10,7 @@ keeps its own head values, swapped into the model's head when it is activated.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,7 @@ from factnet.slices import Matrix
 
 if TYPE_CHECKING:
     from factnet.adapter import Adapter, Settings
+    from factnet.mixing import Mix
 
 __all__ = ["AdapterSet"]
 
@@ -47,14 +48,16 @@ class AdapterSet(nn.Module):
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._head_init: dict[str, Tensor] = {}  # a head's values before any adapter trained it
         self._attached: dict[str, Matrix] = {}
+        self._users: dict[str, int] = {}  # attached matrix -> how many adapters adapt it
         self._verified: set[str] = set()  # matrices the first-forward guard has seen take part
         self._readers: dict[str, tuple[set[str], tuple]] = {}  # module -> (matrices it may read, its hooks)
-        self._inside: list[int] = []  # reader modules whose forward is running
+        self._inside: list[nn.Module] = []  # reader modules whose forward is running
+        self.split_readers: set[str] = set()  # readers that mixed batches run once per adapter (`factnet.mixing`)
         self._watch: WeightWatch | None = None
         self.mix = None  # a mixed-adapter batch's assignment while `per_sample` runs
         for param in model.parameters():
             param.requires_grad_(False)
-        self._hooks = (model.register_forward_pre_hook(self._prepare),
+        self._hooks = (model.register_forward_pre_hook(self._prepare, with_kwargs=True),
                        model.register_forward_hook(self._finish, always_call=True))
         model.add_module("factnet", self.train(model.training))
 
@@ -112,10 +115,9 @@ class AdapterSet(nn.Module):
     def add(self, name: str, adapter: Adapter) -> None:
         """Register ``adapter`` as ``name``, attach the matrices it adapts, and activate it."""
         self.check_addable(self.model, name)
-        params = dict(self.model.named_parameters())
-        for param_name in params:
+        for param_name, param in self._backbone_parameters():
             if _in_head(param_name, adapter.head) and param_name not in self._head_init:
-                self._head_init[param_name] = params[param_name].detach().clone()
+                self._head_init[param_name] = param.detach().clone()
         self._stash_head()
         self.adapters[name] = adapter.train(self.model.training)
         for matrix in adapter.matrices.values():
@@ -123,12 +125,13 @@ class AdapterSet(nn.Module):
                 sites.attach(self.model, matrix, self)
                 self._attached[matrix.name] = matrix
                 self._watch_readers(matrix)
+            self._users[matrix.name] = self._users.get(matrix.name, 0) + 1
         self._switch(name)
 
     def activate(self, name: str | None) -> Adapter | None:
         """Make ``name`` the adapter that acts (``None``: none does) and the only one that trains."""
         if name is not None:
-            self[name]  # noqa: B018  (raises for an unknown name)
+            self[name]
         if name != self.active:
             self._check_switchable()
             self._stash_head()
@@ -148,10 +151,12 @@ class AdapterSet(nn.Module):
             self.active = None
         del self.adapters[name]
         adapter.__dict__["model"] = None
-        used = {m for other in self.adapters.values() for m in other.matrices}
-        for matrix_name in [m for m in self._attached if m not in used]:
-            self._unwatch_readers(self._attached[matrix_name])
-            sites.detach(model, self._attached.pop(matrix_name))
+        for matrix_name in adapter.matrices:
+            self._users[matrix_name] -= 1
+            if not self._users[matrix_name]:
+                del self._users[matrix_name]
+                self._unwatch_readers(self._attached[matrix_name])
+                sites.detach(model, self._attached.pop(matrix_name))
         if not self.adapters:
             for hook in self._hooks:
                 hook.remove()
@@ -160,7 +165,7 @@ class AdapterSet(nn.Module):
             del model._modules["factnet"]
             self.__dict__["model"] = None
         else:
-            self._set_requires_grad()
+            self._set_requires_grad(adapter)
         return model
 
     # ---- what the attached matrices call ----------------------------------------------------
@@ -206,11 +211,19 @@ class AdapterSet(nn.Module):
                 del self._readers[name]
 
     def _enter(self, module: nn.Module, *_: object) -> None:
-        self._inside.append(id(module))
+        self._inside.append(module)
 
     def _leave(self, module: nn.Module, *_: object) -> None:
-        if self._inside and self._inside[-1] == id(module):
+        if self._inside and self._inside[-1] is module:
             self._inside.pop()
+
+    def innermost_reader(self) -> nn.Module:
+        """The innermost module, among those that may read adapted weights, whose forward is running."""
+        return self._inside[-1]
+
+    def reader_modules(self) -> list[str]:
+        """Names of the modules whose forward may read adapted weights as attributes (`readers`)."""
+        return list(self._readers)
 
     def applied(self, matrix: str) -> None:
         """An attached matrix applied its increments (seen by the first-forward guard)."""
@@ -226,14 +239,19 @@ class AdapterSet(nn.Module):
     def _prepare(self, *_: object) -> None:
         """As the model's forward starts: build the active adapter's increments (outside any
         checkpointed block, so recomputation saves the same tensors as the first pass), and watch
-        the first forward of newly adapted matrices (`factnet.guard`)."""
-        adapter = self.active_adapter
-        if adapter is None or not self._enabled or adapter.merged:
-            return
-        if torch.is_grad_enabled():
-            for matrix in adapter.matrices.values():
-                adapter.increments(matrix.name, sites.weight_view(self.model, matrix))
-        pending = [m for m in adapter.matrices.values() if m.name not in self._verified]
+        the first forward of newly adapted matrices (`factnet.guard`; in a mixed batch, those of
+        its adapters)."""
+        if self.mix is not None:
+            acting = [self[name] for name, _ in self.mix.adapted]
+        else:
+            adapter = self.active_adapter
+            if adapter is None or not self._enabled or adapter.merged:
+                return
+            acting = [adapter]
+            if torch.is_grad_enabled():
+                for matrix in adapter.matrices.values():
+                    adapter.increments(matrix.name, sites.weight_view(self.model, matrix))
+        pending = list({m.name: m for a in acting for m in a.matrices.values() if m.name not in self._verified}.values())
         if pending and self._watch is None and not torch.compiler.is_compiling():
             self._watch = WeightWatch({id(sites.base_weight(self.model, m)): m.name for m in pending})
             self._watch.__enter__()
@@ -250,6 +268,59 @@ class AdapterSet(nn.Module):
         """Identity: adapters act inside the model's matrices. (Registered as the last child
         ``model.factnet``, an ``nn.Sequential`` root passes its output straight through.)"""
         return x
+
+    @contextmanager
+    def per_sample(self, names: Sequence[str | None], batch_dim: int = 0) -> Iterator[None]:
+        """Inside the block, sample ``b`` of the model's batch uses adapter ``names[b]`` (``None``: the base
+        model), its increments and its own head, without merging::
+
+            with model.factnet.per_sample(["alice", "bob", None, "alice"]):
+                logits = model(images)  # (4, classes): each row as if its adapter were active
+
+        ``batch_dim`` is the batch dimension of the model's input and of every adapted matrix's input
+        (whose samples own equal consecutive blocks along it). Unknown names, a merged adapter, or an
+        input of another batch size are a `FactnetError` before anything runs. See `factnet.mixing`.
+        """
+        from factnet.mixing import per_sample
+
+        with per_sample(self, names, batch_dim):
+            yield
+
+    @contextmanager
+    def mixing(self, mix: Mix) -> Iterator[None]:
+        """Forwards inside the block follow ``mix`` (a split module's run on some samples)."""
+        outer, self.mix = self.mix, mix
+        try:
+            yield
+        finally:
+            self.mix = outer
+
+    @property
+    def enabled(self) -> bool:
+        """False inside `disable`."""
+        return self._enabled
+
+    @contextmanager
+    def head_values(self, module: str, name: str | None) -> Iterator[None]:
+        """Inside the block the head ``module``'s parameters are adapter ``name``'s (``None``: the values
+        before any adapter trained them), swapped in without copying."""
+        swapped = []
+        for param_name, initial in self._head_init.items():
+            if not _in_head(param_name, [module]):
+                continue
+            adapter = None if name is None else self[name]
+            if adapter is not None and adapter.name == self.active:
+                continue  # the model holds them
+            state = adapter._head_state if adapter is not None else None
+            owner_name, _, local = param_name.rpartition(".")
+            owner = self.model.get_submodule(owner_name)
+            swapped.append((owner, local, owner._parameters[local]))
+            owner._parameters[local] = (state or {}).get(param_name, initial)
+        try:
+            yield
+        finally:
+            for owner, local, value in swapped:
+                owner._parameters[local] = value
 
     @contextmanager
     def disable(self) -> Iterator[None]:
@@ -277,29 +348,41 @@ class AdapterSet(nn.Module):
         """Keep the active adapter's head values with it before another takes the head."""
         adapter = self.active_adapter
         if adapter is not None and adapter.head:
-            adapter._head_state = {n: p.detach().clone() for n, p in self.model.named_parameters()
+            adapter._head_state = {n: self.model.get_parameter(n).detach().clone() for n in self._head_init
                                    if _in_head(n, adapter.head)}
 
     @torch.no_grad()
     def _switch(self, name: str | None) -> None:
-        self.active = name
+        previous, self.active = self.active_adapter, name
         adapter = self.active_adapter
         own = adapter._head_state if adapter is not None and adapter._head_state is not None else {}
-        for param_name, param in self.model.named_parameters():
-            if param_name in self._head_init:
-                param.copy_(own.get(param_name, self._head_init[param_name]))
+        for param_name, initial in self._head_init.items():
+            self.model.get_parameter(param_name).copy_(own.get(param_name, initial))
         if adapter is not None:
             adapter._head_state = None  # the model's head holds it while active
-        self._set_requires_grad()
+        self._set_requires_grad(previous)
 
-    def _set_requires_grad(self) -> None:
+    def _set_requires_grad(self, previous: Adapter | None) -> None:
+        """Only the active adapter's factors and head train; ``previous`` (the adapter that was active)
+        is frozen. Touches two adapters, not all of them: switching is O(1) in their number."""
         active = self.active_adapter
         head = active.head if active is not None else []
-        for name, param in self.model.named_parameters():
-            if not name.startswith("factnet."):
-                param.requires_grad_(_in_head(name, head))
-        for adapter in self.adapters.values():
-            adapter.requires_grad_(adapter is active)
+        for name, param in self._backbone_parameters():
+            param.requires_grad_(_in_head(name, head))
+        if previous is not None and previous is not active:
+            previous.requires_grad_(False)
+        if active is not None:
+            active.requires_grad_(True)
+
+    def _backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The model's parameters but the adapters' (not walking 1,000 adapters to reach the backbone)."""
+        model, seen = self.model, set()
+        found = [model.named_parameters(recurse=False)]
+        found += [child.named_parameters(prefix=name) for name, child in model.named_children() if child is not self]
+        for name, param in (pair for pairs in found for pair in pairs):
+            if id(param) not in seen:  # a tied parameter once, under its first name (as named_parameters)
+                seen.add(id(param))
+                yield name, param
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}"

@@ -1,0 +1,319 @@
+"""Mixed-adapter batches: one forward in which sample ``b`` uses adapter ``names[b]`` (`AdapterSet.per_sample`).
+
+Every adapted matrix runs the frozen base op on the whole batch, then adds each adapter's
+``s · x ΔWᵀ`` to the rows of its own samples by thin products (`factnet.kernel.delta_rows`): the
+rows are gathered once, sorted by adapter, and scattered back once; no dense ``ΔW`` is formed.
+Rows of base-model samples (``None``) get nothing added, so they equal the base model's bit for bit.
+
+Two kinds of module run instead once per adapter on its own samples (`Mix.split`): the task head
+(with each adapter's own head values) and any module whose forward reads an adapted weight as an
+attribute (BEiT's ``F.linear(x, self.qkv.weight)``, ``nn.MultiheadAttention``), which cannot be
+given one weight per sample. Such a reader is found by its first read in a mixed batch (its forward
+is stopped there and rerun split) and remembered.
+
+The batch layout: along ``batch_dim`` of each matrix input (and of a split module's first argument)
+the ``B`` samples own consecutive equal blocks of rows (``k·B`` rows, sample-major, as in Swin's
+windows); ``nn.MultiheadAttention`` is split by its own signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from factnet.attach import AdaptedMatrix, _from_linear, to_linear
+from factnet.errors import FactnetError
+from factnet.kernel import Increment, delta_rows, effective_weight
+
+if TYPE_CHECKING:
+    from factnet.adapter_set import AdapterSet
+
+__all__ = ["Mix", "per_sample"]
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+class SplitHere(Exception):
+    """Raised by a read of an adapted weight in a mixed batch: ``module`` must run once per adapter."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(f"{type(module).__name__} reads an adapted weight as an attribute")
+        self.module = module
+
+
+class Mix:
+    """Which adapter each of ``len(names)`` samples uses, with the increments built for this batch.
+
+    ``groups`` pairs each distinct name (``None``: the base model) with its samples' indices.
+    Increments are built once per adapter and matrix and dropped with the `Mix` (a set of 1,000
+    adapters keeps no per-adapter caches).
+    """
+
+    def __init__(self, adapters: AdapterSet, names: Sequence[str | None], batch_dim: int,
+                 built: tuple[dict, dict] | None = None) -> None:
+        self.set, self.names, self.batch, self.batch_dim = adapters, list(names), len(names), batch_dim
+        found: dict[str | None, list[int]] = {}
+        for position, name in enumerate(self.names):
+            found.setdefault(name, []).append(position)
+        self.groups = [(name, torch.tensor(found[name])) for name in found]
+        adapted = [(name, idx) for name, idx in self.groups if name is not None]
+        self.adapted = adapted
+        self.order = torch.cat([idx for _, idx in adapted]) if adapted else None  # samples sorted by adapter
+        self.counts = [len(idx) for _, idx in adapted]
+        # (adapter, matrix) -> increments, adapter -> {group: normal form}: shared with `sub` mixes
+        self._built: tuple[dict[tuple[str, str], list[Increment]], dict[str, dict]] = built or ({}, {})
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every sample uses the same adapter (or all the base model)."""
+        return len(self.groups) == 1
+
+    def sub(self, name: str | None, count: int) -> Mix:
+        """The uniform mix of a split module's run on ``count`` samples of ``name`` (same built increments)."""
+        return Mix(self.set, [name] * count, self.batch_dim, self._built)
+
+    def increments(self, name: str, matrix: str, weight: Tensor) -> list[Increment]:
+        """Adapter ``name``'s increments of ``matrix`` (``[]`` if it does not adapt it), built once per batch."""
+        built, forms = self._built
+        key = (name, matrix)
+        if key not in built:
+            adapter = self.set[name]
+            built[key] = (adapter.build_increments(matrix, weight.dtype, forms.setdefault(name, {}))
+                          if matrix in adapter.placements else [])
+        return built[key]
+
+    # ---- an adapted matrix's forward ------------------------------------------------------------
+    def forward(self, module: AdaptedMatrix, x: Tensor) -> Tensor:
+        """The base op on the whole batch plus each adapter's thin products on its samples' rows."""
+        matrix, y = module.matrix, module.original(x)
+        weight = to_linear(matrix, module._parameters["weight"])
+        parts = [(name, self.increments(name, matrix.name, weight)) for name, _ in self.adapted]
+        if not any(increments for _, increments in parts):
+            return y
+        self.set.applied(matrix.name)
+        pointwise = matrix.kind == "conv1x1"
+        if self.uniform:  # one adapter for every row: no layout needed
+            name, increments = parts[0]
+            rows = _rows(x.unsqueeze(0), pointwise)
+            return _add_rows(y.unsqueeze(0), delta_rows(rows, increments, self.set[name].settings.scale),
+                             pointwise).squeeze(0)
+        xs, ys = self._by_sample(x, matrix.name), self._by_sample(y, matrix.name)  # (B, k, ...)
+        gathered = xs.index_select(0, self.order)
+        rows = _rows(gathered, pointwise)  # (samples·k·..., d_in), sample-major, sorted by adapter
+        per_sample = rows.shape[0] // len(self.order)
+        deltas, start = [], 0
+        for (name, increments), count in zip(parts, self.counts):
+            chunk = rows[start: start + count * per_sample]
+            deltas.append(delta_rows(chunk, increments, self.set[name].settings.scale) if increments
+                          else chunk.new_zeros(chunk.shape[0], matrix.d_out))
+            start += count * per_sample
+        delta = _unrows(torch.cat(deltas), gathered.shape, matrix.d_out, pointwise)
+        ys.index_add_(0, self.order, delta)
+        return y
+
+    def _by_sample(self, tensor: Tensor, where: str) -> Tensor:
+        """``tensor`` viewed ``(B, k, ...)``: its ``batch_dim`` split into the samples' blocks."""
+        dim = self.batch_dim
+        if tensor.dim() <= dim or tensor.shape[dim] % self.batch:
+            raise FactnetError(f"a mixed batch of {self.batch} samples reached {where} with shape "
+                               f"{tuple(tensor.shape)}, whose dim {dim} is not a multiple of {self.batch}: pass the "
+                               "model's batch dimension as batch_dim= (e.g. 1 for sequence-first models)")
+        return tensor.unflatten(dim, (self.batch, -1)).movedim(dim, 0).movedim(dim + 1, 1)
+
+    # ---- a read of an adapted weight as an attribute ----------------------------------------------
+    def read(self, effective: Any, weight: Tensor) -> Tensor:
+        """``W + s·ΔW`` of a uniform mix's adapter; in a mixed one, the reader must run split."""
+        if not self.uniform:
+            raise SplitHere(self.set.innermost_reader())
+        name = self.groups[0][0]
+        matrix = effective.matrix
+        increments = [] if name is None else self.increments(name, matrix.name, to_linear(matrix, weight))
+        if not increments:
+            return weight
+        self.set.applied(matrix.name)
+        linear = effective_weight(to_linear(matrix, weight), increments, self.set[name].settings.scale)
+        return _from_linear(matrix, linear, weight)
+
+    # ---- modules run once per adapter ------------------------------------------------------------
+    def split(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict,
+              head: Callable[[str | None], Any] | None = None) -> Any:
+        """``forward(*args, **kwargs)`` run once per adapter on its samples, the outputs put back in
+        sample order. ``head(name)`` (for the task head) is a context in which the module holds that
+        adapter's head values."""
+        bind = _split_attention if isinstance(module, nn.MultiheadAttention) else self._split_first
+        outputs, order = [], []
+        for name, idx in self.groups:
+            part_args, part_kwargs, join = bind(module, args, kwargs, idx)
+            with self.set.mixing(self.sub(name, len(idx))), (head(name) if head else _nothing()):
+                outputs.append(forward(*part_args, **part_kwargs))
+            order.append(idx)
+        inverse = torch.empty(self.batch, dtype=torch.long)
+        inverse[torch.cat(order)] = torch.arange(self.batch)
+        return join(outputs, [len(idx) for idx in order], inverse)
+
+    def _split_first(self, module: nn.Module, args: tuple, kwargs: dict, idx: Tensor):
+        """Split the first positional argument along ``batch_dim``; the rest is passed whole."""
+        if not args or not isinstance(args[0], Tensor):
+            raise FactnetError(f"a mixed batch must run {type(module).__name__} once per adapter, splitting its first "
+                               "argument by sample, but that argument is not a tensor; run such samples one adapter "
+                               "at a time (model.factnet.activate)")
+        part = self._by_sample(args[0], type(module).__name__).index_select(0, idx)
+        dim = self.batch_dim
+        return (_from_samples(part, dim), *args[1:]), kwargs, lambda outs, counts, inv: _join(outs, counts, inv, dim)
+
+
+def _split_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, idx: Tensor):
+    """``nn.MultiheadAttention``'s arguments for samples ``idx``: query, key and value along its batch
+    dim, ``key_padding_mask`` and a per-sample ``attn_mask`` along dim 0; outputs joined likewise."""
+    bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+    values = dict(bound.arguments)
+    dim = 0 if module.batch_first else 1
+    for key in ("query", "key", "value"):
+        values[key] = values[key].index_select(dim, idx)
+    if values.get("key_padding_mask") is not None:
+        values["key_padding_mask"] = values["key_padding_mask"].index_select(0, idx)
+    mask = values.get("attn_mask")
+    if mask is not None and mask.dim() == 3:
+        heads = module.num_heads
+        values["attn_mask"] = mask.unflatten(0, (-1, heads)).index_select(0, idx).flatten(0, 1)
+    values.pop("self")
+
+    def join(outputs: list, counts: list[int], inverse: Tensor) -> tuple:
+        attended = torch.cat([o[0] for o in outputs], dim).index_select(dim, inverse)
+        weights = None if outputs[0][1] is None else torch.cat([o[1] for o in outputs]).index_select(0, inverse)
+        return attended, weights
+
+    return (), values, join
+
+
+def _from_samples(part: Tensor, dim: int) -> Tensor:
+    """Inverse of `Mix._by_sample` for a selection of samples: ``(n, k, ...) → (..., n·k, ...)``."""
+    return part.movedim(1, dim + 1).movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _join(outputs: list, counts: list[int], inverse: Tensor, dim: int) -> Any:
+    """Each run's output (a tensor, or a tuple/list of them and None) put back in sample order."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        pieces = []
+        for out, count in zip(outputs, counts):
+            if out.dim() <= dim or out.shape[dim] % count:
+                raise FactnetError(f"a module run per adapter returned shape {tuple(out.shape)}, which does not "
+                                   f"split into {count} samples along dim {dim}; run such samples one adapter at a "
+                                   "time (model.factnet.activate)")
+            pieces.append(out.unflatten(dim, (count, -1)))
+        return torch.cat(pieces, dim).index_select(dim, inverse).flatten(dim, dim + 1)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([o[i] for o in outputs], counts, inverse, dim) for i in range(len(first)))
+    if first is None or all(o == first for o in outputs):
+        return first
+    raise FactnetError(f"a module run per adapter returned {type(first).__name__} values that differ by adapter; run "
+                       "such samples one adapter at a time (model.factnet.activate)")
+
+
+def _rows(x: Tensor, pointwise: bool) -> Tensor:
+    """``(n, k, ..., d)`` (or a pointwise conv's ``(n, k, d, H, W)``) as ``(rows, d)``, sample-major."""
+    return x.movedim(2, -1).reshape(-1, x.shape[2]) if pointwise else x.reshape(-1, x.shape[-1])
+
+
+def _unrows(rows: Tensor, shape: torch.Size, d_out: int, pointwise: bool) -> Tensor:
+    if pointwise:
+        return rows.reshape(*shape[:2], *shape[3:], d_out).movedim(-1, 2)
+    return rows.reshape(*shape[:-1], d_out)
+
+
+def _add_rows(y: Tensor, delta: Tensor, pointwise: bool) -> Tensor:
+    return y.add_(_unrows(delta, y.shape, delta.shape[1], pointwise))
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+@contextmanager
+def per_sample(adapters: AdapterSet, names: Sequence[str | None], batch_dim: int = 0) -> Iterator[Mix]:
+    """See `AdapterSet.per_sample`: checks everything, then routes the model's forwards through a `Mix`."""
+    names = list(names)
+    unknown = sorted({repr(n) for n in names if n is not None and (not isinstance(n, str) or n not in adapters)})
+    if not names or unknown:
+        problem = f"names adapters it does not have: {', '.join(unknown[:6])}" if names else "is empty"
+        raise FactnetError(f"a mixed batch's list of adapter names (one per sample, None for the base model) "
+                           f"{problem}; this model has {adapters.names}")
+    if adapters.mix is not None:
+        raise FactnetError("per_sample() blocks do not nest; close the open one first")
+    if not adapters.enabled:
+        raise FactnetError("per_sample() inside disable(): samples of the base model are named None instead")
+    active = adapters.active_adapter
+    if active is not None and active.merged:
+        raise FactnetError(f"adapter {active.name!r} is merged into the weights, so every sample would get it; "
+                           "unmerge() it before a mixed batch")
+    if batch_dim < 0:
+        raise FactnetError(f"batch_dim must be a non-negative dimension, got {batch_dim}")
+    dropping = sorted({n for n in names if n is not None and adapters[n].settings.dropout > 0})
+    if adapters.training and dropping:
+        raise FactnetError(f"a mixed batch applies no factor dropout, but adapters {dropping[:6]} train with it; "
+                           "call model.eval() for serving")
+    mix = Mix(adapters, names, batch_dim)
+    model = adapters.model
+    heads = sorted({h for adapter in adapters.adapters.values() for h in adapter.head})
+    wrapped = [(model.get_submodule(h), h, True) for h in heads]
+    wrapped += [(model.get_submodule(r), r, False) for r in adapters.reader_modules() if r not in heads]
+    originals = [(module, module.__dict__.get("forward")) for module, _, _ in wrapped]
+    for module, name, is_head in wrapped:
+        module.forward = _split_wrapper(adapters, module, name, module.forward, is_head)
+    check = model.register_forward_pre_hook(lambda _, args, kwargs: _check_batch(mix, args, kwargs),
+                                            with_kwargs=True, prepend=True)
+    adapters.mix = mix
+    try:
+        yield mix
+    finally:
+        adapters.mix = None
+        check.remove()
+        for module, forward in originals:
+            if forward is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = forward
+
+
+def _split_wrapper(adapters: AdapterSet, module: nn.Module, name: str, forward: Callable, is_head: bool) -> Callable:
+    """``module``'s forward in a mixed batch: a head runs once per adapter with its values; a reader of
+    adapted weights too, once it is known to read them (`SplitHere`)."""
+    head = (lambda adapter: adapters.head_values(name, adapter)) if is_head else None
+
+    def mixed_forward(*args: Any, **kwargs: Any) -> Any:
+        mix = adapters.mix
+        if mix is None:
+            return forward(*args, **kwargs)
+        if mix.uniform:
+            if head is None:
+                return forward(*args, **kwargs)
+            with head(mix.groups[0][0]):
+                return forward(*args, **kwargs)
+        if is_head or name in adapters.split_readers:
+            return mix.split(module, forward, args, kwargs, head)
+        try:
+            return forward(*args, **kwargs)
+        except SplitHere as stop:
+            if stop.module is not module:
+                raise
+            adapters.split_readers.add(name)
+            return mix.split(module, forward, args, kwargs, head)
+
+    return mixed_forward
+
+
+def _check_batch(mix: Mix, args: tuple, kwargs: dict) -> None:
+    """Before the model runs: its first tensor input has ``len(names)`` samples along ``batch_dim``."""
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+    dim = mix.batch_dim
+    if first is not None and (first.dim() <= dim or first.shape[dim] != mix.batch):
+        raise FactnetError(f"a mixed batch names {mix.batch} adapters (one per sample), but the model's input has "
+                           f"shape {tuple(first.shape)} (dim {dim} is its batch): pass one name per sample, or the "
+                           "batch dimension as batch_dim=")
