@@ -65,6 +65,8 @@ class Mix:
         self.adapted = adapted
         self.order = torch.cat([idx for _, idx in adapted]) if adapted else None  # samples sorted by adapter
         self.counts = [len(idx) for _, idx in adapted]
+        position = {name: index for index, (name, _) in enumerate(adapted)}
+        self.sample_adapter = torch.tensor([position.get(n, len(adapted)) for n in self.names])  # base: last
         # (adapter, matrix) -> increments, adapter -> {group: normal form}: shared with `sub` mixes
         self._built: tuple[dict[tuple[str, str], list[Increment]], dict[str, dict]] = built or ({}, {})
 
@@ -102,6 +104,14 @@ class Mix:
             rows = _rows(x.unsqueeze(0), pointwise)
             return _add_rows(y.unsqueeze(0), delta_rows(rows, increments, self.set[name].settings.scale),
                              pointwise).squeeze(0)
+        if not pointwise and self.batch_dim == 0 and y.is_contiguous():
+            stacked = self._per_sample_factors(parts, x.shape[0])
+            if stacked is not None:  # one batched thin product per step, every sample with its own factors
+                a_t, core, b_t = stacked
+                u = torch.bmm(x.reshape(self.batch, -1, a_t.shape[2]), a_t.transpose(1, 2))
+                hidden = torch.bmm(u.reshape(self.batch, -1, core.shape[1]), core)
+                y.view(self.batch, -1, b_t.shape[2]).baddbmm_(hidden.reshape(self.batch, -1, b_t.shape[1]), b_t)
+                return y
         xs, ys = self._by_sample(x, matrix.name), self._by_sample(y, matrix.name)  # (B, k, ...)
         gathered = xs.index_select(0, self.order)
         rows = _rows(gathered, pointwise)  # (samples·k·..., d_in), sample-major, sorted by adapter
@@ -115,6 +125,32 @@ class Mix:
         delta = _unrows(torch.cat(deltas), gathered.shape, matrix.d_out, pointwise)
         ys.index_add_(0, self.order, delta)
         return y
+
+    def _per_sample_factors(self, parts: list[tuple[str, list[Increment]]],
+                            rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Each sample's ``(P_inᵀ, s·core, P_outᵀ)``, stacked ``(B, ...)`` (zeros for the base model), when
+        every adapter has one increment of one layout with shared projections; else None."""
+        found = [increments for _, increments in parts if increments]
+        first = found[0][0]
+        shapes = (first.a_t.shape, first.core.shape, first.b_t.shape, first.m_in, first.m_out)
+        if rows % self.batch or first.a_t.shape[0] != 1 or first.b_t.shape[0] != 1 or any(
+                len(i) != 1 or (i[0].a_t.shape, i[0].core.shape, i[0].b_t.shape, i[0].m_in, i[0].m_out) != shapes
+                for i in found):
+            return None
+        zero = [torch.zeros_like(t) for t in (first.a_t[0], first.core, first.b_t[0])]
+        stacks = ([], [], [])
+        for name, increments in parts:
+            if increments:
+                inc, scale = increments[0], self.set[name].settings.scale
+                values = (inc.a_t[0], inc.core * scale, inc.b_t[0])
+            else:
+                values = zero
+            for stack, value in zip(stacks, values):
+                stack.append(value)
+        for stack, value in zip(stacks, zero):
+            stack.append(value)  # the base model's samples: last
+        which = self.sample_adapter
+        return tuple(torch.stack(stack).index_select(0, which) for stack in stacks)
 
     def _by_sample(self, tensor: Tensor, where: str) -> Tensor:
         """``tensor`` viewed ``(B, k, ...)``: its ``batch_dim`` split into the samples' blocks."""
