@@ -341,12 +341,14 @@ class Adapter(nn.Module):
             deltas.append(delta_weight(placement.increment(form, form.core.dtype)))
         return self.settings.scale * sum(deltas)
 
-    def save(self, path: str, include_head: bool = True) -> None:
+    def save(self, path: str, include_head: bool = True, dtype: torch.dtype | None = None) -> None:
         """Write the factors (and the head unless ``include_head=False``) with their spec to one
-        safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it."""
+        safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it.
+        ``dtype`` (``torch.bfloat16``, ``torch.float16``, ``torch.float32`` or ``torch.float64``) stores the
+        tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes."""
         from factnet.io import save
 
-        save(self, path, include_head)
+        save(self, path, include_head, dtype)
 
     # ---- reports ---------------------------------------------------------------------------
     def num_parameters(self) -> int:

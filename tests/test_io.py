@@ -4,6 +4,7 @@ atomic writes under injected crashes, and damaged, foreign or hostile files reje
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import pathlib
@@ -70,9 +71,10 @@ def read_header(path: os.PathLike) -> tuple[int, dict]:
     return length, json.loads(raw[8:8 + length])
 
 
-def rewrite_spec(path: os.PathLike, edit) -> None:
-    """Edit the spec JSON of an adapter file and write it back with a matching checksum (a crafted file)."""
-    tensors = safetensors.torch.load_file(str(path))
+def rewrite_spec(path: os.PathLike, edit, rename: dict | None = None) -> None:
+    """Edit the spec JSON of an adapter file (and ``rename`` tensors) and write it back with a matching
+    checksum (a crafted file)."""
+    tensors = {(rename or {}).get(k, k): v for k, v in safetensors.torch.load_file(str(path)).items()}
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
     edit(spec)
@@ -135,23 +137,23 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     adapter.save(path)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
-    assert spec["factnet_format_version"] == factnet.io.FORMAT_VERSION == 1
+    assert spec["factnet_format_version"] == factnet.io.FORMAT_VERSION == 2
     assert (spec["format"], spec["rank"], spec["scale"], spec["dropout"]) == ("tt", 3, 10.0, 0.1)
-    assert spec["head"] == ["head"] and spec["head_parameters"] == ["head.weight", "head.bias"]
-    # every nn.Linear outside the head, with its weight's shape (d_out, d_in), read from the modules themselves
-    linears = {n: {"kind": "linear", "d_out": m.weight.shape[0], "d_in": m.weight.shape[1]}
-               for n, m in tiny_vit().named_modules() if isinstance(m, nn.Linear) and n != "head"}
-    assert spec["matrices"] == linears
+    assert spec["head"] == ["head"] and spec["dtype"] is None
+    # the base model: a fingerprint of every nn.Linear outside the head, with its weight's shape (d_out, d_in),
+    # read from the modules themselves, sorted by name, and their count
+    linears = {n: m.weight.shape for n, m in tiny_vit().named_modules() if isinstance(m, nn.Linear) and n != "head"}
+    listing = "".join(f"{n}\tlinear\t{shape[0]}\t{shape[1]}\n" for n, shape in sorted(linears.items()))
+    digest = hashlib.sha256(f"{len(linears)}\n{listing}".encode()).hexdigest()
+    assert spec["base"] == {"sha256": digest[:16], "matrices": 8}
     (name, group), = spec["groups"].items()
-    n, d_in, d_out = group["shape"]
-    assert (n, d_in, d_out) == (2 * 12, 48, 48)  # q, k, v, proj, 4 fc1 blocks, 4 fc2 blocks per layer
-    for entry in group["slices"]:  # block offsets along the side the matrix is cut on
-        matrix = spec["matrices"][entry["module"]]
-        step = {"out": d_out, "in": d_in, "none": 0}[entry["side"]]
-        assert entry["offset"] == entry["block"] * step
-        along = {"out": matrix["d_out"], "in": matrix["d_in"], "none": 0}[entry["side"]]
-        assert entry["offset"] + step <= along and (matrix["d_out"] == matrix["d_in"]) == (entry["side"] == "none")
-    assert [s["module"] for s in group["slices"]][:3] == ["blocks.0.attn.qkv"] * 3
+    assert group["shape"] == [2 * 12, 48, 48]  # q, k, v, proj, 4 fc1 blocks, 4 fc2 blocks per layer
+    # module-name templates with numeric runs: fused qkv and fc1 cut along d_out, fc2 along d_in, proj whole
+    assert group["slices"] == ["blocks.{0-1}.attn.qkv[0-2]", "blocks.{0-1}.attn.proj", "blocks.{0-1}.mlp.fc1[0-3]",
+                               "blocks.{0-1}.mlp.fc2[0-3]"]
+    assert [s.qualified_name for s in adapter.group(name).slices][:5] == [
+        "blocks.0.attn.qkv[q]", "blocks.0.attn.qkv[k]", "blocks.0.attn.qkv[v]", "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1[0]"]
     # the tensors: one per factor and head parameter, float32, as the adapter holds them
     assert set(header) - {"__metadata__"} == {f"factors.{name}.{f}" for f in ("sigma", "u", "v")} | {
         "head.head.weight", "head.head.bias"}
@@ -218,7 +220,7 @@ def test_include_head_false(tmp_path):
     path = tmp_path / "adapter.safetensors"
     _, header = read_header(path)
     assert not [key for key in header if key.startswith("head.")]
-    assert json.loads(header["__metadata__"]["factnet"])["head_parameters"] == []
+    assert "head_parameters" not in json.loads(header["__metadata__"]["factnet"])  # the head.* tensors say it
     assert_bitwise(head_parameters(fresh, loaded), head_parameters(base, adapter))  # the base model's head
     assert loaded.head == ["head"] and loaded.num_head_parameters() == 48 * 5 + 5  # still trainable
     # without the head the file fits a model with another head size
@@ -257,7 +259,9 @@ def test_vit_b_tt_r8_file_size(tmp_path):
         assert os.path.getsize(path) == 8 + length + 4 * count
     print(f"\nViT-B TT r8 file bytes (file, 4 x parameters, header): factors only {sizes[False]}, "
           f"with head {sizes[True]}")
-    assert sizes[True][2] < 32 * 1024
+    for include_head in (False, True):  # version 2: the whole header (file bytes - tensor bytes) within 1 KiB
+        file_bytes, tensor_bytes, _ = sizes[include_head]
+        assert file_bytes - tensor_bytes <= 1024
 
 
 # ---- atomic writes --------------------------------------------------------------------------------------
@@ -412,20 +416,28 @@ def test_missing_file_and_directory(saved, tmp_path):
 
 # ---- the wrong model ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("saved_on, loaded_on, named", [
-    (dict(depth=2), dict(depth=3), "blocks.2.attn.qkv: saved missing, model has linear 144x48"),
-    (dict(depth=3), dict(depth=2), "blocks.2.attn.qkv: saved linear 144x48, model has missing"),
-    (dict(), dict(embed_dim=60), "blocks.0.attn.qkv: saved linear 144x48, model has linear 180x60"),
-    (dict(mlp_ratio=4.0), dict(mlp_ratio=2.0), "blocks.0.mlp.fc1: saved linear 192x48, model has linear 96x48"),
+    (dict(depth=2), dict(depth=3), ("with 8 matrices outside the head (fingerprint {saved}), this model has 12 "
+                                    "(fingerprint {model}); the 8 matrices it adapts match; this model also has 4 "
+                                    "matrices named like those but not in the file's slice map: blocks.2.attn.qkv: "
+                                    "linear 144x48;")),
+    (dict(depth=3), dict(depth=2), ("of the 12 matrices it adapts, 4 differ (d_out x d_in): blocks.2.attn.qkv: saved "
+                                    "blocks 0-2 of 48x48, model has missing")),
+    (dict(), dict(embed_dim=60), "blocks.0.attn.qkv: saved blocks 0-2 of 48x48, model has linear 180x60"),
+    (dict(mlp_ratio=4.0), dict(mlp_ratio=2.0), "blocks.0.mlp.fc1: saved blocks 0-3 of 48x48, model has linear 96x48"),
 ], ids=["deeper", "shallower", "wider", "narrower-mlp"])
 def test_wrong_model_lists_the_first_mismatches(tmp_path, saved_on, loaded_on, named):
+    """A version-2 file keeps the base model's fingerprint and count: the message gives both, and which of the
+    matrices the file adapts (its slice map) the model lacks or has of another shape."""
     torch.manual_seed(0)
     adapter = factnet.Tensorizer(tiny_vit(**saved_on)).decompose("tt", rank=2)
     path = tmp_path / "a.safetensors"
     adapter.save(path)
+    fingerprints = {"saved": factnet.io.load_spec(path)["base"]["sha256"],
+                    "model": factnet.io._fingerprint(factnet.io._matrices(tiny_vit(**loaded_on), ["head"]))}
     message = rejected(tiny_vit(**loaded_on), path, "does not fit this model")
-    assert named in message and "same depth and width" in message
+    assert named.format(**fingerprints) in message and "same depth, width and module names" in message
     if "embed_dim" in loaded_on:
-        assert "and 3 more" in message  # 8 matrices differ, 5 listed
+        assert "8 differ" in message and "and 3 more" in message  # 8 matrices differ, 5 listed
 
 
 def test_wrong_head_size_with_head(tmp_path):
@@ -448,8 +460,9 @@ def test_not_a_module(saved):
 
 # ---- crafted specs (valid checksum) ----------------------------------------------------------------------
 @pytest.mark.parametrize("edit, match", [
-    (lambda s: s.update(factnet_format_version=2), "factnet_format_version 2.*upgrade factnet"),
-    (lambda s: s.update(factnet_format_version="1"), "malformed factnet spec"),
+    (lambda s: s.update(factnet_format_version=3), "factnet_format_version 3.*upgrade factnet"),
+    (lambda s: s.update(factnet_format_version="2"), "malformed factnet spec"),
+    (lambda s: s.update(factnet_format_version=1), "malformed factnet spec"),
     (lambda s: s.update(format="block-term"), "'block-term' is not registered"),
     (lambda s: s.update(factors={"sigma": "iab", "u": "ja", "w": "kb"}), "registered with factors"),
     (lambda s: s.update(rank=0), "rank must be a positive integer"),
@@ -458,16 +471,31 @@ def test_not_a_module(saved):
     (lambda s: s.pop("groups"), "malformed factnet spec"),
     (lambda s: s.update(groups={}), "at least one group"),
     (lambda s: s.update(dropout=1.5), "dropout must be in"),
-    (lambda s: next(iter(s["groups"].values()))["slices"][0].update(offset=1), "slice map of groups"),
-    (lambda s: next(iter(s["groups"].values()))["slices"][0].update(block=7), "has blocks"),
-    (lambda s: next(iter(s["groups"].values()))["slices"][0].update(module="ghost"), "does not list"),
-    (lambda s: s.update(head_parameters=["qkv.weight"]), "head"),
-], ids=["newer-version", "version-type", "unknown-format", "factor-letters", "rank-0", "rank-5", "nan-scale",
-        "no-groups", "empty-groups", "dropout", "offset", "block", "unlisted-module", "backbone-as-head"])
+    (lambda s: _slices(s).__setitem__(1, "proj[0]"), "slice map of group .*proj is whole here, cut into blocks in the file"),
+    (lambda s: _slices(s).__setitem__(0, "qkv[0-1,7]"), "has blocks"),
+    (lambda s: _slices(s).__setitem__(1, "ghost"), "slice map does not match this model.*matches no weight"),
+    (lambda s: _slices(s).__setitem__(0, "qkv[0-1]"), "stand for 11 slices.* has 12"),
+    (lambda s: s.update(head_parameters=["qkv.weight"]), "malformed factnet spec"),
+], ids=["newer-version", "version-type", "version-1-layout", "unknown-format", "factor-letters", "rank-0", "rank-5",
+        "nan-scale", "no-groups", "empty-groups", "dropout", "cut", "block", "unlisted-module", "count",
+        "extra-key"])
 def test_crafted_spec(saved, edit, match):
     base, path, *_ = saved
+    assert factnet.io.load_spec(path)["groups"]["4x4"]["slices"] == ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]
     rewrite_spec(path, edit)
     rejected(copy.deepcopy(base), path, match)
+
+
+def _slices(spec: dict) -> list:
+    return next(iter(spec["groups"].values()))["slices"]
+
+
+def test_crafted_backbone_as_head(saved):
+    """The head parameters are the file's head.* tensors: one named for a backbone parameter is rejected."""
+    base, path, *_ = saved
+    rewrite_spec(path, lambda s: None, rename={"head.head.weight": "head.qkv.weight"})
+    message = rejected(copy.deepcopy(base), path, "the model's head")
+    assert "['head.bias', 'head.weight'], but" in message and "['head.bias', 'qkv.weight']" in message
 
 
 def test_crafted_spec_with_a_stale_checksum(saved):
