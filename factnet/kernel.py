@@ -92,16 +92,15 @@ def _delta_by_blocks(increment: Increment) -> Tensor:
     return torch.einsum("rpa,paj->rpj", left, increment.a_t).reshape(left.shape[0], -1)
 
 
-def delta_rows(rows: Tensor, increments: list[Increment], scale: float) -> Tensor:
-    """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``
-    (mixed-adapter batches: each adapter's rows get its own increments)."""
-    out = None
+def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Tensor | None = None) -> Tensor:
+    """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``, or added
+    in place to ``out: (N, d_out)`` when given (mixed-adapter batches: each adapter's rows get its own)."""
     for inc in increments:
-        hidden = torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core)  # (N, m_out·β)
+        hidden = torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core).mul_(scale)  # (N, m_out·β)
         if out is None:
-            out = _times(hidden, inc.b_t, inc.m_out).mul_(scale)
+            out = _times(hidden, inc.b_t, inc.m_out)
         else:
-            _add_times(out, hidden.mul_(scale), inc.b_t, inc.m_out)
+            _add_times(out, hidden, inc.b_t, inc.m_out)
     return out
 
 

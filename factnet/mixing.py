@@ -101,9 +101,12 @@ class Mix:
         pointwise = matrix.kind == "conv1x1"
         if self.uniform:  # one adapter for every row: no layout needed
             name, increments = parts[0]
+            scale = self.set[name].settings.scale
+            if not pointwise and y.is_contiguous():  # added in place, one pass
+                delta_rows(x.reshape(-1, matrix.d_in), increments, scale, out=y.view(-1, matrix.d_out))
+                return y
             rows = _rows(x.unsqueeze(0), pointwise)
-            return _add_rows(y.unsqueeze(0), delta_rows(rows, increments, self.set[name].settings.scale),
-                             pointwise).squeeze(0)
+            return _add_rows(y.unsqueeze(0), delta_rows(rows, increments, scale), pointwise).squeeze(0)
         if not pointwise and self.batch_dim == 0 and y.is_contiguous():
             stacked = self._per_sample_factors(parts, x.shape[0])
             if stacked is not None:  # one batched thin product per step, every sample with its own factors

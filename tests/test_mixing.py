@@ -211,3 +211,16 @@ def test_sequence_first_model_with_batch_dim_1():
     torch.testing.assert_close(mixed, torch.cat(rows, 1), rtol=1e-10, atol=1e-12)
     with pytest.raises(FactnetError, match="batch_dim="), model.factnet.per_sample(NAMES):
         model(x)  # the default batch_dim=0 is the length (5), not the 4 samples
+
+
+@pytest.mark.parametrize("family", ["timm-vit", "timm-convnext", "hf-gpt2", "timm-swin"])
+@torch.no_grad()
+def test_one_adapter_for_every_sample_is_that_adapter_active(family):
+    model = _two_adapters(family, "tucker")
+    args, kwargs = _batch(family)
+    model.factnet.activate("b")
+    expected = run(model, args, kwargs)
+    model.factnet.activate("a")
+    with model.factnet.per_sample(["b"] * 4):
+        mixed = run(model, args, kwargs)
+    torch.testing.assert_close(mixed, expected, rtol=1e-10, atol=1e-12)
