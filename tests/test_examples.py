@@ -161,3 +161,26 @@ def test_export_script_with_trained_head_runs_as_a_command(tmp_path):
     with torch.no_grad():
         assert (peft_model(x) - model.eval()(x)).abs().max().item() < 1e-5
         assert (peft_model(x) - base(x)).abs().max().item() > 1e-2
+
+
+def test_serve_many_answers_a_mixed_batch_as_the_dense_oracle(tmp_path):
+    """Each row of the example's mixed batch equals the dense ``W + s·ΔW`` model of its user (tensorly's
+    reconstruction on an unadapted copy, with the user's saved head)."""
+    from conftest import oracle_forward
+
+    serve = script("serve_many")
+    (tmp_path / "users").mkdir()
+    serve.write_demo_adapters(tiny(), str(tmp_path / "users"), 3)
+    torch.save(tiny().state_dict(), tmp_path / "base.pt")
+    result = serve.main(model_args("--base", str(tmp_path / "base.pt"), "--adapters", str(tmp_path / "users"),
+                                   "--batch", "5", "--check", "5"))
+    assert result["ok"] and result["adapters"] == 3 and result["names"] == [f"user{b % 3:04d}" for b in range(5)]
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for b, name in enumerate(result["names"]):
+        holder = tiny()
+        adapter = factnet.load(holder, tmp_path / "users" / f"{name}.safetensors")
+        base = tiny()
+        base.load_state_dict({**base.state_dict(), **adapter.head_state()})
+        with torch.no_grad():
+            expected = oracle_forward(base, adapter, adapter.settings.scale, x[b: b + 1])[0]
+        assert ((result["outputs"][b] - expected).norm() / expected.norm()).item() < 1e-5
