@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from factnet.kernel import Increment, adapted_linear, effective_weight
-from factnet.slices import Matrix
+from factnet.slices import Matrix, StandIn
 
 __all__ = ["AdaptedMatrix", "attach", "base_weight", "detach", "readers", "weight_view"]
 
@@ -81,7 +81,7 @@ class _Effective:
         return {"matrix": self.matrix, "source": self.source, "_cached": None}  # a graph cannot be copied
 
 
-class AdaptedMatrix(nn.Module):
+class AdaptedMatrix(StandIn):
     """Stands in for an adapted ``nn.Linear``, 1x1 ``nn.Conv2d`` or ``Conv1D``.
 
     Holds the original's ``weight`` and ``bias`` under the same names; inside the forward of the

@@ -18,7 +18,7 @@ from torch import nn
 
 from factnet.errors import FactnetError
 
-__all__ = ["Matrix", "Slice", "find_matrices", "matches", "select_slices"]
+__all__ = ["Matrix", "Slice", "StandIn", "find_matrices", "matches", "select_slices"]
 
 Kind = Literal["linear", "conv1x1", "conv1d", "mha-in", "mha-out"]
 Side = Literal["out", "in", "none"]
@@ -101,16 +101,21 @@ class Slice:
         return self.d_in, self.d_out
 
 
+class StandIn(nn.Module):
+    """Base of a module standing in for an adapted matrix (`factnet.attach.AdaptedMatrix`): `find_matrices`
+    finds it as the `Matrix` it holds (a model may carry adapters already)."""
+
+    matrix: Matrix
+
+
 def find_matrices(model: nn.Module) -> list[Matrix]:
     """Every weight matrix of ``model`` factnet can adapt, in module order."""
-    from factnet.attach import AdaptedMatrix  # a model may carry adapters already
-
     found: list[Matrix] = []
     inside_mha: set[str] = set()
     for name, module in model.named_modules():
         if name in inside_mha:
             continue
-        if isinstance(module, AdaptedMatrix):
+        if isinstance(module, StandIn):
             found.append(module.matrix)
         elif isinstance(module, nn.MultiheadAttention):
             in_proj = module._parameters.get("in_proj_weight")  # the parameter, even once adapted
