@@ -12,12 +12,12 @@ from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
 from factnet.formats import Format, available_formats, get_format
-from factnet.io import load, save
+from factnet.io import load, load_many, save
 from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer
 
 __all__ = [
     "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
-    "compress", "export_lora", "get_format", "load", "rank_sweep", "save",
+    "compress", "export_lora", "get_format", "load", "load_many", "rank_sweep", "save",
 ]
 __version__ = "0.1.0"

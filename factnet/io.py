@@ -11,9 +11,10 @@ mid-write leaves the old file intact.
 The spec (``factnet_format_version`` 2) holds the format, rank, factor letters, scale, dropout, the
 head's module names, the storage ``dtype`` (``null``: as the adapter held them), a fingerprint of
 the base model (``base``: the first 16 hex digits of the SHA-256 of the sorted listing of every
-matrix outside the head, name, kind, ``d_out``, ``d_in``, and their count) and each group's slice map as module-name templates with numeric
-runs: ``{"shape": [144, 768, 768], "slices": ["blocks.{0-11}.attn.qkv[0-2]", "blocks.{0-11}.attn.proj",
-...]}`` (``[blocks]``: the blocks of a cut matrix; none: the whole matrix). `load` expands the
+matrix outside the head, name, kind, ``d_out``, ``d_in``, and their count) and each group's slice
+map as module-name templates with numeric runs: ``{"shape": [144, 768, 768], "slices":
+["blocks.{0-11}.attn.qkv[0-2]", "blocks.{0-11}.attn.proj", ...]}`` (``[blocks]``: the blocks of a
+cut matrix; none: the whole matrix). `load` expands the
 templates, rebuilds the slices on the model (in the model's order, as `Tensorizer` makes them) and
 checks them against each group's shape; the head parameters are the file's ``head.*`` tensors.
 A ViT-B FacT-TT rank 8 file has a header under 1 KiB. Files of version 1 (the spec listed every
@@ -31,6 +32,7 @@ import pathlib
 import re
 import secrets
 import stat
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from factnet.adapter import Adapter, _in_head, factor_dtype
+from factnet.adapter import Adapter, _in_head, _key, factor_dtype
 from factnet.adapter_set import AdapterSet
 from factnet.attach import AdaptedMatrix
 from factnet.errors import FactnetError
@@ -457,6 +459,10 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
                 message = str(error)
                 raise FactnetError(message if file in message else f"{file}: {message}") from None
             bar.update()
+        if any(item.spec["dropout"] > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
+               for item in loaded):
+            warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
+                          "applied as a merged weight", stacklevel=2)
         bar.reset()
         bar.set_description("load_many: attach")
         previous = model.factnet.active if isinstance(getattr(model, "factnet", None), AdapterSet) else None
@@ -464,7 +470,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         adapters: dict[str, Adapter] = {}
         try:
             for position, name in enumerate(names):
-                adapters[name] = _attach(model, loaded[position], name)
+                adapters[name] = _attach(model, loaded[position], name, checked=True)
                 loaded[position] = None  # type: ignore[call-overload]  # its tensors are the adapter's now
                 bar.update()
         except BaseException:
@@ -505,7 +511,8 @@ class _Caches:
         self.matrices: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
         self.checked: set[tuple] = set()  # (head, fingerprint or v1 listing) that fit the model
         self.tensorizers: dict[tuple[int, str], Tensorizer] = {}
-        self.parameters: dict[str, nn.Parameter] | None = None
+        self.parameters: dict[str, nn.Parameter] | None = None  # the model's own (not its adapters')
+        self.heads: dict[tuple[str, ...], dict[str, nn.Parameter]] = {}
 
     def matrices_of(self, head: Sequence[str]) -> dict[str, dict[str, Any]]:
         key = tuple(head)
@@ -516,7 +523,10 @@ class _Caches:
     def head_parameters(self, head: Sequence[str]) -> dict[str, nn.Parameter]:
         if self.parameters is None:
             self.parameters = {n: p for n, p in self.model.named_parameters() if not n.startswith("factnet.")}
-        return {n: p for n, p in self.parameters.items() if _in_head(n, head)}
+        key = tuple(head)
+        if key not in self.heads:
+            self.heads[key] = {n: p for n, p in self.parameters.items() if _in_head(n, head)}
+        return self.heads[key]
 
 
 def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
@@ -544,12 +554,18 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     return _Loaded(path, spec, fmt, tensorizer, tensors, head_parameters)
 
 
-def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
-    """Add the adapter of a checked file to ``model`` as ``name`` and copy its tensors in."""
+def _attach(model: nn.Module, loaded: _Loaded, name: str, checked: bool = False) -> Adapter:
+    """Add the adapter of a checked file to ``model`` as ``name`` and copy its tensors in. ``checked``: what
+    `Tensorizer.decompose` checks was checked (`_check_settings`), so build the `Adapter` directly (decompose
+    walks every module of the model, adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    adapter = loaded.tensorizer.decompose(loaded.fmt, scale=spec["scale"], dropout=spec["dropout"], head=spec["head"],
-                                          train_head=bool(spec["head"]), seed=0,  # seed: leave the global RNG alone
-                                          name=name)
+    if checked:
+        adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"],
+                          list(spec["head"]), name, torch.Generator().manual_seed(0))
+    else:
+        adapter = loaded.tensorizer.decompose(loaded.fmt, scale=spec["scale"], dropout=spec["dropout"],
+                                              head=spec["head"], train_head=bool(spec["head"]),
+                                              seed=0, name=name)  # seed: leave the global RNG alone
     pairs = [(factor, tensors[f"factors.{group}.{key}"])
              for group in adapter.group_names for key, factor in adapter.group(group).factors.items()]
     pairs += [(model.get_parameter(p), tensors[f"head.{p}"]) for p in loaded.head_parameters]
@@ -788,6 +804,14 @@ def _check_settings(model: nn.Module, spec: dict[str, Any], fmt: Format, tensori
         limit = fmt.max_rank(*shape)
         if fmt.rank > limit:
             raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {group!r}")
-    unknown = [h for h in spec["head"] if not h or model.get_submodule(h) is None]
+    keys = [_key(group) for group in tensorizer.groups]
+    if len(set(keys)) != len(keys):
+        raise FactnetError(f"group names {list(tensorizer.groups)} collide once dots become underscores; rename them")
+    unknown = []
+    for head in spec["head"]:
+        try:
+            model.get_submodule(head) if head else unknown.append(head)
+        except AttributeError:
+            unknown.append(head)
     if unknown:
         raise FactnetError(f"head {unknown} is not a submodule of the model")

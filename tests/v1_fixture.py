@@ -16,8 +16,8 @@ DATA = pathlib.Path(__file__).parent / "data"
 
 # name -> (decompose settings, targets, include_head)
 FILES = {
-    "v1_tt_head": (dict(format="tt", rank=2, scale=3.0, dropout=0.1), None, True),
-    "v1_cp_qv": (dict(format="cp", rank=2), ["blocks.*.attn.qkv[q,v]", "blocks.1.mlp.fc1[1]"], False),
+    "v1_tt_head": ({"format": "tt", "rank": 2, "scale": 3.0, "dropout": 0.1}, None, True),
+    "v1_cp_qv": ({"format": "cp", "rank": 2}, ["blocks.*.attn.qkv[q,v]", "blocks.1.mlp.fc1[1]"], False),
 }
 
 
