@@ -466,7 +466,8 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         bar.reset()
         bar.set_description("load_many: attach")
         previous = model.factnet.active if isinstance(getattr(model, "factnet", None), AdapterSet) else None
-        heads = {p: model.get_parameter(p).detach().clone() for item in loaded for p in item.head_parameters}
+        heads = {p: value.detach().clone() for head in {tuple(item.spec['head']) for item in loaded}
+                 for p, value in caches.head_parameters(head).items()}
         adapters: dict[str, Adapter] = {}
         try:
             for position, name in enumerate(names):
