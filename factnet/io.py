@@ -442,14 +442,14 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         raise FactnetError(f"load_many got {len(files)} files but {len(names)} names; pass one name per file")
     first: dict[str, str] = {}
     for file, name in zip(files, names):
-        if isinstance(name, str) and name in first:
-            raise FactnetError(f"{file} and {first[name]} would both be adapter {name!r}; pass names=[...] (one "
-                               "distinct name per file) or rename the files")
-        first.setdefault(name, file) if isinstance(name, str) else None
         try:
             AdapterSet.check_addable(model, name)
         except FactnetError as error:
             raise FactnetError(f"{file}: {error}") from None
+        if name in first:
+            raise FactnetError(f"{file} and {first[name]} would both be adapter {name!r}; pass names=[...] (one "
+                               "distinct name per file) or rename the files")
+        first[name] = file
     caches, loaded = _Caches(model), []
     with tqdm(total=len(files), desc="load_many: read and check", unit="file", disable=_no_bar(progress)) as bar:
         for file in files:
