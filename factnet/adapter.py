@@ -317,11 +317,12 @@ class Adapter(nn.Module):
 
     def head_state(self) -> dict[str, Tensor]:
         """This adapter's head parameters by model name (the model's own while it is active)."""
-        if self._head_state is not None:
-            return dict(self._head_state)
+        if self._head_state is not None:  # inactive: its values, the set's initial ones where it kept none
+            initial = self._set._head_init
+            return {n: self._head_state.get(n, initial[n]) for n in initial if _in_head(n, self.head)}
         if self.__dict__.get("model") is None:
             raise FactnetError("adapter was detached, so its head is no longer known")
-        return {n: p for n, p in self.model.named_parameters() if _in_head(n, self.head)}
+        return {n: p for n, p in self._set._backbone_parameters() if _in_head(n, self.head)}
 
     # ---- views of the increment ----------------------------------------------------------
     def group(self, name: str) -> GroupFactors:

@@ -149,6 +149,8 @@ class AdapterSet(nn.Module):
         if name == self.active:
             adapter._merged = False
             self.active = None
+        if adapter._head_state is not None:
+            adapter._head_state = adapter.head_state()  # whole: it can no longer fall back on the set's
         del self.adapters[name]
         adapter.__dict__["model"] = None
         for matrix_name in adapter.matrices:
@@ -348,8 +350,9 @@ class AdapterSet(nn.Module):
         """Keep the active adapter's head values with it before another takes the head."""
         adapter = self.active_adapter
         if adapter is not None and adapter.head:
-            adapter._head_state = {n: self.model.get_parameter(n).detach().clone() for n in self._head_init
-                                   if _in_head(n, adapter.head)}
+            values = {n: self.model.get_parameter(n) for n in self._head_init if _in_head(n, adapter.head)}
+            adapter._head_state = {n: v.detach().clone() for n, v in values.items()  # only what training changed:
+                                   if not torch.equal(v, self._head_init[n])}  # 1,000 untrained heads cost nothing
 
     @torch.no_grad()
     def _switch(self, name: str | None) -> None:
