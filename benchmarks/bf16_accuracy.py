@@ -2,7 +2,7 @@
 
     python benchmarks/bf16_accuracy.py [--seeds 3] [--format tt]
 
-Per seed: `factnet.demo`'s default run (its backbone pretrained on the digits 0-4, cached; FacT adapted to the
+Per seed: `factnet.app.demo`'s default run (its backbone pretrained on the digits 0-4, cached; FacT adapted to the
 digits 5-9 with the demo's default rank, scale and recipe), then the adapter saved twice (factors and head,
 float32 and bfloat16), each file loaded onto a fresh downstream model, and test accuracy (the held-out
 split), the predictions that differ and the largest logit difference measured. CPU; about 20 s a seed with
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import factnet
-from factnet.demo import DEFAULTS, DemoConfig
-from factnet.demo.backbone import pretrained_backbone
-from factnet.demo.data import load_splits
-from factnet.demo.methods import Method, adapt, downstream_model
-from factnet.demo.train import evaluate, threads
+from factnet.app.demo import DEFAULTS, DemoConfig
+from factnet.app.demo.backbone import pretrained_backbone
+from factnet.app.demo.data import load_splits
+from factnet.app.demo.methods import Method, adapt, downstream_model
+from factnet.app.demo.train import evaluate, threads
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
             gap = float((logits["float32"] - logits["bfloat16"]).abs().max())
             rows.append((seed, result.test_accuracy, accuracy["float32"], accuracy["bfloat16"], differ,
                          len(splits.test.y), gap, size["float32"], size["bfloat16"]))
-    print(f"factnet.demo, FacT ({args.format}) rank {rank}, scale {scale:g}, factors and head saved; "
+    print(f"factnet.app.demo, FacT ({args.format}) rank {rank}, scale {scale:g}, factors and head saved; "
           f"test split of {rows[0][5]} images\n")
     print("| seed | trained model test acc. (%) | float32 file (%) | bfloat16 file (%) | predictions that differ | "
           "max logit difference | float32 bytes | bfloat16 bytes |")

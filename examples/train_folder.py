@@ -20,9 +20,9 @@ import timm
 import torch
 
 from factnet import Tensorizer
-from factnet.data import image_transform, load_task, make_loader
-from factnet.recipe import Recipe
-from factnet.training import fit
+from factnet.app.data import image_transform, load_task, make_loader
+from factnet.app.recipe import Recipe
+from factnet.app.training import fit
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -20,13 +20,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import factnet
-import factnet.cli
-import factnet.runs
-import factnet.training
-from factnet.cli import main
-from factnet.data import image_transform, load_task, make_loader
-from factnet.runs import SettingResult, build_model
-from factnet.training import ADAPTER_FILE, METRICS_FILE, RESUME_FILE, evaluate, read_metrics
+import factnet.app.cli
+import factnet.app.runs
+import factnet.app.training
+from factnet.app.cli import main
+from factnet.app.data import image_transform, load_task, make_loader
+from factnet.app.runs import SettingResult, build_model
+from factnet.app.training import ADAPTER_FILE, METRICS_FILE, RESUME_FILE, evaluate, read_metrics
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
@@ -115,7 +115,7 @@ def test_without_checkpoint_the_model_is_random_and_says_so(capsys: pytest.Captu
 
 
 def test_model_kwargs_parse_literals_tuples_and_json() -> None:
-    from factnet.cli import _model_kwargs
+    from factnet.app.cli import _model_kwargs
 
     assert _model_kwargs("img_size=32,depths=(2, 2),global_pool=avg,qkv_bias=False") == dict(
         img_size=32, depths=(2, 2), global_pool="avg", qkv_bias=False)
@@ -170,7 +170,7 @@ def test_resume_after_an_interruption_is_bit_exact(toy, tmp_path, capsys, monkey
             "--batch-size", "4", "--drop-path", "0.1"]
     assert run([*args, "--out", tmp_path / "straight"], capsys)[0] == 0
 
-    real_evaluate, calls = factnet.training.evaluate, []
+    real_evaluate, calls = factnet.app.training.evaluate, []
 
     def interrupted_in_epoch_two(*a, **k):
         calls.append(1)
@@ -178,11 +178,11 @@ def test_resume_after_an_interruption_is_bit_exact(toy, tmp_path, capsys, monkey
             raise KeyboardInterrupt
         return real_evaluate(*a, **k)
 
-    monkeypatch.setattr(factnet.training, "evaluate", interrupted_in_epoch_two)
+    monkeypatch.setattr(factnet.app.training, "evaluate", interrupted_in_epoch_two)
     status, _, err = run([*args, "--out", tmp_path / "resumed"], capsys)
     assert status == 130 and "--resume" in err
     assert (tmp_path / "resumed" / RESUME_FILE).is_file() and len(read_metrics(tmp_path / "resumed")) == 1
-    monkeypatch.setattr(factnet.training, "evaluate", real_evaluate)
+    monkeypatch.setattr(factnet.app.training, "evaluate", real_evaluate)
     assert_one_line_error(*run([*args, "--out", tmp_path / "resumed"], capsys)[::2], "--resume")
     assert_one_line_error(*run([*args, "--lr", "0.5", "--out", tmp_path / "resumed", "--resume"], capsys)[::2],
                           "recipe")
@@ -226,8 +226,8 @@ def test_sweep_writes_results_and_tests_only_the_selected_setting(toy, tmp_path,
              "1", "--out", out]
     assert_one_line_error(*run(sweep, capsys)[::2], "already holds a run")
     shutil.rmtree(out / "final")
-    trained, real = [], factnet.runs.train_setting
-    monkeypatch.setattr(factnet.runs, "train_setting", lambda *a, **k: trained.append(a[1]) or real(*a, **k))
+    trained, real = [], factnet.app.runs.train_setting
+    monkeypatch.setattr(factnet.app.runs, "train_setting", lambda *a, **k: trained.append(a[1]) or real(*a, **k))
     assert run([*sweep, "--resume"], capsys)[0] == 0
     assert trained == ["train800val200"]
     with (out / "results.csv").open() as stream:
@@ -246,7 +246,7 @@ def test_sweep_selects_on_val_even_when_test_disagrees(toy, tmp_path, capsys, mo
         return SettingResult(settings.rank, settings.scale, 100 * settings.rank, 3, 1000, accuracy,
                              "val200" if split == "train800" else "test", 1.0, out_dir / ADAPTER_FILE)
 
-    monkeypatch.setattr(factnet.runs, "train_setting", fake_train_setting)
+    monkeypatch.setattr(factnet.app.runs, "train_setting", fake_train_setting)
     status, stdout, err = run(["sweep", "--data", toy.vtab, *model_flags(toy), "--ranks", "1,4", "--scales",
                                "1,10", *QUICK, "--out", tmp_path], capsys)
     assert status == 0, err
@@ -346,8 +346,8 @@ def test_demo_and_bench_table_wiring(tmp_path, capsys, monkeypatch) -> None:
         bench_table=lambda seeds=3, progress=True: calls.setdefault("bench", (seeds, progress)) and "| a |\n|---|",
         summary=lambda metrics, out_dir, fmt: f"summary of {metrics} in {out_dir} ({fmt})",
     )
-    monkeypatch.setitem(sys.modules, "factnet.demo", fake)
-    monkeypatch.setattr(factnet, "demo", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "factnet.app.demo", fake)
+    monkeypatch.setattr(factnet.app, "demo", fake, raising=False)
     status, stdout, _ = run(["train", "--out", tmp_path, "--format", "tucker", "--rank", "4", "--seed", "3"], capsys)
     assert status == 0 and stdout == f"summary of {{'test_acc': 0.75}} in {tmp_path} (tucker)\n"  # a summary, not JSON
     assert calls["run"] == (tmp_path, dict(format="tucker", rank=4, scale=None, seed=3, progress=True))
@@ -391,7 +391,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:
     def broken(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(factnet.cli, "command_info", broken)
+    monkeypatch.setattr(factnet.app.cli, "command_info", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info", MODEL])
 

@@ -11,12 +11,12 @@ import torch
 from sklearn.datasets import load_digits
 
 import factnet
-import factnet.demo as demo
-from factnet.demo import backbone as backbone_module
-from factnet.demo.backbone import PretrainConfig, pretrained_backbone
-from factnet.demo.data import DataConfig, load_splits
-from factnet.demo.methods import downstream_model
-from factnet.demo.train import threads
+import factnet.app.demo as demo
+from factnet.app.demo import backbone as backbone_module
+from factnet.app.demo.backbone import PretrainConfig, pretrained_backbone
+from factnet.app.demo.data import DataConfig, load_splits
+from factnet.app.demo.methods import downstream_model
+from factnet.app.demo.train import threads
 
 TINY = PretrainConfig(embed_dim=32, depth=2, num_heads=2, epochs=12, lr=1e-2, augment=False)
 SMALL = demo.DemoConfig(pretrain=TINY, epochs=30, warmup_epochs=3, linear_lrs=(1e-1,), full_lrs=(1e-3,),
@@ -204,7 +204,7 @@ def _rows(table: str) -> dict[str, list[str]]:
 
 
 def test_fact_candidates_stay_within_the_budget(tiny_backbone):
-    from factnet.demo.table import candidates, lora_parameters
+    from factnet.app.demo.table import candidates, lora_parameters
 
     splits = load_splits(TINY.data)
     config = replace(SMALL, fact_ranks=(2, 3, 4), fact_scales=(1.0, 10.0), fact_budget=0.2)

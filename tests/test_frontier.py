@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import factnet
-from factnet import demo
-from factnet.cli import main
-from factnet.demo import frontier
-from factnet.demo.backbone import pretrained_backbone
-from factnet.demo.methods import BLOCK_MATRICES, downstream_model
-from factnet.demo.train import threads
+from factnet.app import demo
+from factnet.app.cli import main
+from factnet.app.demo import frontier
+from factnet.app.demo.backbone import pretrained_backbone
+from factnet.app.demo.methods import BLOCK_MATRICES, downstream_model
+from factnet.app.demo.train import threads
 
 SMOKE = frontier.SMOKE
 PRE = SMOKE.demo.pretrain

@@ -12,10 +12,10 @@ import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from factnet import FactnetError
-from factnet.cli import build_parser
-from factnet.presets import get_preset, preset_names
-from factnet.recipe import Recipe
-from factnet.runs import RunSettings
+from factnet.app.cli import build_parser
+from factnet.app.presets import get_preset, preset_names
+from factnet.app.recipe import Recipe
+from factnet.app.runs import RunSettings
 
 
 def csv_rows() -> dict[str, dict[str, str]]:

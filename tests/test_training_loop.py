@@ -1,4 +1,4 @@
-"""The training engine (`factnet.training.fit`) on a tiny ViT and a learnable toy task (class =
+"""The training engine (`factnet.app.training.fit`) on a tiny ViT and a learnable toy task (class =
 colour): resume is bit-exact, metrics are written per epoch, training learns, the saved adapter
 reproduces the trained model, frozen batch norms keep their statistics, and the example script runs."""
 
@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import factnet
 from factnet import FactnetError, Tensorizer
-from factnet.recipe import Recipe
-from factnet.training import ADAPTER_FILE, METRICS_FILE, RESUME_FILE, evaluate, fit, read_metrics
+from factnet.app.recipe import Recipe
+from factnet.app.training import ADAPTER_FILE, METRICS_FILE, RESUME_FILE, evaluate, fit, read_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COLOURS = torch.tensor([[0.9, -0.8, -0.8], [-0.8, 0.9, -0.8], [-0.8, -0.8, 0.9]])  # normalized RGB per class

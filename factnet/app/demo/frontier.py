@@ -1,11 +1,11 @@
 """The frontier on the embedded task: test accuracy against trainable parameters (the paper's Fig. 1).
 
-    from factnet.demo.frontier import run
+    from factnet.app.demo.frontier import run
     table = run(Path("frontier"))        # frontier.csv, frontier.md, frontier.png, runs.jsonl
 
 Every method adapts the wide backbone (`WIDE`: ViT-Ti's width 192, 3 heads, the demo's depth 4,
 pretrained on the digits 0–4 with the default backbone's recipe and cached the same way, in
-``$FACTNET_CACHE``) to the digits 5–9 with the demo's recipe (`factnet.demo.DemoConfig`: AdamW,
+``$FACTNET_CACHE``) to the digits 5–9 with the demo's recipe (`factnet.app.demo.DemoConfig`: AdamW,
 warmup/cosine, 100 epochs, batch 32, dropout 0.1, drop-path 0.1). Its patches are 4×4 (4 tokens
 and the class token), not the default's 2×2: at width 192 a 2×2-patch step costs four times as
 much (a full fine-tuning step 167 ms against 42 ms on one core), which would put the ~80 training
@@ -18,7 +18,7 @@ backbone is for, do not depend on the patch size. The families and their budgets
 - FacT-TT, FacT-TK and CP (factnet's ``tt``, ``tucker``, ``cp``) at several ranks.
 
 All PEFT tuners adapt the matrices FacT adapts: ``qkv``, ``proj``, ``fc1`` and ``fc2`` of every
-block (`factnet.demo.methods.BLOCK_MATRICES`).
+block (`factnet.app.demo.methods.BLOCK_MATRICES`).
 
 Protocol (nothing is chosen on test). A family's hyper-parameter (the learning rate; for FacT,
 the scale at the demo's FacT learning rate) is chosen once per family, at its reference budget:
@@ -49,11 +49,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from factnet.demo import DemoConfig
-from factnet.demo.backbone import Backbone, PretrainConfig, pretrained_backbone
-from factnet.demo.data import Splits, load_splits
-from factnet.demo.methods import PEFT_TUNERS, Method, Result, adapt
-from factnet.demo.train import threads
+from factnet.app.demo import DemoConfig
+from factnet.app.demo.backbone import Backbone, PretrainConfig, pretrained_backbone
+from factnet.app.demo.data import Splits, load_splits
+from factnet.app.demo.methods import PEFT_TUNERS, Method, Result, adapt
+from factnet.app.demo.train import threads
 
 __all__ = [
     "CSV_FILE",

@@ -4,7 +4,7 @@ Pretraining sees only the images of digits 0–4; the downstream task is to tell
 5–9, on the other images. So the two tasks share no image and no class: the backbone has never
 been asked to separate a 5 from an 8. Its features, shaped to separate 0–4, carry only part of
 what the new classes need, so adapting the backbone pays (full fine-tuning beats a linear probe
-on the frozen features by a wide margin, see `factnet.demo.bench_table`).
+on the frozen features by a wide margin, see `factnet.app.demo.bench_table`).
 
     pretraining  digits 0-4  ->  pretrain_train / pretrain_val (stratified, 90% / 10%)
     downstream   digits 5-9  ->  train (n per class) / val (n per class) / test (the rest)

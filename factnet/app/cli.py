@@ -29,7 +29,7 @@ from factnet.adapter import Adapter
 from factnet.errors import FactnetError
 from factnet.export import export_lora
 from factnet.io import load, write_atomically
-from factnet.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
+from factnet.app.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
 from factnet.formats import available_formats
 from factnet.tensorizer import Tensorizer, parse_budget
 
@@ -230,7 +230,7 @@ def command_train(args: argparse.Namespace) -> int:
         if given or args.model_kwargs or args.resume or args.group != "shape":
             raise FactnetError(f"{', '.join(given) or 'these options'} need --data; without --data, factnet train "
                                "runs the built-in demo (options: --format, --rank, --scale, --seed, --out)")
-        from factnet import demo
+        from factnet.app import demo
 
         results = demo.run(args.out, format=args.format, rank=args.rank, scale=args.scale, seed=args.seed,
                            progress=args.progress)
@@ -332,7 +332,7 @@ def _load_adapter(args: argparse.Namespace) -> Adapter:
 
 def command_bench_table(args: argparse.Namespace) -> int:
     """Print the built-in demo's benchmark table (markdown)."""
-    from factnet import demo
+    from factnet.app import demo
 
     print(demo.bench_table(seeds=args.seeds, progress=args.progress))
     return 0
@@ -342,7 +342,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     """Train the demo's frontier and print its markdown table (the files are in --out)."""
     from dataclasses import replace
 
-    from factnet.demo import frontier
+    from factnet.app.demo import frontier
 
     config = frontier.SMOKE if args.smoke else frontier.FrontierConfig()
     if args.seeds is not None:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from factnet.demo.backbone import Backbone, pretrained_backbone
-from factnet.demo.data import Splits, load_splits
-from factnet.demo.methods import Method, Result, adapt, downstream_model
-from factnet.demo.train import threads
+from factnet.app.demo.backbone import Backbone, pretrained_backbone
+from factnet.app.demo.data import Splits, load_splits
+from factnet.app.demo.methods import Method, Result, adapt, downstream_model
+from factnet.app.demo.train import threads
 
 __all__ = ["Row", "bench_rows", "bench_table", "candidates", "lora_parameters"]
 
@@ -107,7 +107,7 @@ def bench_rows(seeds: int, progress: bool, config) -> tuple[list[Row], Backbone,
 
 
 def bench_table(seeds: int = 3, progress: bool = True, config=None) -> str:
-    from factnet.demo import DemoConfig
+    from factnet.app.demo import DemoConfig
 
     config = config or DemoConfig()
     start = time.perf_counter()

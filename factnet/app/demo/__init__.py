@@ -1,12 +1,12 @@
 """A complete FacT example that runs on a laptop CPU with nothing to download.
 
-    import factnet.demo
-    metrics = factnet.demo.run(Path("out"))        # pretrain (once, cached), adapt with FacT-TT, save
-    print(factnet.demo.bench_table())              # miniature Table 1: linear probe, full FT, LoRA, FacT
+    import factnet.app.demo
+    metrics = factnet.app.demo.run(Path("out"))        # pretrain (once, cached), adapt with FacT-TT, save
+    print(factnet.app.demo.bench_table())              # miniature Table 1: linear probe, full FT, LoRA, FacT
 
 A small timm ViT (8×8 images, 2×2 patches, width 64, depth 4) is pretrained on the digits 0–4
-of scikit-learn's digits dataset and cached (see `factnet.demo.backbone`); FacT then adapts
-it to telling apart the digits 5–9, on other images (see `factnet.demo.data`). Every
+of scikit-learn's digits dataset and cached (see `factnet.app.demo.backbone`); FacT then adapts
+it to telling apart the digits 5–9, on other images (see `factnet.app.demo.data`). Every
 configuration lives in `DemoConfig` (tests use small ones). Cold (pretraining included) a run
 takes about a minute on one CPU core; with the backbone cached, about 20 s.
 """
@@ -18,12 +18,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from factnet.demo.backbone import PretrainConfig, pretrained_backbone
-from factnet.demo.data import DataConfig, load_splits
-from factnet.demo.methods import Method, adapt
-from factnet.demo.train import threads
+from factnet.app.demo.backbone import PretrainConfig, pretrained_backbone
+from factnet.app.demo.data import DataConfig, load_splits
+from factnet.app.demo.methods import Method, adapt
+from factnet.app.demo.train import threads
 from factnet.io import write_atomically
-from factnet.recipe import Recipe
+from factnet.app.recipe import Recipe
 
 __all__ = ["ADAPTER_FILE", "DEFAULTS", "METRICS_FILE", "DataConfig", "DemoConfig", "PretrainConfig", "bench_table",
            "run", "summary"]
@@ -143,7 +143,7 @@ def summary(metrics: dict[str, float], out_dir: Path, format: str) -> str:
 
 
 def bench_table(seeds: int = 3, progress: bool = True, config: DemoConfig | None = None) -> str:
-    """The miniature Table 1 as markdown (see `factnet.demo.table`)."""
-    from factnet.demo.table import bench_table as build
+    """The miniature Table 1 as markdown (see `factnet.app.demo.table`)."""
+    from factnet.app.demo.table import bench_table as build
 
     return build(seeds=seeds, progress=progress, config=config or DemoConfig())

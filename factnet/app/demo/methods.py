@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factnet.demo.backbone import Backbone, build_vit
-from factnet.demo.data import Splits
-from factnet.demo.train import evaluate, fit
-from factnet.recipe import Recipe
+from factnet.app.demo.backbone import Backbone, build_vit
+from factnet.app.demo.data import Splits
+from factnet.app.demo.train import evaluate, fit
+from factnet.app.recipe import Recipe
 
 __all__ = ["BLOCK_MATRICES", "PEFT_TUNERS", "Method", "Result", "adapt", "downstream_model"]
 

@@ -3,7 +3,7 @@
     preset = get_preset("vtab1k/cifar")      # Preset(task='cifar', classes=100, ...)
     preset.rank_and_scale("tt")              # (8, 1.0)
 
-The table ships as package data (``factnet/resources/vtab1k_presets.csv``, columns
+The table ships as package data (``factnet/app/resources/vtab1k_presets.csv``, columns
 ``task,classes,tt_rank,tt_scale,tk_rank,tk_scale``): FacT-TT's and FacT-TK's rank and scale
 for each of the 19 tasks, as selected by the paper on train800 → val200.
 """
@@ -48,7 +48,7 @@ class Preset:
 
 @cache
 def _table() -> dict[str, Preset]:
-    text = resources.files("factnet").joinpath("resources/vtab1k_presets.csv").read_text(encoding="utf-8")
+    text = resources.files("factnet.app").joinpath("resources/vtab1k_presets.csv").read_text(encoding="utf-8")
     table = {}
     for row in csv.DictReader(io.StringIO(text)):
         table[row["task"]] = Preset(

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factnet.demo.data import Split, shift
-from factnet.recipe import Recipe
+from factnet.app.demo.data import Split, shift
+from factnet.app.recipe import Recipe
 
 __all__ = ["Fitted", "evaluate", "fit", "threads"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from factnet.demo.data import DataConfig, Splits, load_splits
+from factnet.app.demo.data import DataConfig, Splits, load_splits
 
 __all__ = ["Backbone", "PretrainConfig", "build_vit", "cache_dir", "pretrained_backbone"]
 
@@ -102,8 +102,8 @@ def pretrained_backbone(config: PretrainConfig = PretrainConfig(), *, progress: 
 def _pretrain(config: PretrainConfig, splits: Splits, progress: bool) -> tuple[nn.Module, float]:
     global PRETRAIN_RUNS
     PRETRAIN_RUNS += 1
-    from factnet.demo.train import evaluate, fit
-    from factnet.recipe import Recipe
+    from factnet.app.demo.train import evaluate, fit
+    from factnet.app.recipe import Recipe
 
     recipe = Recipe(lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size,
                     epochs=config.epochs, warmup_epochs=max(1, config.epochs // 10) if config.epochs > 1 else 0,

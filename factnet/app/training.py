@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from factnet.adapter import Adapter
 from factnet.errors import FactnetError
 from factnet.io import write_atomically
-from factnet.recipe import Recipe
+from factnet.app.recipe import Recipe
 
 __all__ = ["ADAPTER_FILE", "METRICS_FILE", "RESUME_FILE", "EpochMetrics", "evaluate", "fit",
            "read_metrics"]
