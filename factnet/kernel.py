@@ -17,6 +17,12 @@ Two exact ways to apply it, both with no dense weight gradient:
   it and the factor gradients from four thin products with ``x`` and ``grad_y``;
 - activation side (`_ActivationLinear`): ``y = x Wᵀ + s · dropout(x P_in core) P_outᵀ``,
   used when factor-space dropout is active in training; same thin-product backward.
+
+Where more than one exact layout or order exists (build ``W + s·ΔW`` or apply the increment by thin
+products, in forward and for ``grad_x``; how to run the long ``Σ_n`` reductions and the thin ``x Pᵀ``),
+the kernel measures the variants on the machine at hand once per shape and keeps the fastest
+(`factnet.autotune`: the cache, ``FACTNET_KERNEL`` and ``force`` to pin a variant). Every variant is
+exact; they differ in rounding only.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from factnet.plans import planned
+from factnet import autotune
 
 __all__ = ["Increment", "adapted_linear", "delta_rows", "delta_weight", "effective_weight"]
 
@@ -52,11 +58,14 @@ class Increment:
 def _left(increment: Increment) -> Tensor:
     """``L = P_out · coreᵀ`` per block: ``(d_out, m_in·α)``, so ``ΔW = L @ P_inᵀ`` block-wise."""
     _, core, b_t = increment.tensors()
-    blocks = core.reshape(increment.m_in, -1, increment.m_out, b_t.shape[1])
-    b_op = b_t if b_t.shape[0] > 1 else b_t[0]
-    equation = ("qbk" if b_t.shape[0] > 1 else "bk") + ",paqb->qkpa"
-    left = planned(equation, tuple(b_op.shape), tuple(blocks.shape))(b_op, blocks)
-    return left.reshape(-1, core.shape[0])
+    if increment.m_out == 1:  # one output block: a single (k, β) x (β, m_in·α) product, no copies
+        return torch.mm(b_t[0].t(), core.t())
+    beta = b_t.shape[1]
+    blocks = core.reshape(core.shape[0], increment.m_out, beta).permute(1, 2, 0)  # (m_out, β, m_in·α)
+    b_op = b_t.transpose(1, 2)  # (g_out, k, β)
+    if b_op.shape[0] == 1:
+        b_op = b_op.expand(increment.m_out, -1, -1)
+    return torch.bmm(b_op, blocks).reshape(-1, core.shape[0])
 
 
 def effective_weight(weight: Tensor, increments: list[Increment], scale: float) -> Tensor:
@@ -105,24 +114,43 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
 
 
 def _times_t(x: Tensor, p_t: Tensor, m: int) -> Tensor:
-    """Per block ``x_p @ p_t[p]ᵀ``: ``(N, m·d) × (g, α, d) → (N, m·α)``."""
+    """Per block ``x_p @ p_t[p]ᵀ``: ``(N, m·d) × (g, α, d) → (N, m·α)`` (the layout measured fastest)."""
     n = x.shape[0]
     if p_t.shape[0] == 1:
-        return F.linear(x.reshape(n * m, -1), p_t[0]).reshape(n, -1)
+        flat, p = (x if m == 1 else x.reshape(n * m, -1)), p_t[0]
+        key = (flat.shape, flat.stride(), p.shape, x.dtype)
+        name = autotune.choice("times_t", key)
+        if name is None:
+            name = autotune.measure("times_t", key, {v: _bind(f, flat, p) for v, f in _TIMES_T.items()}, (flat, p))
+        out = _TIMES_T[name](flat, p)
+        return out if m == 1 else out.reshape(n, -1)
     return torch.bmm(x.reshape(n, m, -1).transpose(0, 1), p_t.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
+
+
+_TIMES_T = {
+    "nt": lambda x, p: F.linear(x, p),  # x @ pᵀ with p (α, d) as stored
+    "nn": lambda x, p: torch.mm(x, p.t().contiguous()),  # on a (d, α) copy
+    "tn": lambda x, p: torch.mm(p, x.t()).t(),  # (p xᵀ)ᵀ: a transposed (α, N) result
+}
+
+
+def _bind(f, *args):
+    return lambda: f(*args)
 
 
 def _times(r: Tensor, p_t: Tensor, m: int) -> Tensor:
     """Per block ``r_p @ p_t[p]``: ``(N, m·α) × (g, α, d) → (N, m·d)``."""
     n = r.shape[0]
     if p_t.shape[0] == 1:
-        return torch.mm(r.reshape(n * m, -1), p_t[0]).reshape(n, -1)
+        return torch.mm(r, p_t[0]) if m == 1 else torch.mm(r.reshape(n * m, -1), p_t[0]).reshape(n, -1)
     return torch.bmm(r.reshape(n, m, -1).transpose(0, 1), p_t).transpose(0, 1).reshape(n, -1)
 
 
 def _add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int) -> None:
     """``out += r ⊗ p_t`` per block, in place (one ``addmm`` pass when the projection is shared)."""
-    if p_t.shape[0] == 1:
+    if m == 1:
+        (out if out.dim() == 2 else out.view(r.shape[0], -1)).addmm_(r, p_t[0])
+    elif p_t.shape[0] == 1:
         out.view(r.shape[0] * m, -1).addmm_(r.reshape(r.shape[0] * m, -1), p_t[0])
     else:
         out += _times(r, p_t, m).view_as(out)
@@ -131,33 +159,73 @@ def _add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int) -> None:
 def _outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
     """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major).
 
-    The contraction over ``N`` is long and the output tiny, which BLAS runs on one core:
-    split ``N`` into one chunk per thread, batch them, and sum (1.5x faster on 2 cores).
+    The contraction over ``N`` is long and the output tiny; how BLAS runs that best (one TN GEMM, the
+    rows split into one chunk per thread, batched and summed, or ``(xᵀ r)ᵀ``) depends on the machine,
+    so it is measured once per shape (`factnet.autotune`, op ``outer``).
     """
     n = r.shape[0]
     if groups > 1:
         return torch.bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1))
-    rows, chunks = n * m, torch.get_num_threads()
-    r, x = r.reshape(rows, -1), x.reshape(rows, -1)
+    if m > 1:
+        r, x = r.reshape(n * m, -1), x.reshape(n * m, -1)
+    key = (r.shape, r.stride(), x.shape, x.stride(), r.dtype)
+    name = autotune.choice("outer", key)
+    if name is None:
+        name = autotune.measure("outer", key, {v: _bind(f, r, x) for v, f in _OUTER.items()}, (r, x))
+    return _OUTER[name](r, x).unsqueeze(0)
+
+
+def _outer_chunked(r: Tensor, x: Tensor) -> Tensor:
+    """``rᵀ x`` with the rows split into one chunk per thread, batched and summed."""
+    rows, chunks = r.shape[0], torch.get_num_threads()
     if chunks < 2 or rows < 64 * chunks:
-        return torch.mm(r.t(), x).unsqueeze(0)
+        return torch.mm(r.t(), x)
     even = rows // chunks * chunks
     total = torch.bmm(r[:even].reshape(chunks, -1, r.shape[1]).transpose(1, 2),
-                      x[:even].reshape(chunks, -1, x.shape[1])).sum(0, keepdim=True)
+                      x[:even].reshape(chunks, -1, x.shape[1])).sum(0)
     if even < rows:
-        total[0].addmm_(r[even:].t(), x[even:])
+        total.addmm_(r[even:].t(), x[even:])
     return total
 
 
+_OUTER = {
+    "chunked": _outer_chunked,
+    "mm": lambda r, x: torch.mm(r.t(), x),
+    "tn": lambda r, x: torch.mm(x.t(), r).t(),
+}
+
+
 class _MergedLinear(torch.autograd.Function):
-    """``y = x (W + s·Σ ΔW)ᵀ + bias`` with factor gradients from thin projections."""
+    """``y = x (W + s·Σ ΔW)ᵀ + bias`` (dropout-free) with factor gradients from thin projections.
+
+    The forward either runs one GEMM with the effective weight (built by one ``addmm`` pass over ``W``)
+    or the base GEMM plus the thin products, and the backward gets ``grad_x`` from the rebuilt
+    effective weight or from ``grad_y W`` plus a thin product: whichever measures faster for the shape
+    (`factnet.autotune` ops ``forward`` and ``grad_input``; ``mode="merged"`` forces the weight).
+    Neither saves more than ``x`` and the factors.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, mode, *factors):  # type: ignore[override]
         x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
+        increments = _unflatten(layout, factors)
+        key = ctx.key = (x.shape, weight.shape, weight.stride(), layout, tuple(f.shape for f in factors), x.dtype,
+                         pointwise)
         with _no_autocast(x):
-            merged = effective_weight(weight, _unflatten(layout, factors), scale)
-            y = _base_op(x, _like_trained(merged, as_trained), bias, pointwise)
+            mode = mode or autotune.choice("forward", key)
+            rows = _rows(x, pointwise) if mode != "merged" else None
+            if mode is None:
+                mode = autotune.measure("forward", key, {
+                    "merged": lambda: effective_weight(weight, increments, scale),
+                    "thin": lambda: [_times(torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core), inc.b_t, inc.m_out)
+                                     for inc in increments],
+                }, (rows, weight))
+            if mode == "merged":
+                y = _base_op(x, _like_trained(effective_weight(weight, increments, scale), as_trained), bias, pointwise)
+            else:
+                y = _base_op(x, _like_trained(weight, as_trained), bias, pointwise)
+                for inc in increments:
+                    _add_increment(y, torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core).mul_(scale), inc, pointwise)
         ctx.save_for_backward(x, weight, *factors)
         ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
         ctx.x_shape = x.shape
@@ -167,23 +235,38 @@ class _MergedLinear(torch.autograd.Function):
     def backward(ctx, grad_y):  # type: ignore[override]
         x, weight, *factors = ctx.saved_tensors
         increments = _unflatten(ctx.layout, factors)
-        needs = ctx.needs_input_grad
+        needs, scale = ctx.needs_input_grad, ctx.scale
         x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
-        grad_x = torch.mm(grad_y, effective_weight(weight, increments, ctx.scale)) if needs[0] else None
         grad_factors: list[Tensor] = []
+        thin: list[Tensor] = []
         for inc in increments:
-            scaled_core = inc.core * ctx.scale
-            t = _times_t(grad_y, inc.b_t, inc.m_out)  # grad_y P_out: (N, m_out·β)
+            t = _times_t(grad_y, inc.b_t, inc.m_out).mul_(scale)  # s · grad_y P_out: (N, m_out·β)
             u = _times_t(x, inc.a_t, inc.m_in)  # x P_in: (N, m_in·α)
+            r = torch.mm(t, inc.core.t())  # (N, m_in·α)
             grad_factors += [
-                _outer(torch.mm(t, scaled_core.t()), x, inc.m_in, inc.a_t.shape[0]),
-                torch.mm(u.t(), t).mul_(ctx.scale),
-                _outer(torch.mm(u, scaled_core), grad_y, inc.m_out, inc.b_t.shape[0]),
+                _outer(r, x, inc.m_in, inc.a_t.shape[0]),
+                torch.mm(u.t(), t),
+                _outer(torch.mm(u, inc.core), grad_y, inc.m_out, inc.b_t.shape[0]).mul_(scale),
             ]
+            thin.append(r)
+        grad_x = None
+        if needs[0]:
+            mode = autotune.choice("grad_input", ctx.key)
+            if mode is None:
+                mode = autotune.measure("grad_input", ctx.key, {
+                    "rebuild": lambda: effective_weight(weight, increments, scale),
+                    "thin": lambda: [_times(r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
+                }, (grad_y, weight))
+            if mode == "rebuild":
+                grad_x = torch.mm(grad_y, effective_weight(weight, increments, scale))
+            else:
+                grad_x = torch.mm(grad_y, weight)
+                for r, inc in zip(thin, increments):
+                    _add_times(grad_x, r, inc.a_t, inc.m_in)
+            grad_x = _unrows(grad_x, ctx)
         grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
         grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        grad_x = _unrows(grad_x, ctx) if grad_x is not None else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None,
+        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None, None,
                 *_factor_dtypes(ctx, grad_factors))
 
 
@@ -204,12 +287,7 @@ class _ActivationLinear(torch.autograd.Function):
             for inc, mask in zip(_unflatten(layout, factors), masks):
                 u = _times_t(rows, inc.a_t, inc.m_in)
                 hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
-                if pointwise:
-                    y += _times(hidden, inc.b_t, inc.m_out).reshape(*x.shape[:1], *x.shape[2:], -1).movedim(-1, 1)
-                elif y.is_contiguous():
-                    _add_times(y, hidden, inc.b_t, inc.m_out)
-                else:
-                    y += _times(hidden, inc.b_t, inc.m_out).view(y.shape)
+                _add_increment(y, hidden, inc, pointwise)
                 saved += [u, hidden]
         ctx.save_for_backward(x, weight, *factors, *masks, *saved)
         ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
@@ -240,6 +318,16 @@ class _ActivationLinear(torch.autograd.Function):
                 *_factor_dtypes(ctx, grad_factors))
 
 
+def _add_increment(y: Tensor, hidden: Tensor, inc: Increment, pointwise: bool) -> None:
+    """``y += hidden ⊗ P_out`` in place (``hidden: (N, m_out·β)``, already masked and scaled)."""
+    if pointwise:
+        y += _times(hidden, inc.b_t, inc.m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1)
+    elif y.is_contiguous():
+        _add_times(y, hidden, inc.b_t, inc.m_out)
+    else:
+        y += _times(hidden, inc.b_t, inc.m_out).view(y.shape)
+
+
 def adapted_linear(
     x: Tensor,
     weight: Tensor,
@@ -255,17 +343,17 @@ def adapted_linear(
     The frozen layer runs the base model's own op on ``x`` as it comes (a linear on ``(..., d_in)``,
     contiguous or not; with ``pointwise``, a 1x1 convolution on ``x: (N, d_in, H, W)``), so a zero
     increment gives the base model's output bit for bit. Factor-space ``dropout`` (active when > 0) needs
-    the activation-side path; otherwise the merged-weight path runs (one GEMM forward, thin
-    products backward). ``path`` forces ``"activation"`` or ``"merged"`` (the latter only without
-    dropout), for benchmarks.
+    the activation-side path; otherwise `_MergedLinear` runs (the effective weight or thin products
+    forward, whichever measures faster for the shape; thin products backward). ``path`` forces
+    ``"activation"`` or ``"merged"`` (one GEMM with ``W + s·ΔW``; only without dropout), for benchmarks.
     """
     if not increments:
         return _base_op(x, weight, bias, pointwise)
-    rows = x.numel() // (x.shape[1] if pointwise else x.shape[-1])
     layout = tuple((inc.m_in, inc.m_out) for inc in increments)
     factors = [t for inc in increments for t in inc.tensors()]
     as_trained = torch.is_grad_enabled() and any(t.requires_grad for t in factors)
     if dropout > 0 or path == "activation":
+        rows = x.numel() // (x.shape[1] if pointwise else x.shape[-1])
         keep = 1.0 - dropout
         masks = tuple(
             x.new_empty(rows, inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
@@ -273,7 +361,8 @@ def adapted_linear(
             for inc in increments
         )
         return _ActivationLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, masks, *factors)
-    return _MergedLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, *factors)
+    mode = "merged" if path == "merged" else None
+    return _MergedLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, mode, *factors)
 
 
 def _base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) -> Tensor:
@@ -311,6 +400,10 @@ def _in_compute_dtype(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, facto
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.factor_dtypes = tuple(f.dtype for f in factors)
+    ctx.cast = not (x.dtype == dtype == weight.dtype and (bias is None or bias.dtype == dtype)
+                    and all(d == dtype for d in ctx.factor_dtypes))
+    if not ctx.cast:  # (the common case: no casts to dispatch, forward or backward)
+        return x, weight, bias, factors
     cast = [f.to(dtype) for f in factors]
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast
 
@@ -319,11 +412,15 @@ def _no_autocast(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _in_input_dtypes(ctx, *grads: Tensor | None) -> list[Tensor | None]:
+def _in_input_dtypes(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...] | list[Tensor | None]:
+    if not ctx.cast:
+        return grads
     return [None if g is None else g.to(d) for g, d in zip(grads, ctx.input_dtypes)]
 
 
 def _factor_dtypes(ctx, grads: list[Tensor]) -> list[Tensor]:
+    if not ctx.cast:
+        return grads
     return [g.to(d) for g, d in zip(grads, ctx.factor_dtypes)]
 
 
