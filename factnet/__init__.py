@@ -12,12 +12,13 @@ from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
 from factnet.formats import Format, available_formats, get_format
-from factnet.io import load, load_many, save
+from factnet.io import load, load_many, save, write_atomically
 from factnet.slices import Slice
-from factnet.tensorizer import Tensorizer
+from factnet.tensorizer import Tensorizer, parse_budget
 
 __all__ = [
     "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
-    "compress", "export_lora", "get_format", "load", "load_many", "rank_sweep", "save",
+    "compress", "export_lora", "get_format", "load", "load_many", "parse_budget", "rank_sweep", "save",
+    "write_atomically",
 ]
 __version__ = "0.1.0"

@@ -24,14 +24,18 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from factnet import __version__
-from factnet.adapter import Adapter
-from factnet.errors import FactnetError
-from factnet.export import export_lora
-from factnet.io import load, write_atomically
+from factnet import (
+    Adapter,
+    FactnetError,
+    Tensorizer,
+    __version__,
+    available_formats,
+    export_lora,
+    load,
+    parse_budget,
+    write_atomically,
+)
 from factnet.app.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
-from factnet.formats import available_formats
-from factnet.tensorizer import Tensorizer, parse_budget
 
 __all__ = ["main"]
 

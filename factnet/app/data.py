@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from factnet.errors import FactnetError
+from factnet import FactnetError
 
 __all__ = ["SPLITS", "ImageDataset", "Task", "image_transform", "load_task", "make_loader"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from factnet.errors import FactnetError
+from factnet import FactnetError
 
 __all__ = ["Preset", "get_preset", "preset_names"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factnet.errors import FactnetError
+from factnet import FactnetError
 
 __all__ = ["Recipe"]
 

@@ -26,12 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from factnet import FactnetError, Tensorizer, get_format
 from factnet.app.data import image_transform, load_task, make_loader
-from factnet.errors import FactnetError
-from factnet.formats import get_format
 from factnet.app.presets import get_preset
 from factnet.app.recipe import Recipe
-from factnet.tensorizer import Tensorizer
 from factnet.app.training import ADAPTER_FILE, RESUME_FILE, fit, read_metrics
 
 __all__ = ["RunSettings", "SettingResult", "adapter_classes", "build_model", "run_sweep", "train_setting"]

@@ -30,9 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from factnet.adapter import Adapter
-from factnet.errors import FactnetError
-from factnet.io import write_atomically
+from factnet import Adapter, FactnetError, write_atomically
 from factnet.app.recipe import Recipe
 
 __all__ = ["ADAPTER_FILE", "METRICS_FILE", "RESUME_FILE", "EpochMetrics", "evaluate", "fit",

@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from factnet import write_atomically
 from factnet.app.demo.backbone import PretrainConfig, pretrained_backbone
 from factnet.app.demo.data import DataConfig, load_splits
 from factnet.app.demo.methods import Method, adapt
 from factnet.app.demo.train import threads
-from factnet.io import write_atomically
 from factnet.app.recipe import Recipe
 
 __all__ = ["ADAPTER_FILE", "DEFAULTS", "METRICS_FILE", "DataConfig", "DemoConfig", "PretrainConfig", "bench_table",

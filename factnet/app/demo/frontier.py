@@ -381,7 +381,7 @@ class _Info:
 
 
 def _write(path: Path, text: str) -> None:
-    from factnet.io import write_atomically
+    from factnet import write_atomically
 
     write_atomically(str(path), lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
@@ -527,7 +527,7 @@ def plot(rows: Sequence[dict[str, str]], path: Path, title: str = "") -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     data = buffer.getvalue()
-    from factnet.io import write_atomically
+    from factnet import write_atomically
 
     write_atomically(str(path), lambda temp: Path(temp).write_bytes(data))
 
