@@ -19,7 +19,7 @@ from factnet.app.runs import RunSettings
 
 
 def csv_rows() -> dict[str, dict[str, str]]:
-    text = resources.files("factnet").joinpath("resources/vtab1k_presets.csv").read_text(encoding="utf-8")
+    text = resources.files("factnet.app").joinpath("resources/vtab1k_presets.csv").read_text(encoding="utf-8")
     return {row["task"]: row for row in csv.DictReader(io.StringIO(text))}
 
 
