@@ -49,8 +49,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from factnet.app.demo import DemoConfig
 from factnet.app.demo.backbone import Backbone, PretrainConfig, pretrained_backbone
+from factnet.app.demo.config import DemoConfig
 from factnet.app.demo.data import Splits, load_splits
 from factnet.app.demo.methods import PEFT_TUNERS, Method, Result, adapt
 from factnet.app.demo.train import threads

@@ -107,7 +107,7 @@ def bench_rows(seeds: int, progress: bool, config) -> tuple[list[Row], Backbone,
 
 
 def bench_table(seeds: int = 3, progress: bool = True, config=None) -> str:
-    from factnet.app.demo import DemoConfig
+    from factnet.app.demo.config import DemoConfig
 
     config = config or DemoConfig()
     start = time.perf_counter()
