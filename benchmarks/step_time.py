@@ -1,7 +1,7 @@
 """Train-step time and activation memory of FacT against the frozen floor and PEFT LoRA.
 
     python benchmarks/step_time.py [--model vit_small_patch16_224] [--batch 8] [--reps 15]
-    python benchmarks/step_time.py --sizes demo,vit_s,vit_b --batches 1,8 [--reps 7]
+    python benchmarks/step_time.py --sizes demo,vit_s,vit_b --batches 1,8 [--infer-batches 1,64] [--reps 7]
 
 One process, random weights, CPU. Every variant runs once per round, in rotating order
 (interleaved), and the median over rounds is reported with its ratio to the floor:
@@ -14,8 +14,11 @@ Memory is the bytes autograd saves for backward (distinct storages, via saved-te
 the part of training memory the methods differ in.
 
 ``--sizes`` sweeps models (``demo``: the embedded demo's ViT, width 64, depth 4, 8x8 images;
-``vit_s``; ``vit_b``) and batches with the variants floor, FacT-TT r8, FacT-TK r8 and PEFT
-LoRA r8 (dropout 0), then times inference (eval, no grad) of FacT-TT unmerged against merged.
+``vit_s``; ``vit_b``) and ``--batches`` with the variants floor, FacT-TT r8, FacT-TK r8 and PEFT
+LoRA r8 at dropout 0 and 0.1 (all interleaved in one run; one row per dropout, ratios to the floor
+and FacT/LoRA), then times inference (eval, no grad) at ``--infer-batches`` (default 1,64): the
+base model, FacT-TT r8 merged and unmerged, interleaved (merged/base and unmerged/merged).
+The kernel's autotuning runs in the warm-up steps (`factnet.autotune`; ``--choices`` prints it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import timm
 import torch
 from torch import nn
 
-from factnet import Tensorizer
+from factnet import Tensorizer, autotune
 
 Step = Callable[[], None]
 SIZES = {
@@ -39,11 +42,15 @@ SIZES = {
     "vit_b": (lambda: timm.create_model("vit_base_patch16_224", num_classes=10), (3, 224, 224)),
 }
 SWEEP = {"floor": "floor", "FacT-TT r8": "fact:tt:0:auto", "FacT-TK r8": "fact:tucker:0:auto",
-         "PEFT LoRA r8": "lora:0"}
+         "PEFT LoRA r8": "lora:0", "FacT-TT r8 d0.1": "fact:tt:0.1:auto", "FacT-TK r8 d0.1": "fact:tucker:0.1:auto",
+         "PEFT LoRA r8 d0.1": "lora:0.1"}
 
 
 def _demo_vit() -> nn.Module:
-    from factnet.demo.backbone import PretrainConfig, build_vit
+    try:
+        from factnet.app.demo.backbone import PretrainConfig, build_vit
+    except ImportError:  # before the application moved to factnet.app
+        from factnet.demo.backbone import PretrainConfig, build_vit  # type: ignore[no-redef]
 
     return build_vit(PretrainConfig(), num_classes=5)
 
@@ -109,8 +116,8 @@ def interleaved(steps: dict[str, Step], warmup: int, reps: int) -> dict[str, flo
 
 
 def inference(base: nn.Module, x: torch.Tensor, warmup: int, reps: int) -> dict[str, float]:
-    """Eval-mode, no-grad forward of FacT-TT r8 unmerged and merged (the base model's cost)."""
-    unmerged, merged = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    """Eval-mode, no-grad forward of the base model and of FacT-TT r8 unmerged and merged."""
+    plain, unmerged, merged = copy.deepcopy(base).eval(), copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
     for model in (unmerged, merged):
         adapter = Tensorizer(model).decompose("tt", rank=8, scale=10.0, seed=0, train_head=False)
         with torch.no_grad():
@@ -124,7 +131,7 @@ def inference(base: nn.Module, x: torch.Tensor, warmup: int, reps: int) -> dict[
                 model(x)
         return forward
 
-    return interleaved({"unmerged": run(unmerged), "merged": run(merged)}, warmup, reps)
+    return interleaved({"base": run(plain), "unmerged": run(unmerged), "merged": run(merged)}, warmup, reps)
 
 
 def one_model(args: argparse.Namespace) -> None:
@@ -155,9 +162,13 @@ def one_model(args: argparse.Namespace) -> None:
 
 def sweep(args: argparse.Namespace) -> None:
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps")
-    print(f"{'model':6} {'batch':>5} | {'floor ms':>9} | " + " | ".join(f"{n:>12}" for n in list(SWEEP)[1:])
-          + " | FacT-TT/LoRA | inference unmerged/merged")
+    infer_batches = [int(b) for b in args.infer_batches.split(",") if b]
+    names = ["FacT-TT r8", "FacT-TK r8", "PEFT LoRA r8"]
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps "
+          f"(train) / {args.infer_reps} (inference)")
+    print(f"{'model':6} {'batch':>5} {'dropout':>7} | {'floor ms':>9} | " + " | ".join(f"{n:>12}" for n in names)
+          + " | TT/LoRA | TK/LoRA")
+    inferred: list[str] = []
     for size in args.sizes.split(","):
         build, shape = SIZES[size]
         torch.manual_seed(0)
@@ -167,11 +178,24 @@ def sweep(args: argparse.Namespace) -> None:
             steps = {name: make_variant(base, kind, x)[0] for name, kind in SWEEP.items()}
             median = interleaved(steps, args.warmup, args.reps)
             floor = median["floor"]
-            cells = " | ".join(f"{median[n] / floor:7.3f}x fl" for n in list(SWEEP)[1:])
-            infer = inference(base, x, args.warmup, args.reps)
-            print(f"{size:6} {batch:5d} | {floor * 1e3:9.1f} | {cells} | "
-                  f"{median['FacT-TT r8'] / median['PEFT LoRA r8']:12.3f} | "
-                  f"{infer['unmerged'] / infer['merged']:.3f} ({infer['merged'] * 1e3:.1f} ms merged)", flush=True)
+            for dropout, suffix in (("0", ""), ("0.1", " d0.1")):
+                cells = " | ".join(f"{median[n + suffix] / floor:7.3f}x fl" for n in names)
+                lora = median["PEFT LoRA r8" + suffix]
+                print(f"{size:6} {batch:5d} {dropout:>7} | {floor * 1e3:9.1f} | {cells} | "
+                      f"{median['FacT-TT r8' + suffix] / lora:7.3f} | {median['FacT-TK r8' + suffix] / lora:7.3f}",
+                      flush=True)
+        for batch in infer_batches:
+            infer = inference(base, torch.randn(batch, *shape), 1, args.infer_reps)
+            inferred.append(f"{size:6} {batch:5d} | {infer['base'] * 1e3:8.1f} | {infer['merged'] / infer['base']:12.3f} | "
+                            f"{infer['unmerged'] / infer['merged']:16.3f}")
+    if inferred:
+        print(f"\ninference, eval, no grad, FacT-TT r8\n{'model':6} {'batch':>5} | {'base ms':>8} | merged/base | "
+              "unmerged/merged")
+        print("\n".join(inferred))
+    if args.choices:
+        print("\nautotune choices (op, key, threads) -> variant")
+        for key, name in autotune.choices().items():
+            print(f"  {key} -> {name}")
 
 
 def main() -> None:
@@ -180,7 +204,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--sizes", help=f"sweep these ({', '.join(SIZES)}) instead of one --model")
     parser.add_argument("--batches", default="1,8", help="the sweep's batch sizes (default 1,8)")
+    parser.add_argument("--infer-batches", default="1,64", help="the sweep's inference batch sizes (default 1,64)")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--infer-reps", type=int, default=5)
+    parser.add_argument("--choices", action="store_true", help="print the kernel variants autotuning picked")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()

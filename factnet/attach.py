@@ -72,7 +72,7 @@ class _Effective:
         """``W + s·ΔW`` in ``weight``'s layout, built once while the increments and ``weight`` stay."""
         grad = torch.is_grad_enabled()
         cached = self._cached  # the adapter hands out the same list while its factors are unchanged
-        if cached is None or cached[0] is not increments or cached[1:3] != (weight._version, grad):
+        if cached is None or cached[0] is not increments or cached[1] != weight._version or cached[2] is not grad:
             linear = effective_weight(to_linear(self.matrix, weight), increments, self.source.settings.scale)
             cached = self._cached = (increments, weight._version, grad, _from_linear(self.matrix, linear, weight))
         return cached[3]
@@ -99,19 +99,19 @@ class AdaptedMatrix(StandIn):
     def forward(self, x: Tensor) -> Tensor:
         if self.source.mix is not None:  # a mixed-adapter batch (`AdapterSet.per_sample`)
             return self.source.mix.forward(self, x)
-        linear, bias = to_linear(self.matrix, self._parameters["weight"]), self._parameters["bias"]
-        increments = self.source.increments(self.matrix.name, linear)
+        matrix, weight, bias = self.matrix, self._parameters["weight"], self._parameters["bias"]
+        linear = to_linear(matrix, weight)
+        increments = self.source.increments(matrix.name, linear)
         if not increments:
             return self.source.guard_merged(self.original(x))  # the base module's own kernel
-        self.source.applied(self.matrix.name)
+        self.source.applied(matrix.name)
         settings = self.source.settings
         dropout = settings.dropout if self.training else 0.0
-        if not torch.is_grad_enabled() and not dropout:  # inference: the base op with W + s·ΔW, built once
-            weight = self.__dict__["effective"].of(self._parameters["weight"], increments)
-            return adapted_linear(x, to_linear(self.matrix, weight), bias, [], 0.0,
-                                  pointwise=self.matrix.kind == "conv1x1")
-        return adapted_linear(x, linear, bias, increments, settings.scale, dropout, settings.path,
-                              pointwise=self.matrix.kind == "conv1x1")
+        pointwise = matrix.kind == "conv1x1"
+        if not dropout and not torch.is_grad_enabled():  # inference: the base op with W + s·ΔW, built once
+            effective = to_linear(matrix, self.__dict__["effective"].of(weight, increments))
+            return adapted_linear(x, effective, bias, [], 0.0, pointwise=pointwise)  # (no increments: the base op)
+        return adapted_linear(x, linear, bias, increments, settings.scale, dropout, settings.path, pointwise=pointwise)
 
     def __getattr__(self, name: str) -> Any:
         if name == "weight" and "effective" in self.__dict__:
