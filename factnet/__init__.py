@@ -15,10 +15,10 @@ from factnet.formats import Format, available_formats, get_format
 from factnet.io import load, load_many, save, write_atomically
 from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer, parse_budget
+from factnet.version import __version__ as __version__
 
 __all__ = [
     "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
     "compress", "export_lora", "get_format", "load", "load_many", "parse_budget", "rank_sweep", "save",
     "write_atomically",
 ]
-__version__ = "0.1.0"

@@ -347,9 +347,9 @@ class Adapter(nn.Module):
         safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it.
         ``dtype`` (``torch.bfloat16``, ``torch.float16``, ``torch.float32`` or ``torch.float64``) stores the
         tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes."""
-        from factnet.io import save
+        from factnet.files import write
 
-        save(self, path, include_head, dtype)
+        write(self, path, include_head, dtype)
 
     # ---- reports ---------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -16,10 +16,6 @@ import struct
 import pytest
 import safetensors.torch
 import torch
-from torch import nn
-
-import factnet
-import factnet.io
 from conftest import (
     TinyGPT2,
     TinyNet,
@@ -30,6 +26,12 @@ from conftest import (
     tiny_torchvision_vit,
     tiny_vit,
 )
+from torch import nn
+
+import factnet
+import factnet.files
+import factnet.io
+import factnet.spec
 
 FORMATS = factnet.available_formats()
 
@@ -80,7 +82,7 @@ def rewrite_spec(path: os.PathLike, edit, rename: dict | None = None) -> None:
     edit(spec)
     text = json.dumps(spec)
     safetensors.torch.save_file(tensors, str(path), metadata={"factnet": text,
-                                                              "factnet.sha256": factnet.io._checksum(text, tensors)})
+                                                              "factnet.sha256": factnet.spec._checksum(text, tensors)})
 
 
 def rejected(model: nn.Module, path: os.PathLike, match: str) -> str:
@@ -293,7 +295,7 @@ def _partial_writer(exception: BaseException):
 def test_crash_mid_save_leaves_the_old_file(saved, monkeypatch, exception):
     base, path, factors, head, old_bytes, adapter = saved
     train(adapter, seed=5)  # the new save would hold other values
-    monkeypatch.setattr(factnet.io, "save_file", _partial_writer(exception))
+    monkeypatch.setattr(factnet.files, "save_file", _partial_writer(exception))
     with pytest.raises(type(exception)):
         adapter.save(path)
     monkeypatch.undo()
@@ -433,7 +435,7 @@ def test_wrong_model_lists_the_first_mismatches(tmp_path, saved_on, loaded_on, n
     path = tmp_path / "a.safetensors"
     adapter.save(path)
     fingerprints = {"saved": factnet.io.load_spec(path)["base"]["sha256"],
-                    "model": factnet.io._fingerprint(factnet.io._matrices(tiny_vit(**loaded_on), ["head"]))}
+                    "model": factnet.spec._fingerprint(factnet.spec._matrices(tiny_vit(**loaded_on), ["head"]))}
     message = rejected(tiny_vit(**loaded_on), path, "does not fit this model")
     assert named.format(**fingerprints) in message and "same depth, width and module names" in message
     if "embed_dim" in loaded_on:

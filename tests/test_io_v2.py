@@ -16,7 +16,9 @@ from test_io import factors_of, head_parameters, read_header, rejected, rewrite_
 from v1_fixture import DATA, FILES, build_model
 
 import factnet
+import factnet.files
 import factnet.io
+import factnet.spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,7 +138,7 @@ def test_vit_b_tt_r8_bf16_file_size(tmp_path):
 
 # ---- the slice-map templates -------------------------------------------------------------------------------
 def _expanded(spec: dict) -> dict[str, set[tuple[str, int]]]:
-    return {group: {pair for text in entry["slices"] for pair in factnet.io._parse_template(text).expand()}
+    return {group: {pair for text in entry["slices"] for pair in factnet.spec._parse_template(text).expand()}
             for group, entry in spec["groups"].items()}
 
 
@@ -161,7 +163,7 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
     for group, entry in spec["groups"].items():  # whole matrices have no brackets, cut ones do
         sides = {p.module: p.side for p in adapter.group(group).slices}
         for text in entry["slices"]:
-            template = factnet.io._parse_template(text)
+            template = factnet.spec._parse_template(text)
             assert {sides[m] == "none" for m, _ in template.expand()} == {template.blocks is None}
     loaded = factnet.load(copy.deepcopy(base), tmp_path / "a.safetensors")
     assert [p.qualified_name for g in loaded.group_names for p in loaded.group(g).slices] == \
@@ -170,7 +172,7 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
 
 def test_templates_of_the_swin_stages():
     adapter = factnet.Tensorizer(tiny_swin()).group("shape").decompose("tt", rank=2)
-    spec = factnet.io._spec(adapter, None)
+    spec = factnet.spec._spec(adapter, None)
     assert spec["groups"]["24x24"]["slices"] == [
         "layers.0.blocks.{0-1}.attn.qkv[0-2]", "layers.0.blocks.{0-1}.attn.proj", "layers.0.blocks.{0-1}.mlp.fc1[0-3]",
         "layers.0.blocks.{0-1}.mlp.fc2[0-3]"]
@@ -178,10 +180,10 @@ def test_templates_of_the_swin_stages():
 
 
 def test_runs():
-    assert factnet.io._runs([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
-    assert factnet.io._parse_runs("0-2,5,7-8") == [(0, 2), (5, 5), (7, 8)]
+    assert factnet.spec._runs([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
+    assert factnet.spec._parse_runs("0-2,5,7-8") == [(0, 2), (5, 5), (7, 8)]
     for bad in ["", "2-1", "1,1", "3,1", "01", "1-", "-1", "a", "1,,2"]:
-        assert factnet.io._parse_runs(bad) is None, bad
+        assert factnet.spec._parse_runs(bad) is None, bad
 
 
 # ---- crafted version-2 specs (valid checksum) -------------------------------------------------------------
@@ -234,7 +236,7 @@ def test_fingerprint_is_the_sha256_of_the_listing():
     model = TinyNet(d=4)
     listing = "".join(f"{name}\tlinear\t{m.out_features}\t{m.in_features}\n"
                       for name, m in sorted(model.named_children()) if name != "head")
-    assert factnet.io._fingerprint(factnet.io._matrices(model, ["head"])) == \
+    assert factnet.spec._fingerprint(factnet.spec._matrices(model, ["head"])) == \
         hashlib.sha256(f"4\n{listing}".encode()).hexdigest()[:16]
 
 
@@ -244,7 +246,7 @@ def test_fingerprint_mismatch_outside_the_adapted_matrices(tmp_path):
     torch.manual_seed(0)
     factnet.Tensorizer(tiny_vit(), ["blocks.*.attn.qkv[q,v]"]).decompose("tt", rank=2).save(tmp_path / "a.safetensors")
     other = tiny_vit(mlp_ratio=2.0)
-    fingerprint = factnet.io._fingerprint(factnet.io._matrices(other, ["head"]))
+    fingerprint = factnet.spec._fingerprint(factnet.spec._matrices(other, ["head"]))
     before = snapshot(other)
     message = rejected(other, tmp_path / "a.safetensors", "does not fit this model")
     saved = factnet.io.load_spec(tmp_path / "a.safetensors")["base"]["sha256"]

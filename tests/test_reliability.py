@@ -17,9 +17,6 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from torch import nn
-
-import factnet
 from conftest import (
     TinyGPT2,
     TinyNet,
@@ -29,7 +26,10 @@ from conftest import (
     tiny_torchvision_vit,
     tiny_vit,
 )
+from torch import nn
 
+import factnet
+import factnet.spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,7 +151,7 @@ def _spec_edit(env: Env, edit: Callable[[dict], None]) -> pathlib.Path:
     edit(spec)
     text = json.dumps(spec)
     safetensors.torch.save_file(tensors, str(path), metadata={"factnet": text,
-                                                              "factnet.sha256": factnet.io._checksum(text, tensors)})
+                                                              "factnet.sha256": factnet.spec._checksum(text, tensors)})
     return path
 
 

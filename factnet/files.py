@@ -1,0 +1,152 @@
+"""Adapter files: writing one (`write`, atomically) and reading one back verified (`read`), no model involved.
+
+Save an adapter to one safetensors file and rebuild it on a fresh copy of the base model.
+
+The file holds the tensors ``factors.<group>.<factor>`` and, unless ``include_head=False``,
+``head.<parameter name>`` (as they are, or cast to the ``dtype`` given to `save`), and two metadata
+entries: ``"factnet"``, the spec as JSON, and ``"factnet.sha256"``, a SHA-256 of that JSON and every
+tensor. `load` trusts nothing before the checksum matches, so a truncated, corrupt or foreign file
+is a `FactnetError`, and it never unpickles (safetensors is raw tensor bytes plus a JSON header).
+Writes go to a temporary file next to the target, are fsynced and renamed over it: a crash
+mid-write leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from factnet.errors import FactnetError
+from factnet.spec import CHECKSUM_KEY, SPEC_KEY, STORAGE_DTYPES, _checksum, _parse_spec, _spec
+
+if TYPE_CHECKING:
+    from factnet.adapter import Adapter
+
+__all__ = ["load_spec", "read", "write", "write_atomically"]
+
+
+def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
+          dtype: torch.dtype | None = None) -> None:
+    """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
+
+    From a model sharded with FSDP2 (``fully_shard``), call it on every rank: the full factors are
+    gathered and rank 0 writes the one file.
+
+    Holds the factors and, unless ``include_head=False``, the parameters of the trainable head, as they
+    are (``dtype=None``) or cast to ``dtype`` (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
+    ``torch.float64``): ``torch.bfloat16`` stores 2 bytes a parameter, and `load` casts the values back to
+    the model's dtypes. The size is the tensors' bytes plus the header (under 1 KiB for ViT-B).
+    """
+    if dtype is not None and dtype not in STORAGE_DTYPES.values():
+        raise FactnetError(f"dtype must be None (as the adapter holds them) or one of "
+                           f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")
+    target = os.path.realpath(_fspath(path))
+    if os.path.isdir(target):
+        raise FactnetError(f"{target} is a directory; give a file path such as {target}/adapter.safetensors")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise FactnetError(f"directory {os.path.dirname(target)} does not exist; create it before saving")
+    model = getattr(adapter, "model", None)
+    if model is None:
+        raise FactnetError("adapter was detached, so the model it fits is no longer known; save before detach()")
+    tensors = {f"factors.{name}.{factor}": value
+               for name in adapter.group_names for factor, value in adapter.group(name).factors.items()}
+    head = adapter.head_state() if include_head else {}  # an inactive adapter keeps its head values apart
+    tensors.update({f"head.{name}": value for name, value in head.items()})
+    sharded = any(_is_sharded(t) for t in tensors.values())
+    tensors = {key: _full(value).detach().cpu().to(dtype or value.dtype).contiguous()
+               for key, value in tensors.items()}
+    if sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
+        torch.distributed.barrier()
+        return
+    text = json.dumps(_spec(adapter, dtype), separators=(",", ":"), allow_nan=False)
+    metadata = {SPEC_KEY: text, CHECKSUM_KEY: _checksum(text, tensors)}
+    write_atomically(target, lambda temp: save_file(tensors, temp, metadata=metadata))
+    if sharded:
+        torch.distributed.barrier()  # the file exists for every rank once save returns
+
+
+def _is_sharded(tensor: Tensor) -> bool:
+    """A DTensor (FSDP2's ``fully_shard`` makes the parameters ones)."""
+    return callable(getattr(tensor, "full_tensor", None))
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else the tensor."""
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
+
+
+def write_atomically(target: str, write: Callable[[str], None]) -> None:
+    """Run ``write(temp)`` on a new file next to ``target``, fsync it and rename it over ``target``.
+
+    Readers see the old file or the new one, never part of one: on any exception (KeyboardInterrupt
+    too) the temporary file is removed and ``target`` is untouched. An existing target keeps its mode.
+    """
+    directory, base = os.path.split(os.path.abspath(target))
+    temp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode: 0o666 less the umask
+    try:
+        mode = stat.S_IMODE(os.stat(temp).st_mode)
+        write(temp)  # may recreate the file with its own mode (safetensors writes 0600)
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        os.chmod(temp, mode)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+        os.close(fd)
+
+
+def _fspath(path: str | os.PathLike[str]) -> str:
+    try:
+        name = os.fspath(path)
+    except TypeError:
+        name = None
+    if not isinstance(name, str):
+        raise FactnetError(f"expected a file path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    return name
+
+
+def read(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The spec and every tensor of an adapter file, once the checksum matches."""
+    if not os.path.isfile(name):
+        problem = "is a directory" if os.path.isdir(name) else "does not exist"
+        raise FactnetError(f"adapter file {name} {problem}; give the path adapter.save() wrote")
+    try:
+        with safe_open(name, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if SPEC_KEY not in metadata or CHECKSUM_KEY not in metadata:
+                raise FactnetError(f"{name} is a safetensors file but not a factnet adapter (no {SPEC_KEY!r} metadata; "
+                                   f"tensors {list(handle.keys())[:4]}); load files written by adapter.save()")
+            keys = handle.keys()
+            tensors = {key: handle.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError) as error:
+        raise FactnetError(f"{name} is not a readable safetensors file ({error}): it is truncated or corrupt; "
+                           "save the adapter again") from error
+    if metadata[CHECKSUM_KEY] != _checksum(metadata[SPEC_KEY], tensors):
+        raise FactnetError(f"{name} is corrupt: its SHA-256 does not match its contents (changed after "
+                           "adapter.save() wrote it); save the adapter again")
+    return _parse_spec(metadata[SPEC_KEY], name), tensors
+
+
+def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The spec of an adapter file as a dict, as the file holds it (version 1 or 2; checked like `load`
+    does, without a model)."""
+    return read(_fspath(path))[0]
