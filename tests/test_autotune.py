@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import TinyNet, randomize_factors
-from test_kernel import check_gradients
+from kernel_support import check_gradients
 
 import factnet
 from factnet import autotune

@@ -23,7 +23,7 @@ from factnet import FactnetError, Tensorizer
 from factnet.app.recipe import Recipe
 from factnet.app.training import ADAPTER_FILE, METRICS_FILE, RESUME_FILE, evaluate, fit, read_metrics
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 COLOURS = torch.tensor([[0.9, -0.8, -0.8], [-0.8, 0.9, -0.8], [-0.8, -0.8, 0.9]])  # normalized RGB per class
 RECIPE = Recipe(epochs=3, warmup_epochs=1, lr=1e-2, batch_size=4)
 
