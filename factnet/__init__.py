@@ -4,6 +4,9 @@
 
 Stack a model's same-shaped weight matrices into group tensors, train only a decomposed
 increment ``s·ΔW`` of each (zero at start, backbone frozen), merge it in for inference.
+
+This package is the library; the ``factnet`` command and the demo live in `factnet.app`, which uses
+only this API. The map of modules: docs/ARCHITECTURE.md.
 """
 
 from factnet.adapter import Adapter
