@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import TinyNet, snapshot, tiny_swin, tiny_vit
-from test_io import factors_of, head_parameters, read_header, rejected, rewrite_spec, train
+from io_support import factors_of, head_parameters, read_header, rejected, rewrite_spec, train
 from v1_fixture import DATA, FILES, build_model
 
 import factnet

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 import torch
 from conftest import assert_same_model, snapshot, tiny_vit
-from test_io import factors_of, train
+from io_support import factors_of, train
 
 import factnet
 import factnet.io
