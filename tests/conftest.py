@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 import factnet
+from factnet import autotune
 
 settings.register_profile("factnet", deadline=None, max_examples=40, print_blob=True)
 settings.register_profile("factnet-ci", deadline=None, max_examples=40, print_blob=True, derandomize=True)
@@ -95,6 +96,18 @@ def reference(fmt: factnet.Format, factors: dict[str, torch.Tensor]) -> torch.Te
     """The oracle reconstruction ``(n, d_in, d_out)``: tensorly's (built-in formats) or the
     user format's own einsum; never factnet's planned contraction."""
     return fmt.reference(factors)
+
+
+@pytest.fixture(autouse=True)
+def _default_kernel_variants(request):
+    """Pin every kernel op to its default variant: autotuning picks variants by timing them, so a
+    test's floating-point path would depend on the machine and its load. tests/test_autotune.py
+    runs every variant against the dense oracle, and is left to choose."""
+    if request.module.__name__.rpartition(".")[2] == "test_autotune":
+        yield
+        return
+    with autotune.force(**{op: names[0] for op, names in autotune.VARIANTS.items()}):
+        yield
 
 
 @pytest.fixture
