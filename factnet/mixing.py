@@ -116,7 +116,8 @@ class Mix:
                 y.view(self.batch, -1, b_t.shape[2]).baddbmm_(hidden.reshape(self.batch, -1, b_t.shape[1]), b_t)
                 return y
         xs, ys = self._by_sample(x, matrix.name), self._by_sample(y, matrix.name)  # (B, k, ...)
-        gathered = xs.index_select(0, self.order)
+        order = self.order.to(x.device)
+        gathered = xs.index_select(0, order)
         rows = _rows(gathered, pointwise)  # (samples·k·..., d_in), sample-major, sorted by adapter
         per_sample = rows.shape[0] // len(self.order)
         deltas, start = [], 0
@@ -126,7 +127,7 @@ class Mix:
                           else chunk.new_zeros(chunk.shape[0], matrix.d_out))
             start += count * per_sample
         delta = _unrows(torch.cat(deltas), gathered.shape, matrix.d_out, pointwise)
-        ys.index_add_(0, self.order, delta)
+        ys.index_add_(0, order, delta)
         return y
 
     def _per_sample_factors(self, parts: list[tuple[str, list[Increment]]],
@@ -152,7 +153,7 @@ class Mix:
                 stack.append(value)
         for stack, value in zip(stacks, zero):
             stack.append(value)  # the base model's samples: last
-        which = self.sample_adapter
+        which = self.sample_adapter.to(first.core.device)
         return tuple(torch.stack(stack).index_select(0, which) for stack in stacks)
 
     def _by_sample(self, tensor: Tensor, where: str) -> Tensor:
@@ -201,7 +202,7 @@ class Mix:
             raise FactnetError(f"a mixed batch must run {type(module).__name__} once per adapter, splitting its first "
                                "argument by sample, but that argument is not a tensor; run such samples one adapter "
                                "at a time (model.factnet.activate)")
-        part = self._by_sample(args[0], type(module).__name__).index_select(0, idx)
+        part = self._by_sample(args[0], type(module).__name__).index_select(0, idx.to(args[0].device))
         dim = self.batch_dim
         return (_from_samples(part, dim), *args[1:]), kwargs, lambda outs, counts, inv: _join(outs, counts, inv, dim)
 
@@ -213,19 +214,20 @@ def _split_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, i
     values = dict(bound.arguments)
     dim = 0 if module.batch_first else 1
     for key in ("query", "key", "value"):
-        values[key] = values[key].index_select(dim, idx)
+        values[key] = values[key].index_select(dim, idx.to(values[key].device))
     if values.get("key_padding_mask") is not None:
-        values["key_padding_mask"] = values["key_padding_mask"].index_select(0, idx)
+        values["key_padding_mask"] = values["key_padding_mask"].index_select(0, idx.to(values["key_padding_mask"].device))
     mask = values.get("attn_mask")
     if mask is not None and mask.dim() == 3:
         heads = module.num_heads
-        values["attn_mask"] = mask.unflatten(0, (-1, heads)).index_select(0, idx).flatten(0, 1)
+        values["attn_mask"] = mask.unflatten(0, (-1, heads)).index_select(0, idx.to(mask.device)).flatten(0, 1)
     values.pop("self")
 
     def join(outputs: list, counts: list[int], inverse: Tensor) -> tuple:
-        attended = torch.cat([o[0] for o in outputs], dim).index_select(dim, inverse)
-        weights = None if outputs[0][1] is None else torch.cat([o[1] for o in outputs]).index_select(0, inverse)
-        return attended, weights
+        attended = torch.cat([o[0] for o in outputs], dim)
+        attended = attended.index_select(dim, inverse.to(attended.device))
+        weights = None if outputs[0][1] is None else torch.cat([o[1] for o in outputs])
+        return attended, None if weights is None else weights.index_select(0, inverse.to(weights.device))
 
     return (), values, join
 
@@ -246,7 +248,8 @@ def _join(outputs: list, counts: list[int], inverse: Tensor, dim: int) -> Any:
                                    f"split into {count} samples along dim {dim}; run such samples one adapter at a "
                                    "time (model.factnet.activate)")
             pieces.append(out.unflatten(dim, (count, -1)))
-        return torch.cat(pieces, dim).index_select(dim, inverse).flatten(dim, dim + 1)
+        joined = torch.cat(pieces, dim)
+        return joined.index_select(dim, inverse.to(joined.device)).flatten(dim, dim + 1)
     if isinstance(first, (tuple, list)):
         return type(first)(_join([o[i] for o in outputs], counts, inverse, dim) for i in range(len(first)))
     if first is None or all(o == first for o in outputs):
