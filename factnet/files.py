@@ -37,16 +37,7 @@ __all__ = ["load_spec", "read", "write", "write_atomically"]
 
 def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
           dtype: torch.dtype | None = None) -> None:
-    """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
-
-    From a model sharded with FSDP2 (``fully_shard``), call it on every rank: the full factors are
-    gathered and rank 0 writes the one file.
-
-    Holds the factors and, unless ``include_head=False``, the parameters of the trainable head, as they
-    are (``dtype=None``) or cast to ``dtype`` (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
-    ``torch.float64``): ``torch.bfloat16`` stores 2 bytes a parameter, and `load` casts the values back to
-    the model's dtypes. The size is the tensors' bytes plus the header (under 1 KiB for ViT-B).
-    """
+    """`factnet.io.save` once ``adapter`` is known to be an `Adapter` (the behaviour is documented there)."""
     if dtype is not None and dtype not in STORAGE_DTYPES.values():
         raise FactnetError(f"dtype must be None (as the adapter holds them) or one of "
                            f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")

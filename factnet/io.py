@@ -43,7 +43,6 @@ from factnet.tensorizer import Tensorizer
 __all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "load", "load_many", "load_spec", "save", "write_atomically"]
 
 
-
 def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
          dtype: torch.dtype | None = None) -> None:
     """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
