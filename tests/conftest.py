@@ -331,6 +331,20 @@ def zero_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def blockwise_delta(weight: torch.Tensor, a_t: torch.Tensor, core: torch.Tensor, b_t: torch.Tensor, m_in: int,
+                    m_out: int, g_in: int, g_out: int, d: int) -> torch.Tensor:
+    """Dense ``ΔW`` of one kernel `Increment`, block by block from its definition (the kernel's oracle):
+    block ``(q, p)`` is ``P_out[q] · core[p, :, q, :]ᵀ · P_in[p]ᵀ``, in ``weight``'s shape."""
+    alpha, beta = a_t.shape[1], b_t.shape[1]
+    blocks = core.reshape(m_in, alpha, m_out, beta)
+    delta = torch.zeros_like(weight)
+    for p in range(m_in):
+        for q in range(m_out):
+            a, b = a_t[p if g_in > 1 else 0], b_t[q if g_out > 1 else 0]
+            delta[q * d:(q + 1) * d, p * d:(p + 1) * d] = b.T @ blocks[p, :, q, :].T @ a
+    return delta
+
+
 # ---- comparisons --------------------------------------------------------------------------------
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``max|a - e| / max(1, max|e|)``."""

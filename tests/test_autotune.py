@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import TinyNet, randomize_factors
+from conftest import TinyNet, blockwise_delta, randomize_factors
 from kernel_support import check_gradients
 
 import factnet
@@ -26,17 +26,6 @@ COMBOS = [{"forward": f, "grad_input": g, "outer": o, "times_t": V["times_t"][i 
           for i, (f, g, o) in enumerate(itertools.product(V["forward"], V["grad_input"], V["outer"]))]
 ACTIVATION = [{"outer": o, "times_t": t} for o, t in itertools.product(V["outer"], V["times_t"])]
 CASES = [("auto", c) for c in COMBOS] + [("activation", c) for c in ACTIVATION]
-
-
-def _dense(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d):
-    alpha, beta = a_t.shape[1], b_t.shape[1]
-    blocks = core.reshape(m_in, alpha, m_out, beta)
-    delta = torch.zeros_like(weight)
-    for p in range(m_in):
-        for q in range(m_out):
-            a, b = a_t[p if g_in > 1 else 0], b_t[q if g_out > 1 else 0]
-            delta[q * d:(q + 1) * d, p * d:(p + 1) * d] = b.T @ blocks[p, :, q, :].T @ a
-    return delta
 
 
 def _inputs(m_in, m_out, g_in, g_out, alpha, beta, rows=7, d=5):
@@ -63,7 +52,7 @@ def test_every_variant_gradcheck_and_oracle(path, combo, m_in, m_out, g_in, g_ou
     with autotune.force(**combo):
         assert torch.autograd.gradcheck(run, inputs)
         x, a_t, core, b_t = (t.detach() for t in inputs)
-        delta = _dense(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d)
+        delta = blockwise_delta(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d)
         torch.testing.assert_close(run(x, a_t, core, b_t), x @ (weight + SCALE * delta).T + bias)
         torch.testing.assert_close(delta_rows(x, [Increment(a_t, core, b_t, m_in, m_out)], SCALE), SCALE * x @ delta.T)
 

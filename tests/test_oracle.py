@@ -12,6 +12,7 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import blockwise_delta
 
 import factnet
 from factnet import Tensorizer
@@ -119,12 +120,7 @@ def test_kernel_gradcheck(path: str, m_in: int, m_out: int, g_in: int, g_out: in
     assert torch.autograd.gradcheck(run, inputs)
     # and the value equals the block-wise dense oracle
     x, a_t, core, b_t = (t.detach() for t in inputs)
-    blocks = core.reshape(m_in, alpha, m_out, beta)
-    delta = torch.zeros_like(weight)
-    for p in range(m_in):
-        for q in range(m_out):
-            a, b = a_t[p if g_in > 1 else 0], b_t[q if g_out > 1 else 0]
-            delta[q * d:(q + 1) * d, p * d:(p + 1) * d] = b.T @ blocks[p, :, q, :].T @ a
+    delta = blockwise_delta(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d)
     torch.testing.assert_close(run(x, a_t, core, b_t), x @ (weight + SCALE * delta).T + bias)
 
 
