@@ -9,8 +9,6 @@ to run split (readers of weights as attributes and the head run once per adapter
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from conftest import BUILTIN_FORMATS, randomize_factors
@@ -23,14 +21,8 @@ NAMES = ["a", None, "b", "a"]
 RANK = 2
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+# tiny tensors: one thread; the libraries' warnings about tiny configs are noise here
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
 
 def _batch(family: str) -> tuple[tuple, dict]:

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import warnings
 
 import pytest
 import torch
-
-import factnet
 from conftest import (
     BUILTIN_FORMATS,
     assert_close,
@@ -39,19 +36,14 @@ from conftest import (
 )
 from zoo import FAMILIES, inputs, main_output, prototype, run
 
+import factnet
+
 RANK, SCALE = 2, 1.5
 NAMES = list(FAMILIES)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_one_thread():
-    """Tiny tensors: one thread; the libraries' warnings about tiny configs are noise here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+# tiny tensors: one thread; the libraries' warnings about tiny configs are noise here
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
 
 def _tensorizer(name, model):
