@@ -61,8 +61,7 @@ class Mix:
         for position, name in enumerate(self.names):
             found.setdefault(name, []).append(position)
         self.groups = [(name, torch.tensor(found[name])) for name in found]
-        adapted = [(name, idx) for name, idx in self.groups if name is not None]
-        self.adapted = adapted
+        self.adapted = adapted = [(name, idx) for name, idx in self.groups if name is not None]
         self.order = torch.cat([idx for _, idx in adapted]) if adapted else None  # samples sorted by adapter
         self.counts = [len(idx) for _, idx in adapted]
         position = {name: index for index, (name, _) in enumerate(adapted)}
@@ -170,14 +169,13 @@ class Mix:
         """``W + s·ΔW`` of a uniform mix's adapter; in a mixed one, the reader must run split."""
         if not self.uniform:
             raise SplitHere(self.set.innermost_reader())
-        name = self.groups[0][0]
-        matrix = effective.matrix
-        increments = [] if name is None else self.increments(name, matrix.name, to_linear(matrix, weight))
+        name, matrix = self.groups[0][0], effective.matrix
+        linear = to_linear(matrix, weight)
+        increments = [] if name is None else self.increments(name, matrix.name, linear)
         if not increments:
             return weight
         self.set.applied(matrix.name)
-        linear = effective_weight(to_linear(matrix, weight), increments, self.set[name].settings.scale)
-        return _from_linear(matrix, linear, weight)
+        return _from_linear(matrix, effective_weight(linear, increments, self.set[name].settings.scale), weight)
 
     # ---- modules run once per adapter ------------------------------------------------------------
     def split(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict,
