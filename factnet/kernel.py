@@ -27,6 +27,7 @@ exact; they differ in rounding only.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -198,134 +199,139 @@ _OUTER = {
 class _MergedLinear(torch.autograd.Function):
     """``y = x (W + s·Σ ΔW)ᵀ + bias`` (dropout-free) with factor gradients from thin projections.
 
-    The forward either runs one GEMM with the effective weight (built by one ``addmm`` pass over ``W``)
-    or the base GEMM plus the thin products, and the backward gets ``grad_x`` from the rebuilt
-    effective weight or from ``grad_y W`` plus a thin product: whichever measures faster for the shape
-    (`factnet.autotune` ops ``forward`` and ``grad_input``; ``mode="merged"`` forces the weight).
-    Neither saves more than ``x`` and the factors.
+    The forward runs one GEMM with the effective weight (``mode`` "merged": built by one ``addmm`` pass
+    over ``W``) or the base GEMM plus the thin products ("thin"), and the backward gets ``grad_x`` from
+    the rebuilt effective weight or from ``grad_y W`` plus a thin product: whichever measures faster for
+    the shape (`factnet.autotune` ops ``forward`` and ``grad_input``; ``mode="merged"`` forces the weight).
+    Neither saves more than ``x``, the factors and (thin forward) the small ``u = x P_in``, ``h``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, mode, *factors):  # type: ignore[override]
-        x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
-        increments = _unflatten(layout, factors)
-        key = ctx.key = (x.shape, weight.shape, weight.stride(), layout, tuple(f.shape for f in factors), x.dtype,
-                         pointwise)
-        with _no_autocast(x):
-            mode = mode or autotune.choice("forward", key)
-            rows = _rows(x, pointwise) if mode != "merged" else None
-            if mode is None:
-                mode = autotune.measure("forward", key, {
-                    "merged": lambda: effective_weight(weight, increments, scale),
-                    "thin": lambda: [_times(torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core), inc.b_t, inc.m_out)
-                                     for inc in increments],
-                }, (rows, weight))
-            if mode == "merged":
-                y = _base_op(x, _like_trained(effective_weight(weight, increments, scale), as_trained), bias, pointwise)
-            else:
-                y = _base_op(x, _like_trained(weight, as_trained), bias, pointwise)
-                for inc in increments:
-                    _add_increment(y, torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core).mul_(scale), inc, pointwise)
-        ctx.save_for_backward(x, weight, *factors)
-        ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
-        ctx.x_shape = x.shape
-        return y
+        return _forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, mode, (), factors)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, weight, *factors = ctx.saved_tensors
-        increments = _unflatten(ctx.layout, factors)
-        needs, scale = ctx.needs_input_grad, ctx.scale
-        x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
-        grad_factors: list[Tensor] = []
-        thin: list[Tensor] = []
-        for inc in increments:
-            t = _times_t(grad_y, inc.b_t, inc.m_out).mul_(scale)  # s · grad_y P_out: (N, m_out·β)
-            u = _times_t(x, inc.a_t, inc.m_in)  # x P_in: (N, m_in·α)
-            r = torch.mm(t, inc.core.t())  # (N, m_in·α)
-            grad_factors += [
-                _outer(r, x, inc.m_in, inc.a_t.shape[0]),
-                torch.mm(u.t(), t),
-                _outer(torch.mm(u, inc.core), grad_y, inc.m_out, inc.b_t.shape[0]).mul_(scale),
-            ]
-            thin.append(r)
-        grad_x = None
-        if needs[0]:
-            mode = autotune.choice("grad_input", ctx.key)
-            if mode is None:
-                mode = autotune.measure("grad_input", ctx.key, {
-                    "rebuild": lambda: effective_weight(weight, increments, scale),
-                    "thin": lambda: [_times(r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
-                }, (grad_y, weight))
-            if mode == "rebuild":
-                grad_x = torch.mm(grad_y, effective_weight(weight, increments, scale))
-            else:
-                grad_x = torch.mm(grad_y, weight)
-                for r, inc in zip(thin, increments):
-                    _add_times(grad_x, r, inc.a_t, inc.m_in)
-            grad_x = _unrows(grad_x, ctx)
-        grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
-        grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None, None,
-                *_factor_dtypes(ctx, grad_factors))
+        grad_x, grad_weight, grad_bias, grad_factors = _backward(ctx, grad_y)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, *grad_factors
 
 
 class _ActivationLinear(torch.autograd.Function):
     """``y = x Wᵀ + bias + s · Σ (mask ⊙ x P_in core) P_outᵀ``: factor-space dropout.
 
-    ``masks`` are the dropout masks already scaled by ``1 / (1 - p)`` (all ones for none).
-    The backward mirrors `_MergedLinear`'s thin products and never forms a dense ``ΔW``.
+    ``masks`` are the dropout masks already scaled by ``1 / (1 - p)`` (all ones for none). Forward and
+    backward are `_MergedLinear`'s thin ones, masked; no dense ``ΔW`` is ever formed.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, masks, *factors):  # type: ignore[override]
-        x, weight, bias, factors = _in_compute_dtype(ctx, x, weight, bias, factors)
-        saved = []
-        with _no_autocast(x):
-            y = _base_op(x, _like_trained(weight, as_trained), bias, pointwise)
-            rows = _rows(x, pointwise)
-            for inc, mask in zip(_unflatten(layout, factors), masks):
-                u = _times_t(rows, inc.a_t, inc.m_in)
-                hidden = torch.mm(u, inc.core).mul_(mask).mul_(scale)  # (N, m_out·β)
-                _add_increment(y, hidden, inc, pointwise)
-                saved += [u, hidden]
-        ctx.save_for_backward(x, weight, *factors, *masks, *saved)
-        ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise = scale, layout, bias is not None, pointwise
-        ctx.x_shape = x.shape
-        return y
+        return _forward(ctx, x, weight, bias, scale, layout, pointwise, as_trained, "thin", masks, factors)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, weight, *rest = ctx.saved_tensors
-        count = len(ctx.layout)
-        factors, masks, saved = rest[: 3 * count], rest[3 * count: 4 * count], rest[4 * count:]
-        needs = ctx.needs_input_grad
-        x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
-        grad_x = torch.mm(grad_y, weight) if needs[0] else None
-        grad_factors: list[Tensor] = []
-        for pos, inc in enumerate(_unflatten(ctx.layout, factors)):
-            u, hidden = saved[2 * pos], saved[2 * pos + 1]
-            t = _times_t(grad_y, inc.b_t, inc.m_out).mul_(masks[pos]).mul_(ctx.scale)  # (N, m_out·β)
-            r = torch.mm(t, inc.core.t())  # (N, m_in·α)
-            grad_factors += [_outer(r, x, inc.m_in, inc.a_t.shape[0]), torch.mm(u.t(), t),
-                             _outer(hidden, grad_y, inc.m_out, inc.b_t.shape[0])]
-            if grad_x is not None:
-                _add_times(grad_x, r, inc.a_t, inc.m_in)
-        grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
-        grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
-        grad_x = _unrows(grad_x, ctx) if grad_x is not None else None
-        return (*_in_input_dtypes(ctx, grad_x, grad_weight, grad_bias), None, None, None, None, None,
-                *_factor_dtypes(ctx, grad_factors))
+        grad_x, grad_weight, grad_bias, grad_factors = _backward(ctx, grad_y)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, *grad_factors
 
 
-def _add_increment(y: Tensor, hidden: Tensor, inc: Increment, pointwise: bool) -> None:
+def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, layout: tuple[tuple[int, int], ...],
+             pointwise: bool, as_trained: bool, mode: str | None, masks: tuple[Tensor, ...],
+             factors: tuple[Tensor, ...]) -> Tensor:
+    """Both kernels' forward. "thin" saves each increment's ``u = x P_in: (N, m_in·α)`` and
+    ``h = s · mask ⊙ (u core): (N, m_out·β)`` (small), so the backward does not recompute them."""
+    x, weight, bias, factors, autocast = _in_compute_dtype(ctx, x, weight, bias, factors)
+    key = ctx.key = (x.shape, weight.shape, weight.stride(), layout, *[f.shape for f in factors], x.dtype, pointwise)
+    saved: list[Tensor] = []
+    with _no_autocast(x) if autocast else contextlib.nullcontext():
+        if mode is None:
+            mode = autotune.choice("forward", key) or _measure_forward(key, x, weight, scale, layout, factors, pointwise)
+        if mode == "merged":
+            effective = effective_weight(weight, _unflatten(layout, factors), scale)
+            y = _base_op(x, _like_trained(effective, as_trained), bias, pointwise)
+        else:
+            y = _base_op(x, _like_trained(weight, as_trained), bias, pointwise)
+            rows = _rows(x, pointwise)
+            for pos, (m_in, m_out) in enumerate(layout):
+                a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
+                u = _times_t(rows, a_t, m_in)
+                h = torch.mm(u, core).mul_(scale)
+                if masks:
+                    h.mul_(masks[pos])
+                _add_increment(y, h, b_t, m_out, pointwise)
+                saved += (u, h)
+    ctx.save_for_backward(x, weight, *factors, *masks, *saved)
+    ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise, ctx.x_shape = scale, layout, bias is not None, pointwise, x.shape
+    ctx.masked, ctx.thin = bool(masks), bool(saved)
+    return y
+
+
+def _measure_forward(key: tuple, x: Tensor, weight: Tensor, scale: float, layout: tuple[tuple[int, int], ...],
+                     factors: tuple[Tensor, ...], pointwise: bool) -> str:
+    """Time the work the two forwards do differently: building ``W + s·ΔW`` (and, later, ``u`` and ``h``
+    in the backward) against adding ``h P_outᵀ`` to the output."""
+    rows, increments = _rows(x, pointwise), _unflatten(layout, factors)
+
+    def hidden(inc: Increment) -> Tensor:
+        return torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core)
+
+    return autotune.measure("forward", key, {
+        "merged": lambda: (effective_weight(weight, increments, scale), [hidden(inc) for inc in increments]),
+        "thin": lambda: [_times(hidden(inc), inc.b_t, inc.m_out) for inc in increments],
+    }, (rows, weight))
+
+
+def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, list[Tensor]]:
+    """Both kernels' backward: ``(grad_x, grad_weight, grad_bias, factor gradients)``."""
+    x, weight, *rest = ctx.saved_tensors
+    count, scale, needs = len(ctx.layout), ctx.scale, ctx.needs_input_grad
+    factors = rest[: 3 * count]
+    masks = rest[3 * count: 4 * count] if ctx.masked else ()
+    saved = rest[3 * count + len(masks):]
+    x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
+    grad_factors: list[Tensor] = []
+    thin: list[Tensor] = []
+    for pos, (m_in, m_out) in enumerate(ctx.layout):
+        a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
+        t = _times_t(grad_y, b_t, m_out).mul_(scale)  # s · grad_y P_out: (N, m_out·β)
+        if masks:
+            t.mul_(masks[pos])
+        if saved:
+            u, h = saved[2 * pos], saved[2 * pos + 1]
+        else:
+            u = _times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
+            h = torch.mm(u, core).mul_(scale)
+        r = torch.mm(t, core.t())  # (N, m_in·α)
+        grad_factors += [_outer(r, x, m_in, a_t.shape[0]), torch.mm(u.t(), t), _outer(h, grad_y, m_out, b_t.shape[0])]
+        thin.append(r)
+    grad_x = None
+    if needs[0]:
+        mode = "thin" if ctx.masked else autotune.choice("grad_input", ctx.key)
+        if mode is None:
+            increments = _unflatten(ctx.layout, factors)
+            mode = autotune.measure("grad_input", ctx.key, {
+                "rebuild": lambda: effective_weight(weight, increments, scale),
+                "thin": lambda: [_times(r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
+            }, (grad_y, weight))
+        if mode == "rebuild":
+            grad_x = torch.mm(grad_y, effective_weight(weight, _unflatten(ctx.layout, factors), scale))
+        else:
+            grad_x = torch.mm(grad_y, weight)
+            for pos, (m_in, _) in enumerate(ctx.layout):
+                _add_times(grad_x, thin[pos], factors[3 * pos], m_in)
+        grad_x = _unrows(grad_x, ctx)
+    grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
+    grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
+    grad_x, grad_weight, grad_bias = _in_input_dtypes(ctx, grad_x, grad_weight, grad_bias)
+    return grad_x, grad_weight, grad_bias, _factor_dtypes(ctx, grad_factors)
+
+
+def _add_increment(y: Tensor, hidden: Tensor, b_t: Tensor, m_out: int, pointwise: bool) -> None:
     """``y += hidden ⊗ P_out`` in place (``hidden: (N, m_out·β)``, already masked and scaled)."""
     if pointwise:
-        y += _times(hidden, inc.b_t, inc.m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1)
+        y += _times(hidden, b_t, m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1)
     elif y.is_contiguous():
-        _add_times(y, hidden, inc.b_t, inc.m_out)
+        _add_times(y, hidden, b_t, m_out)
     else:
-        y += _times(hidden, inc.b_t, inc.m_out).view(y.shape)
+        y += _times(hidden, b_t, m_out).view(y.shape)
 
 
 def adapted_linear(
@@ -394,18 +400,18 @@ def _unrows(rows: Tensor, ctx) -> Tensor:
 
 
 def _in_compute_dtype(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, factors: tuple[Tensor, ...]):
-    """Cast to the autocast dtype when autocast is on (else the weight's), remembering the
-    inputs' dtypes so the backward returns gradients in them."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    """Cast to the autocast dtype when autocast is on (else the weight's), remembering the inputs'
+    dtypes so the backward returns gradients in them; the last value says whether autocast is on."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
+    ctx.cast = not (x.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+                    and all(f.dtype == dtype for f in factors))
+    if not ctx.cast:  # (the common case: no casts to dispatch, forward or backward)
+        return x, weight, bias, factors, autocast
     ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.factor_dtypes = tuple(f.dtype for f in factors)
-    ctx.cast = not (x.dtype == dtype == weight.dtype and (bias is None or bias.dtype == dtype)
-                    and all(d == dtype for d in ctx.factor_dtypes))
-    if not ctx.cast:  # (the common case: no casts to dispatch, forward or backward)
-        return x, weight, bias, factors
-    cast = [f.to(dtype) for f in factors]
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast
+    cast = tuple(f.to(dtype) for f in factors)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast, autocast
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
