@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from factnet.adapter_set import AdapterSet, _in_head
 from factnet.errors import FactnetError
 from factnet.formats import Format, NormalForm
 from factnet.kernel import Increment, delta_weight
+from factnet.placement import Placement, cut, shared_placement
 from factnet.slices import Matrix, Slice
 
 if TYPE_CHECKING:
@@ -95,71 +95,6 @@ class GroupFactors(nn.Module):
         return f"{self.format.name} rank {self.format.rank}, {n}x{d_in}x{d_out}"
 
 
-class Placement:
-    """Where a group's slices sit in one matrix, and how to cut its normal form for it.
-
-    ``members`` are positions in the group, ``blocks`` their block index in the matrix. The
-    recipe (which projection is shared, how the cores tile the module core) is fixed here once.
-    """
-
-    def __init__(self, group: str, members: list[int], blocks: list[int], n_blocks: int, side: str,
-                 per_slice: tuple[bool, bool]) -> None:
-        self.group, self.n_blocks, self.side = group, n_blocks, side
-        self.members, self.blocks = torch.tensor(members), torch.tensor(blocks)
-        self.m_in = n_blocks if side == "in" else 1
-        self.m_out = n_blocks if side == "out" else 1
-        ordered = blocks == list(range(n_blocks))
-        self._in = self._side_recipe("in", per_slice[0], ordered)
-        self._out = self._side_recipe("out", per_slice[1], ordered)
-        rows, row_blocks, cols, col_blocks = self._in[1], self._in[2], self._out[1], self._out[2]
-        if row_blocks == 1 and cols.tolist() == list(range(col_blocks)):
-            self._tiling = "columns"  # slices side by side: shared input, one core per output block
-        elif col_blocks == 1 and rows.tolist() == list(range(row_blocks)):
-            self._tiling = "rows"
-        else:
-            self._tiling = "scatter"
-
-    def _side_recipe(self, side: str, per_slice: bool, ordered: bool) -> tuple[str, Tensor, int]:
-        """``(how to build the projection, block of each member, number of blocks)``."""
-        count = len(self.members)
-        if self.side == side:
-            how = ("own" if ordered else "own-scattered") if per_slice else "shared"
-            return how, self.blocks, self.n_blocks
-        if per_slice:  # one shared activation: the members' projections concatenated on the rank
-            return "concat", torch.arange(count), count
-        return "shared", torch.zeros(count, dtype=torch.long), 1
-
-    def _projection(self, p_t: Tensor, recipe: tuple[str, Tensor, int]) -> Tensor:
-        how = recipe[0]
-        if how == "shared":
-            return p_t
-        own = p_t[self.members]
-        if how == "own":
-            return own
-        if how == "concat":
-            return own.reshape(1, -1, own.shape[2])
-        return own.new_zeros(self.n_blocks, *own.shape[1:]).index_copy(0, self.blocks, own)
-
-    def increment(self, form: NormalForm, dtype: torch.dtype) -> Increment:
-        """This matrix's share of the group's ``ΔW`` as a kernel `Increment`."""
-        cores = form.core[self.members]
-        rank_in, rank_out = cores.shape[1:]
-        row_blocks, col_blocks = self._in[2], self._out[2]
-        if self._tiling == "columns":
-            core = cores.permute(1, 0, 2).reshape(rank_in, col_blocks * rank_out)
-        elif self._tiling == "rows":
-            core = cores.reshape(row_blocks * rank_in, rank_out)
-        else:
-            tiled = cores.new_zeros(row_blocks, rank_in, col_blocks, rank_out)
-            tiled[self._in[1], :, self._out[1], :] = cores
-            core = tiled.reshape(row_blocks * rank_in, col_blocks * rank_out)
-        a_t = self._projection(form.p_in_t, self._in)
-        b_t = self._projection(form.p_out_t, self._out)
-        if dtype != core.dtype:
-            a_t, core, b_t = a_t.to(dtype), core.to(dtype), b_t.to(dtype)
-        return Increment(a_t, core, b_t, self.m_in, self.m_out)
-
-
 @dataclass
 class Settings:
     """Shared by every attached matrix; ``path`` ("auto", "activation") picks the kernel."""
@@ -195,13 +130,18 @@ class Adapter(nn.Module):
         for group, members in groups.items():
             for matrix, chosen in _by_matrix(members).items():
                 self.matrices[matrix.name] = matrix
-                self.placements.setdefault(matrix.name, []).append(_placement(
+                self.placements.setdefault(matrix.name, []).append(shared_placement(
                     _key(group), tuple(chosen), tuple(members[p].index for p in chosen), *matrix.cut,
                     fmt.projections_per_slice))
         self.head = head
         self._merged = False
         self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
         self._increments: dict[str, tuple[tuple[NormalForm, ...], torch.dtype, list[Increment]]] = {}
+        self._cuts: dict[str, tuple[NormalForm, torch.dtype, dict[str, Increment]]] = {}
+        self._by_group: dict[str, list[tuple[str, Placement]]] = {}
+        for matrix_name, found in self.placements.items():
+            for p in found:
+                self._by_group.setdefault(p.group, []).append((matrix_name, p))
         self.__dict__["model"] = model
         AdapterSet.of(model).add(name, self)
 
@@ -212,9 +152,17 @@ class Adapter(nn.Module):
         forms = tuple(self.groups[p.group].normal_form() for p in placements)
         cached = self._increments.get(matrix)
         if cached is None or cached[1] != weight.dtype or any(a is not b for a, b in zip(cached[0], forms)):
-            cached = forms, weight.dtype, [p.increment(f, weight.dtype) for p, f in zip(placements, forms)]
+            cached = forms, weight.dtype, [self._cut(p.group, f, weight.dtype)[matrix] for p, f in zip(placements, forms)]
             self._increments[matrix] = cached
         return cached[2]
+
+    def _cut(self, group: str, form: NormalForm, dtype: torch.dtype) -> dict[str, Increment]:
+        """The increments of every matrix ``group`` has slices in, cut from ``form`` at once (one gather)."""
+        found = self._cuts.get(group)
+        if found is None or found[0] is not form or found[1] != dtype:
+            names, placements = zip(*self._by_group[group])
+            found = self._cuts[group] = form, dtype, dict(zip(names, cut(placements, form, dtype)))
+        return found[2]
 
     def build_increments(self, matrix: str, dtype: torch.dtype, forms: dict[str, NormalForm]) -> list[Increment]:
         """The increments of ``matrix``, built anew (no cache kept: mixed batches of many adapters), from
@@ -229,7 +177,7 @@ class Adapter(nn.Module):
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) leave the cached increments behind: they may hold a graph."""
-        return {**self.__dict__, "_increments": {}}
+        return {**self.__dict__, "_increments": {}, "_cuts": {}}
 
     # ---- lifecycle -----------------------------------------------------------------------
     @property
@@ -388,14 +336,6 @@ def factor_dtype(model: nn.Module) -> torch.dtype:
     keep float32 factors; autocast runs the kernel in low precision)."""
     reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
     return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-@functools.lru_cache(maxsize=4096)
-def _placement(group: str, members: tuple[int, ...], blocks: tuple[int, ...], n_blocks: int, side: str,
-               per_slice: tuple[bool, bool]) -> Placement:
-    """One `Placement` per layout, shared by every adapter of that layout (1,000 adapters of one
-    model hold one set, not 1,000)."""
-    return Placement(group, list(members), list(blocks), n_blocks, side, per_slice)
 
 
 def _key(group: str) -> str:

@@ -1,0 +1,111 @@
+"""`Placement`: where a group's slices sit in one matrix, and how the group's normal form is cut for it.
+
+A group's normal form holds one ``a x b`` core per slice, ``core: (n, a, b)``. A matrix cut into
+blocks holds some of those slices; its kernel `Increment` needs the module core
+``(row_blocks·a, col_blocks·b)`` with member ``q``'s core at block row ``in[q]`` and block column
+``out[q]``, zeros elsewhere. Every entry of it is one entry of the flattened group core (or a zero),
+so cutting is a gather by a fixed index (`Placement.core_index`). `cut` runs one gather for all the
+matrices of a group, once per step: the backward then scatters into the group's core once, not once
+per matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from factnet.formats import NormalForm
+from factnet.kernel import Increment
+
+__all__ = ["Placement", "cut", "shared_placement"]
+
+
+class Placement:
+    """Where a group's slices sit in one matrix, and how to cut its normal form for it.
+
+    ``members`` are positions in the group, ``blocks`` their block index in the matrix. The
+    recipe (which projection is shared, where each member's core goes) is fixed here once.
+    """
+
+    def __init__(self, group: str, members: list[int], blocks: list[int], n_blocks: int, side: str,
+                 per_slice: tuple[bool, bool]) -> None:
+        self.group, self.n_blocks, self.side = group, n_blocks, side
+        self.members, self.blocks = torch.tensor(members), torch.tensor(blocks)
+        self.m_in = n_blocks if side == "in" else 1
+        self.m_out = n_blocks if side == "out" else 1
+        ordered = blocks == list(range(n_blocks))
+        self._in = self._side_recipe("in", per_slice[0], ordered)
+        self._out = self._side_recipe("out", per_slice[1], ordered)
+        self._index: dict[tuple[int, int, int], tuple[Tensor, bool]] = {}
+
+    def _side_recipe(self, side: str, per_slice: bool, ordered: bool) -> tuple[str, Tensor, int]:
+        """``(how to build the projection, block of each member, number of blocks)``."""
+        count = len(self.members)
+        if self.side == side:
+            how = ("own" if ordered else "own-scattered") if per_slice else "shared"
+            return how, self.blocks, self.n_blocks
+        if per_slice:  # one shared activation: the members' projections concatenated on the rank
+            return "concat", torch.arange(count), count
+        return "shared", torch.zeros(count, dtype=torch.long), 1
+
+    def core_index(self, n: int, a: int, b: int) -> tuple[Tensor, bool]:
+        """Where each entry of this matrix's core, row-major ``(row_blocks·a, col_blocks·b)``, sits in the
+        flattened group core ``(n, a, b)``, ``n·a·b`` for a zero; and whether there is any zero."""
+        if (n, a, b) not in self._index:
+            (_, rows, row_blocks), (_, cols, col_blocks) = self._in, self._out
+            index = torch.full((row_blocks, a, col_blocks, b), n * a * b, dtype=torch.long)
+            index[rows, :, cols, :] = (self.members.view(-1, 1, 1) * a + torch.arange(a).view(-1, 1)) * b + torch.arange(b)
+            self._index[n, a, b] = index.reshape(-1), bool((index == n * a * b).any())
+        return self._index[n, a, b]
+
+    def core_shape(self, a: int, b: int) -> tuple[int, int]:
+        return self._in[2] * a, self._out[2] * b
+
+    def projection(self, p_t: Tensor, side: str) -> Tensor:
+        """The matrix's input (``side="in"``) or output projection from the group's ``p_t: (n | 1, r, d)``."""
+        how = (self._in if side == "in" else self._out)[0]
+        if how == "shared":
+            return p_t
+        own = p_t[self.members]
+        if how == "own":
+            return own
+        if how == "concat":
+            return own.reshape(1, -1, own.shape[2])
+        return own.new_zeros(self.n_blocks, *own.shape[1:]).index_copy(0, self.blocks, own)
+
+    def increment(self, form: NormalForm, dtype: torch.dtype) -> Increment:
+        """This matrix's share of the group's ``ΔW`` as a kernel `Increment`."""
+        return cut((self,), form, dtype)[0]
+
+
+def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype) -> list[Increment]:
+    """The `Increment` of each placement (one group's, in different matrices) from the group's normal
+    form, in ``dtype``: one gather of the core for all of them, then views."""
+    n, a, b = form.core.shape
+    index, zeros, sizes = _joined(tuple(placements), n, a, b)
+    flat = form.core.reshape(-1)
+    if zeros:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    cores = flat[index].to(dtype).split(sizes)
+    p_in_t, p_out_t = form.p_in_t.to(dtype), form.p_out_t.to(dtype)
+    return [Increment(p.projection(p_in_t, "in"), core.view(p.core_shape(a, b)), p.projection(p_out_t, "out"),
+                      p.m_in, p.m_out) for p, core in zip(placements, cores)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _joined(placements: tuple[Placement, ...], n: int, a: int, b: int) -> tuple[Tensor, bool, list[int]]:
+    """The placements' core indices end to end, whether any has a zero, and each one's length."""
+    found = [p.core_index(n, a, b) for p in placements]
+    index = found[0][0] if len(found) == 1 else torch.cat([i for i, _ in found])
+    return index, any(z for _, z in found), [len(i) for i, _ in found]
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_placement(group: str, members: tuple[int, ...], blocks: tuple[int, ...], n_blocks: int, side: str,
+              per_slice: tuple[bool, bool]) -> Placement:
+    """One `Placement` per layout, shared by every adapter of that layout (1,000 adapters of one
+    model hold one set, not 1,000)."""
+    return Placement(group, list(members), list(blocks), n_blocks, side, per_slice)
