@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class GroupFactors(nn.Module):
             {name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for name, shape in shapes.items()}
         )
         fmt.initialize(dict(self.factors.items()), generator)
-        self._cache: dict[bool, tuple[tuple, NormalForm]] = {}  # by grad mode
+        self._cache: dict[bool, tuple[list, NormalForm]] = {}  # by grad mode
 
     def normal_form(self) -> NormalForm:
         """The group's normal form, built once per training step for all its matrices.
@@ -46,7 +47,7 @@ class GroupFactors(nn.Module):
         through it (which frees its graph).
         """
         grad = torch.is_grad_enabled()
-        key = tuple((p.data_ptr(), p._version) for p in self.factors.values())
+        key = [(p.data_ptr(), p._version) for p in self._modules["factors"]._parameters.values()]  # (hot path)
         cached = self._cache.get(grad)
         if cached is None or cached[0] != key:
             form = self.format.normal_form(dict(self.factors.items()))
@@ -136,7 +137,7 @@ class Adapter(nn.Module):
         self.head = head
         self._merged = False
         self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
-        self._increments: dict[str, tuple[tuple[NormalForm, ...], torch.dtype, list[Increment]]] = {}
+        self._increments: dict[str, tuple[list[NormalForm], torch.dtype, list[Increment]]] = {}
         self._cuts: dict[str, tuple[NormalForm, torch.dtype, dict[str, Increment]]] = {}
         self._by_group: dict[str, list[tuple[str, Placement]]] = {}
         for matrix_name, found in self.placements.items():
@@ -148,10 +149,11 @@ class Adapter(nn.Module):
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active); the
         same objects while the normal forms are, so a matrix used twice in a step cuts them once."""
+        groups = self._modules["groups"]._modules  # (hot path: no Module.__getattr__)
         placements = self.placements[matrix]
-        forms = tuple(self.groups[p.group].normal_form() for p in placements)
+        forms = [groups[p.group].normal_form() for p in placements]
         cached = self._increments.get(matrix)
-        if cached is None or cached[1] != weight.dtype or any(a is not b for a, b in zip(cached[0], forms)):
+        if cached is None or cached[1] != weight.dtype or not all(map(operator.is_, cached[0], forms)):
             cached = forms, weight.dtype, [self._cut(p.group, f, weight.dtype)[matrix] for p, f in zip(placements, forms)]
             self._increments[matrix] = cached
         return cached[2]

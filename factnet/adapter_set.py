@@ -48,6 +48,7 @@ class AdapterSet(nn.Module):
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._head_init: dict[str, Tensor] = {}  # a head's values before any adapter trained it
         self._attached: dict[str, Matrix] = {}
+        self._holders: dict[str, tuple[nn.Module, str]] = {}  # where each attached matrix's parameter lives
         self._users: dict[str, int] = {}  # attached matrix -> how many adapters adapt it
         self._verified: set[str] = set()  # matrices the first-forward guard has seen take part
         self._readers: dict[str, tuple[set[str], tuple]] = {}  # module -> (matrices it may read, its hooks)
@@ -110,7 +111,7 @@ class AdapterSet(nn.Module):
 
     @property
     def active_adapter(self) -> Adapter | None:
-        return None if self.active is None else self[self.active]
+        return None if self.active is None else self._modules["adapters"]._modules[self.active]  # (hot path)
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Register ``adapter`` as ``name``, attach the matrices it adapts, and activate it."""
@@ -122,7 +123,7 @@ class AdapterSet(nn.Module):
         self.adapters[name] = adapter.train(self.model.training)
         for matrix in adapter.matrices.values():
             if matrix.name not in self._attached:
-                sites.attach(self.model, matrix, self)
+                self._holders[matrix.name] = sites.attach(self.model, matrix, self)
                 self._attached[matrix.name] = matrix
                 self._watch_readers(matrix)
             self._users[matrix.name] = self._users.get(matrix.name, 0) + 1
@@ -159,6 +160,7 @@ class AdapterSet(nn.Module):
                 del self._users[matrix_name]
                 self._unwatch_readers(self._attached[matrix_name])
                 sites.detach(model, self._attached.pop(matrix_name))
+                del self._holders[matrix_name]
         if not self.adapters:
             for hook in self._hooks:
                 hook.remove()
@@ -251,8 +253,9 @@ class AdapterSet(nn.Module):
                 return
             acting = [adapter]
             if torch.is_grad_enabled():
-                for matrix in adapter.matrices.values():
-                    adapter.increments(matrix.name, sites.weight_view(self.model, matrix))
+                for name in adapter.matrices:
+                    module, parameter = self._holders[name]
+                    adapter.increments(name, module._parameters[parameter])  # (only its dtype is read)
         pending = list({m.name: m for a in acting for m in a.matrices.values() if m.name not in self._verified}.values())
         if pending and self._watch is None and not torch.compiler.is_compiling():
             self._watch = WeightWatch({id(sites.base_weight(self.model, m)): m.name for m in pending})

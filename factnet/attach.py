@@ -195,15 +195,18 @@ def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
     return to_linear(matrix, base_weight(model, matrix))
 
 
-def attach(model: nn.Module, matrix: Matrix, source: Source) -> None:
-    """Route ``matrix`` through the increments ``source`` provides."""
+def attach(model: nn.Module, matrix: Matrix, source: Source) -> tuple[nn.Module, str]:
+    """Route ``matrix`` through the increments ``source`` provides; returns the module and the name under
+    which its parameter now lives (``module._parameters[name]``)."""
     owner, attribute = _owner(model, matrix)
     if matrix.kind == "mha-in":
         owner.__dict__["_factnet_effective"] = _Effective(matrix, source)
         owner.__class__ = _adapted_class(type(owner))
-    else:
-        original = getattr(owner, attribute)
-        setattr(owner, attribute, AdaptedMatrix(original, matrix, source).train(original.training))
+        return owner, attribute
+    original = getattr(owner, attribute)
+    stand_in = AdaptedMatrix(original, matrix, source).train(original.training)
+    setattr(owner, attribute, stand_in)
+    return stand_in, "weight"
 
 
 def detach(model: nn.Module, matrix: Matrix) -> None:

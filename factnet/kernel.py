@@ -355,9 +355,9 @@ def adapted_linear(
     """
     if not increments:
         return _base_op(x, weight, bias, pointwise)
-    layout = tuple((inc.m_in, inc.m_out) for inc in increments)
-    factors = [t for inc in increments for t in inc.tensors()]
-    as_trained = torch.is_grad_enabled() and any(t.requires_grad for t in factors)
+    layout = tuple([(inc.m_in, inc.m_out) for inc in increments])
+    factors = [t for inc in increments for t in (inc.a_t, inc.core, inc.b_t)]
+    as_trained = torch.is_grad_enabled() and any([t.requires_grad for t in factors])
     if dropout > 0 or path == "activation":
         rows = x.numel() // (x.shape[1] if pointwise else x.shape[-1])
         keep = 1.0 - dropout
@@ -405,7 +405,7 @@ def _in_compute_dtype(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, facto
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
     ctx.cast = not (x.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
-                    and all(f.dtype == dtype for f in factors))
+                    and all([f.dtype == dtype for f in factors]))
     if not ctx.cast:  # (the common case: no casts to dispatch, forward or backward)
         return x, weight, bias, factors, autocast
     ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
