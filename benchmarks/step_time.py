@@ -148,16 +148,21 @@ def one_model(args: argparse.Namespace) -> None:
         "PEFT LoRA r8": "lora:0",
         "PEFT LoRA r8 dropout 0.1": "lora:0.1",
     }
+    if args.kinds:  # a subset, e.g. floor,fact:tt:0:auto,lora:0 (more rounds in the same time)
+        chosen = args.kinds.split(",")
+        kinds = {name: kind for name, kind in kinds.items() if kind in chosen or name == "floor"}
     variants = {name: make_variant(base, kind, x) for name, kind in kinds.items()}
     memory = {name: saved_bytes(forward) for name, (_, forward) in variants.items()}
     median = interleaved({name: step for name, (step, _) in variants.items()}, args.warmup, args.reps)
-    floor, lora = median["floor"], median["PEFT LoRA r8"]
+    floor, lora = median["floor"], median.get("PEFT LoRA r8", float("nan"))
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {args.reps} interleaved steps")
     print(f"{'variant':34} {'step ms':>8} {'x floor':>8} {'x LoRA':>7} {'saved MB':>9} {'x floor':>8}")
     for name in variants:
         print(f"{name:34} {median[name] * 1e3:8.1f} {median[name] / floor:8.3f} {median[name] / lora:7.3f} "
               f"{memory[name] / 2**20:9.1f} {memory[name] / memory['floor']:8.3f}")
+    if args.choices:
+        _print_choices()
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -193,9 +198,13 @@ def sweep(args: argparse.Namespace) -> None:
               "unmerged/merged")
         print("\n".join(inferred))
     if args.choices:
-        print("\nautotune choices (op, key, threads) -> variant")
-        for key, name in autotune.choices().items():
-            print(f"  {key} -> {name}")
+        _print_choices()
+
+
+def _print_choices() -> None:
+    print("\nautotune choices (op, key, threads) -> variant")
+    for key, name in autotune.choices().items():
+        print(f"  {key} -> {name}")
 
 
 def main() -> None:
@@ -208,6 +217,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--infer-reps", type=int, default=5)
     parser.add_argument("--choices", action="store_true", help="print the kernel variants autotuning picked")
+    parser.add_argument("--kinds", help="only these variants of one --model, e.g. fact:tt:0:auto,fact:tt:0:activation,lora:0")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()

@@ -266,16 +266,17 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
 
 def _measure_forward(key: tuple, x: Tensor, weight: Tensor, scale: float, layout: tuple[tuple[int, int], ...],
                      factors: tuple[Tensor, ...], pointwise: bool) -> str:
-    """Time the work the two forwards do differently: building ``W + s·ΔW`` (and, later, ``u`` and ``h``
-    in the backward) against adding ``h P_outᵀ`` to the output."""
+    """Time the work the two forwards do differently, as they do it: building ``W + s·ΔW`` (and, later,
+    ``u`` and ``h`` in the backward) against adding ``h P_outᵀ`` to the output in place."""
     rows, increments = _rows(x, pointwise), _unflatten(layout, factors)
+    y = x.new_zeros(x.shape[0], weight.shape[0], *x.shape[2:]) if pointwise else x.new_zeros(*x.shape[:-1], weight.shape[0])
 
     def hidden(inc: Increment) -> Tensor:
         return torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core)
 
     return autotune.measure("forward", key, {
         "merged": lambda: (effective_weight(weight, increments, scale), [hidden(inc) for inc in increments]),
-        "thin": lambda: [_times(hidden(inc), inc.b_t, inc.m_out) for inc in increments],
+        "thin": lambda: [_add_increment(y, hidden(inc), inc.b_t, inc.m_out, pointwise) for inc in increments],
     }, (rows, weight))
 
 
@@ -307,9 +308,10 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
         mode = "thin" if ctx.masked else autotune.choice("grad_input", ctx.key)
         if mode is None:
             increments = _unflatten(ctx.layout, factors)
+            buffer = x.new_zeros(x.shape)  # (the thin variant adds into grad_x in place)
             mode = autotune.measure("grad_input", ctx.key, {
                 "rebuild": lambda: effective_weight(weight, increments, scale),
-                "thin": lambda: [_times(r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
+                "thin": lambda: [_add_times(buffer, r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
             }, (grad_y, weight))
         if mode == "rebuild":
             grad_x = torch.mm(grad_y, effective_weight(weight, _unflatten(ctx.layout, factors), scale))
