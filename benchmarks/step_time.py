@@ -4,7 +4,8 @@
     python benchmarks/step_time.py --sizes demo,vit_s,vit_b --batches 1,8 [--infer-batches 1,64] [--reps 7]
 
 One process, random weights, CPU. Every variant runs once per round, in rotating order
-(interleaved), and the median over rounds is reported with its ratio to the floor:
+(interleaved); the step time is the median over rounds, and each ratio is the median over rounds of
+the ratio within the round (paired: robust to a machine whose speed drifts during the run):
 - floor: backbone frozen, backward to the first block's input, no weight gradients;
 - FacT-TT / FacT-TK r8 on all attention and MLP matrices, dropout 0 (merged-weight kernel)
   and 0.1 (activation-side kernel), plus the activation-side kernel at dropout 0;
@@ -102,20 +103,39 @@ def make_variant(base: nn.Module, kind: str, x: torch.Tensor) -> tuple[Step, Cal
     return step, forward
 
 
-def interleaved(steps: dict[str, Step], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds of each step, the steps run once per round in rotating order."""
+def interleaved(steps: dict[str, Step], warmup: int, reps: int, least: float = 0.2) -> dict[str, list[float]]:
+    """Seconds of each step per round, the steps run in rotating order; a short step runs several times
+    in a row per round (at least ``least`` seconds of the first step), its mean time counted."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
+    start = time.perf_counter()
+    steps[names[0]]()
+    repeat = max(1, int(least / (time.perf_counter() - start)))
     for rep in range(warmup + reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             start = time.perf_counter()
-            steps[name]()
+            for _ in range(repeat):
+                steps[name]()
             if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                times[name].append((time.perf_counter() - start) / repeat)
+    return times
 
 
-def inference(base: nn.Module, x: torch.Tensor, warmup: int, reps: int) -> dict[str, float]:
+def ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median over rounds of ``name``'s time over ``reference``'s in the same round: paired, so a
+    machine whose speed drifts during the run (a shared or throttled CPU) moves both alike."""
+    if reference not in times:
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(times[name], times[reference]))
+
+
+def spread(times: dict[str, list[float]], name: str, reference: str) -> tuple[float, float]:
+    """The quartiles of the paired ratio (how far one round is from another)."""
+    found = statistics.quantiles([a / b for a, b in zip(times[name], times[reference])], n=4)
+    return found[0], found[2]
+
+
+def inference(base: nn.Module, x: torch.Tensor, warmup: int, reps: int) -> dict[str, list[float]]:
     """Eval-mode, no-grad forward of the base model and of FacT-TT r8 unmerged and merged."""
     plain, unmerged, merged = copy.deepcopy(base).eval(), copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
     for model in (unmerged, merged):
@@ -153,13 +173,14 @@ def one_model(args: argparse.Namespace) -> None:
         kinds = {name: kind for name, kind in kinds.items() if kind in chosen or name == "floor"}
     variants = {name: make_variant(base, kind, x) for name, kind in kinds.items()}
     memory = {name: saved_bytes(forward) for name, (_, forward) in variants.items()}
-    median = interleaved({name: step for name, (step, _) in variants.items()}, args.warmup, args.reps)
-    floor, lora = median["floor"], median.get("PEFT LoRA r8", float("nan"))
+    times = interleaved({name: step for name, (step, _) in variants.items()}, args.warmup, args.reps)
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"median of {args.reps} interleaved steps")
-    print(f"{'variant':34} {'step ms':>8} {'x floor':>8} {'x LoRA':>7} {'saved MB':>9} {'x floor':>8}")
+          f"{args.reps} interleaved rounds; ratios are medians of the per-round ratios (quartiles in brackets)")
+    print(f"{'variant':34} {'step ms':>8} {'x floor':>8} {'(quartiles)':>13} {'x LoRA':>7} {'saved MB':>9} {'x floor':>8}")
     for name in variants:
-        print(f"{name:34} {median[name] * 1e3:8.1f} {median[name] / floor:8.3f} {median[name] / lora:7.3f} "
+        low, high = spread(times, name, "floor")
+        print(f"{name:34} {statistics.median(times[name]) * 1e3:8.1f} {ratio(times, name, 'floor'):8.3f} "
+              f"{f'({low:.3f}-{high:.3f})':>13} {ratio(times, name, 'PEFT LoRA r8'):7.3f} "
               f"{memory[name] / 2**20:9.1f} {memory[name] / memory['floor']:8.3f}")
     if args.choices:
         _print_choices()
@@ -169,8 +190,8 @@ def sweep(args: argparse.Namespace) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     infer_batches = [int(b) for b in args.infer_batches.split(",") if b]
     names = ["FacT-TT r8", "FacT-TK r8", "PEFT LoRA r8"]
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} interleaved steps "
-          f"(train) / {args.infer_reps} (inference)")
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.reps} interleaved rounds (train) / "
+          f"{args.infer_reps} (inference); ratios are medians of the per-round ratios")
     print(f"{'model':6} {'batch':>5} {'dropout':>7} | {'floor ms':>9} | " + " | ".join(f"{n:>12}" for n in names)
           + " | TT/LoRA | TK/LoRA")
     inferred: list[str] = []
@@ -181,18 +202,18 @@ def sweep(args: argparse.Namespace) -> None:
         for batch in batches:
             x = torch.randn(batch, *shape)
             steps = {name: make_variant(base, kind, x)[0] for name, kind in SWEEP.items()}
-            median = interleaved(steps, args.warmup, args.reps)
-            floor = median["floor"]
+            times = interleaved(steps, args.warmup, args.reps)
+            floor = statistics.median(times["floor"])
             for dropout, suffix in (("0", ""), ("0.1", " d0.1")):
-                cells = " | ".join(f"{median[n + suffix] / floor:7.3f}x fl" for n in names)
-                lora = median["PEFT LoRA r8" + suffix]
+                cells = " | ".join(f"{ratio(times, n + suffix, 'floor'):7.3f}x fl" for n in names)
+                lora = "PEFT LoRA r8" + suffix
                 print(f"{size:6} {batch:5d} {dropout:>7} | {floor * 1e3:9.1f} | {cells} | "
-                      f"{median['FacT-TT r8' + suffix] / lora:7.3f} | {median['FacT-TK r8' + suffix] / lora:7.3f}",
+                      f"{ratio(times, 'FacT-TT r8' + suffix, lora):7.3f} | {ratio(times, 'FacT-TK r8' + suffix, lora):7.3f}",
                       flush=True)
         for batch in infer_batches:
             infer = inference(base, torch.randn(batch, *shape), 1, args.infer_reps)
-            inferred.append(f"{size:6} {batch:5d} | {infer['base'] * 1e3:8.1f} | {infer['merged'] / infer['base']:12.3f} | "
-                            f"{infer['unmerged'] / infer['merged']:16.3f}")
+            inferred.append(f"{size:6} {batch:5d} | {statistics.median(infer['base']) * 1e3:8.1f} | "
+                            f"{ratio(infer, 'merged', 'base'):12.3f} | {ratio(infer, 'unmerged', 'merged'):16.3f}")
     if inferred:
         print(f"\ninference, eval, no grad, FacT-TT r8\n{'model':6} {'batch':>5} | {'base ms':>8} | merged/base | "
               "unmerged/merged")

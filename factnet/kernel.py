@@ -106,12 +106,24 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
     """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``, or added
     in place to ``out: (N, d_out)`` when given (mixed-adapter batches: each adapter's rows get its own)."""
     for inc in increments:
-        hidden = torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core).mul_(scale)  # (N, m_out·β)
+        hidden = _scaled_mm(_times_t(rows, inc.a_t, inc.m_in), inc.core, scale)  # (N, m_out·β)
         if out is None:
             out = _times(hidden, inc.b_t, inc.m_out)
         else:
             _add_times(out, hidden, inc.b_t, inc.m_out)
     return out
+
+
+def _scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``scale · a b`` in one BLAS call (``addmm`` with ``beta=0`` reads nothing of its input)."""
+    key = (a.dtype, a.device)
+    zero = _ZERO.get(key)
+    if zero is None:
+        zero = _ZERO[key] = a.new_zeros(())
+    return torch.addmm(zero, a, b, beta=0, alpha=scale)
+
+
+_ZERO: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
 def _times_t(x: Tensor, p_t: Tensor, m: int) -> Tensor:
@@ -253,14 +265,14 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
             for pos, (m_in, m_out) in enumerate(layout):
                 a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
                 u = _times_t(rows, a_t, m_in)
-                h = torch.mm(u, core).mul_(scale)
+                h = _scaled_mm(u, core, scale)
                 if masks:
                     h.mul_(masks[pos])
                 _add_increment(y, h, b_t, m_out, pointwise)
                 saved += (u, h)
     ctx.save_for_backward(x, weight, *factors, *masks, *saved)
     ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise, ctx.x_shape = scale, layout, bias is not None, pointwise, x.shape
-    ctx.masked, ctx.thin = bool(masks), bool(saved)
+    ctx.masked = bool(masks)
     return y
 
 
@@ -292,16 +304,17 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
     thin: list[Tensor] = []
     for pos, (m_in, m_out) in enumerate(ctx.layout):
         a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
-        t = _times_t(grad_y, b_t, m_out).mul_(scale)  # s · grad_y P_out: (N, m_out·β)
+        t = _times_t(grad_y, b_t, m_out)  # grad_y P_out: (N, m_out·β); the scale goes into r and grad_core
         if masks:
             t.mul_(masks[pos])
         if saved:
             u, h = saved[2 * pos], saved[2 * pos + 1]
         else:
             u = _times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
-            h = torch.mm(u, core).mul_(scale)
-        r = torch.mm(t, core.t())  # (N, m_in·α)
-        grad_factors += [_outer(r, x, m_in, a_t.shape[0]), torch.mm(u.t(), t), _outer(h, grad_y, m_out, b_t.shape[0])]
+            h = _scaled_mm(u, core, scale)
+        r = _scaled_mm(t, core.t(), scale)  # (N, m_in·α)
+        grad_factors += [_outer(r, x, m_in, a_t.shape[0]), _scaled_mm(u.t(), t, scale),
+                         _outer(h, grad_y, m_out, b_t.shape[0])]
         thin.append(r)
     grad_x = None
     if needs[0]:
