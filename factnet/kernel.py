@@ -258,9 +258,9 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
             mode = autotune.choice("forward", key) or _measure_forward(key, x, weight, scale, layout, factors, pointwise)
         if mode == "merged":
             effective = effective_weight(weight, _unflatten(layout, factors), scale)
-            y = _base_op(x, _like_trained(effective, as_trained), bias, pointwise)
+            y = _base_op(x, _like_trained(effective, as_trained, x, pointwise), bias, pointwise)
         else:
-            y = _base_op(x, _like_trained(weight, as_trained), bias, pointwise)
+            y = _base_op(x, _like_trained(weight, as_trained, x, pointwise), bias, pointwise)
             rows = _rows(x, pointwise)
             for pos, (m_in, m_out) in enumerate(layout):
                 a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
@@ -393,11 +393,14 @@ def _base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) ->
     return F.linear(x, weight, bias)
 
 
-def _like_trained(weight: Tensor, as_trained: bool) -> Tensor:
+def _like_trained(weight: Tensor, as_trained: bool, x: Tensor, pointwise: bool) -> Tensor:
     """``weight``, flagged as requiring grad when the weight it stands for (``W + s·ΔW`` of trainable
-    factors) would: torch picks the GEMM path by that flag (a non-contiguous 3-D input is folded into
-    one mm only for such a weight), and the base model's path is the one to take, bit for bit."""
-    return weight.detach().requires_grad_() if as_trained and weight.is_floating_point() else weight
+    factors) would and the flag can change torch's path: a non-contiguous input is folded into one mm
+    only for such a weight (a contiguous one always is), and a convolution may pick its algorithm by
+    it. The base model's path is the one to take, bit for bit."""
+    if as_trained and weight.is_floating_point() and (pointwise or not x.is_contiguous()):
+        return weight.detach().requires_grad_()
+    return weight
 
 
 def _rows(x: Tensor, pointwise: bool) -> Tensor:
