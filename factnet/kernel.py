@@ -8,15 +8,18 @@ group's share of ``ΔW`` for that module:
 
 with ``a_t: (g_in, α, d_in / m_in)`` and ``b_t: (g_out, β, d_out / m_out)`` shared by all
 blocks when ``g == 1`` (one GEMM on the reshaped activations) or one per block (``g == m``).
-Projections are stored rank-major (``a_t`` is ``P_inᵀ``) because the thin products are then
-in the layout BLAS runs fastest on this hardware (see ``benchmarks/layouts.py``).
+Projections are stored rank-major (``a_t`` is ``P_inᵀ``); which GEMM layout runs them fastest is
+measured on the machine at hand (below).
 
-Two exact ways to apply it, both with no dense weight gradient:
-- merged (`_MergedLinear`): one GEMM with ``W + s·ΔW`` forward (built by one ``addmm`` pass
-  over ``W`` and rebuilt in backward rather than stored); the backward gives ``grad_x`` from
-  it and the factor gradients from four thin products with ``x`` and ``grad_y``;
-- activation side (`_ActivationLinear`): ``y = x Wᵀ + s · dropout(x P_in core) P_outᵀ``,
-  used when factor-space dropout is active in training; same thin-product backward.
+One forward and one backward (`_forward`, `_backward`), with no dense weight gradient, serve two
+autograd functions:
+- `_MergedLinear` (no dropout): the forward runs one GEMM with ``W + s·ΔW`` (built by one ``addmm``
+  pass over ``W``, not stored) or the base GEMM plus the thin products ``y += s·(x P_in core) P_outᵀ``,
+  saving their small ``u = x P_in`` and ``h`` for the backward;
+- `_ActivationLinear` (factor-space dropout in training): the thin forward with the mask on ``h``.
+The backward gets the factor gradients from thin products with ``x`` and ``grad_y`` and ``grad_x`` from
+``grad_y W`` plus a thin correction, or from the rebuilt ``W + s·ΔW``. The scale rides in the GEMMs
+(``alpha``), not in separate passes.
 
 Where more than one exact layout or order exists (build ``W + s·ΔW`` or apply the increment by thin
 products, in forward and for ``grad_x``; how to run the long ``Σ_n`` reductions and the thin ``x Pᵀ``),
