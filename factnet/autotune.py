@@ -5,8 +5,8 @@ the CPU, the BLAS, the thread count and the shape (a long reduction split per th
 thin product as ``x @ Pᵀ`` or ``(P @ xᵀ)ᵀ``, the effective weight built or the increment applied by
 thin products). Each such step is an *op* with named *variants* (`VARIANTS`; the first is the
 default). The first call of an op for a key (its operands' shapes and dtype) times every variant
-on the real operands (a few runs each, best time, a few milliseconds in all) and remembers the
-fastest; later calls look it up. The key includes the thread count and the device type, so a
+on the real operands (five samples each of at least a millisecond, the best counted; some tens of
+milliseconds in all) and remembers the fastest; later calls look it up. The key includes the thread count and the device type, so a
 model run at another thread count measures again.
 
 Every variant computes the same value (they differ only in floating-point rounding, and each is
@@ -44,7 +44,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "times_t": ("nt", "nn", "tn"),
 }
 
-_REPS = 3
+_REPS = 5  # samples per variant, the best one counted
+_LEAST = 1e-3  # seconds a sample lasts at least
+_MOST = 50  # runs per sample at most
 _cache: dict[tuple, str] = {}
 _forced: dict[str, str] = {}
 _persisted: dict[str, str] = {}
@@ -152,14 +154,18 @@ def measure(op: str, key: tuple, variants: Mapping[str, Callable[[], object]],
     sync = torch.cuda.synchronize if tensors[0].device.type == "cuda" else (lambda: None)
     names = list(variants)
     best = dict.fromkeys(names, float("inf"))
-    for rep in range(_REPS + 1):  # the first round warms up (allocations, BLAS packing)
+    repeat = 1
+    for rep in range(_REPS + 1):  # the first round warms up (allocations, BLAS packing) and sets `repeat`
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             sync()
             start = time.perf_counter()
-            variants[name]()
+            for _ in range(repeat):
+                variants[name]()
             sync()
-            if rep:
-                best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], (time.perf_counter() - start) / repeat)
+        if not rep:  # a sample lasts at least _LEAST seconds, so a short variant is not timed by the clock's noise
+            repeat = max(1, min(_MOST, int(_LEAST / min(best.values()))))
+            best = dict.fromkeys(names, float("inf"))
     winner = min(names, key=lambda n: best[n])
     _cache[full] = winner
     if _path is not None:

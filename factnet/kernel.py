@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from factnet import autotune
+from factnet.products import add_times, outer, scaled_mm, times, times_t
 
 __all__ = ["Increment", "adapted_linear", "delta_rows", "delta_weight", "effective_weight"]
 
@@ -109,106 +110,12 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
     """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``, or added
     in place to ``out: (N, d_out)`` when given (mixed-adapter batches: each adapter's rows get its own)."""
     for inc in increments:
-        hidden = _scaled_mm(_times_t(rows, inc.a_t, inc.m_in), inc.core, scale)  # (N, m_out·β)
+        hidden = scaled_mm(times_t(rows, inc.a_t, inc.m_in), inc.core, scale)  # (N, m_out·β)
         if out is None:
-            out = _times(hidden, inc.b_t, inc.m_out)
+            out = times(hidden, inc.b_t, inc.m_out)
         else:
-            _add_times(out, hidden, inc.b_t, inc.m_out)
+            add_times(out, hidden, inc.b_t, inc.m_out)
     return out
-
-
-def _scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``scale · a b`` in one BLAS call (``addmm`` with ``beta=0`` reads nothing of its input)."""
-    key = (a.dtype, a.device)
-    zero = _ZERO.get(key)
-    if zero is None:
-        zero = _ZERO[key] = a.new_zeros(())
-    return torch.addmm(zero, a, b, beta=0, alpha=scale)
-
-
-_ZERO: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _times_t(x: Tensor, p_t: Tensor, m: int) -> Tensor:
-    """Per block ``x_p @ p_t[p]ᵀ``: ``(N, m·d) × (g, α, d) → (N, m·α)`` (the layout measured fastest)."""
-    n = x.shape[0]
-    if p_t.shape[0] == 1:
-        flat, p = (x if m == 1 else x.reshape(n * m, -1)), p_t[0]
-        key = (flat.shape, flat.stride(), p.shape, x.dtype)
-        name = autotune.choice("times_t", key)
-        if name is None:
-            name = autotune.measure("times_t", key, {v: _bind(f, flat, p) for v, f in _TIMES_T.items()}, (flat, p))
-        out = _TIMES_T[name](flat, p)
-        return out if m == 1 else out.reshape(n, -1)
-    return torch.bmm(x.reshape(n, m, -1).transpose(0, 1), p_t.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
-
-
-_TIMES_T = {
-    "nt": lambda x, p: F.linear(x, p),  # x @ pᵀ with p (α, d) as stored
-    "nn": lambda x, p: torch.mm(x, p.t().contiguous()),  # on a (d, α) copy
-    "tn": lambda x, p: torch.mm(p, x.t()).t(),  # (p xᵀ)ᵀ: a transposed (α, N) result
-}
-
-
-def _bind(f, *args):
-    return lambda: f(*args)
-
-
-def _times(r: Tensor, p_t: Tensor, m: int) -> Tensor:
-    """Per block ``r_p @ p_t[p]``: ``(N, m·α) × (g, α, d) → (N, m·d)``."""
-    n = r.shape[0]
-    if p_t.shape[0] == 1:
-        return torch.mm(r, p_t[0]) if m == 1 else torch.mm(r.reshape(n * m, -1), p_t[0]).reshape(n, -1)
-    return torch.bmm(r.reshape(n, m, -1).transpose(0, 1), p_t).transpose(0, 1).reshape(n, -1)
-
-
-def _add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int) -> None:
-    """``out += r ⊗ p_t`` per block, in place (one ``addmm`` pass when the projection is shared)."""
-    if m == 1:
-        (out if out.dim() == 2 else out.view(r.shape[0], -1)).addmm_(r, p_t[0])
-    elif p_t.shape[0] == 1:
-        out.view(r.shape[0] * m, -1).addmm_(r.reshape(r.shape[0] * m, -1), p_t[0])
-    else:
-        out += _times(r, p_t, m).view_as(out)
-
-
-def _outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
-    """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major).
-
-    The contraction over ``N`` is long and the output tiny; how BLAS runs that best (one TN GEMM, the
-    rows split into one chunk per thread, batched and summed, or ``(xᵀ r)ᵀ``) depends on the machine,
-    so it is measured once per shape (`factnet.autotune`, op ``outer``).
-    """
-    n = r.shape[0]
-    if groups > 1:
-        return torch.bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1))
-    if m > 1:
-        r, x = r.reshape(n * m, -1), x.reshape(n * m, -1)
-    key = (r.shape, r.stride(), x.shape, x.stride(), r.dtype)
-    name = autotune.choice("outer", key)
-    if name is None:
-        name = autotune.measure("outer", key, {v: _bind(f, r, x) for v, f in _OUTER.items()}, (r, x))
-    return _OUTER[name](r, x).unsqueeze(0)
-
-
-def _outer_chunked(r: Tensor, x: Tensor) -> Tensor:
-    """``rᵀ x`` with the rows split into one chunk per thread, batched and summed."""
-    rows, chunks = r.shape[0], torch.get_num_threads()
-    if chunks < 2 or rows < 64 * chunks:
-        return torch.mm(r.t(), x)
-    even = rows // chunks * chunks
-    total = torch.bmm(r[:even].reshape(chunks, -1, r.shape[1]).transpose(1, 2),
-                      x[:even].reshape(chunks, -1, x.shape[1])).sum(0)
-    if even < rows:
-        total.addmm_(r[even:].t(), x[even:])
-    return total
-
-
-_OUTER = {
-    "chunked": _outer_chunked,
-    "mm": lambda r, x: torch.mm(r.t(), x),
-    "tn": lambda r, x: torch.mm(x.t(), r).t(),
-}
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -267,8 +174,8 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
             rows = _rows(x, pointwise)
             for pos, (m_in, m_out) in enumerate(layout):
                 a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
-                u = _times_t(rows, a_t, m_in)
-                h = _scaled_mm(u, core, scale)
+                u = times_t(rows, a_t, m_in)
+                h = scaled_mm(u, core, scale)
                 if masks:
                     h.mul_(masks[pos])
                 _add_increment(y, h, b_t, m_out, pointwise)
@@ -287,7 +194,7 @@ def _measure_forward(key: tuple, x: Tensor, weight: Tensor, scale: float, layout
     y = x.new_zeros(x.shape[0], weight.shape[0], *x.shape[2:]) if pointwise else x.new_zeros(*x.shape[:-1], weight.shape[0])
 
     def hidden(inc: Increment) -> Tensor:
-        return torch.mm(_times_t(rows, inc.a_t, inc.m_in), inc.core)
+        return torch.mm(times_t(rows, inc.a_t, inc.m_in), inc.core)
 
     return autotune.measure("forward", key, {
         "merged": lambda: (effective_weight(weight, increments, scale), [hidden(inc) for inc in increments]),
@@ -307,17 +214,17 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
     thin: list[Tensor] = []
     for pos, (m_in, m_out) in enumerate(ctx.layout):
         a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
-        t = _times_t(grad_y, b_t, m_out)  # grad_y P_out: (N, m_out·β); the scale goes into r and grad_core
+        t = times_t(grad_y, b_t, m_out)  # grad_y P_out: (N, m_out·β); the scale goes into r and grad_core
         if masks:
             t.mul_(masks[pos])
         if saved:
             u, h = saved[2 * pos], saved[2 * pos + 1]
         else:
-            u = _times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
-            h = _scaled_mm(u, core, scale)
-        r = _scaled_mm(t, core.t(), scale)  # (N, m_in·α)
-        grad_factors += [_outer(r, x, m_in, a_t.shape[0]), _scaled_mm(u.t(), t, scale),
-                         _outer(h, grad_y, m_out, b_t.shape[0])]
+            u = times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
+            h = scaled_mm(u, core, scale)
+        r = scaled_mm(t, core.t(), scale)  # (N, m_in·α)
+        grad_factors += [outer(r, x, m_in, a_t.shape[0]), scaled_mm(u.t(), t, scale),
+                         outer(h, grad_y, m_out, b_t.shape[0])]
         thin.append(r)
     grad_x = None
     if needs[0]:
@@ -327,14 +234,14 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
             buffer = x.new_zeros(x.shape)  # (the thin variant adds into grad_x in place)
             mode = autotune.measure("grad_input", ctx.key, {
                 "rebuild": lambda: effective_weight(weight, increments, scale),
-                "thin": lambda: [_add_times(buffer, r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
+                "thin": lambda: [add_times(buffer, r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
             }, (grad_y, weight))
         if mode == "rebuild":
             grad_x = torch.mm(grad_y, effective_weight(weight, _unflatten(ctx.layout, factors), scale))
         else:
             grad_x = torch.mm(grad_y, weight)
             for pos, (m_in, _) in enumerate(ctx.layout):
-                _add_times(grad_x, thin[pos], factors[3 * pos], m_in)
+                add_times(grad_x, thin[pos], factors[3 * pos], m_in)
         grad_x = _unrows(grad_x, ctx)
     grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
     grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
@@ -345,11 +252,11 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
 def _add_increment(y: Tensor, hidden: Tensor, b_t: Tensor, m_out: int, pointwise: bool) -> None:
     """``y += hidden ⊗ P_out`` in place (``hidden: (N, m_out·β)``, already masked and scaled)."""
     if pointwise:
-        y += _times(hidden, b_t, m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1)
+        y += times(hidden, b_t, m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1)
     elif y.is_contiguous():
-        _add_times(y, hidden, b_t, m_out)
+        add_times(y, hidden, b_t, m_out)
     else:
-        y += _times(hidden, b_t, m_out).view(y.shape)
+        y += times(hidden, b_t, m_out).view(y.shape)
 
 
 def adapted_linear(

@@ -15,7 +15,8 @@ from kernel_support import check_gradients
 import factnet
 from factnet import autotune
 from factnet.errors import FactnetError
-from factnet.kernel import Increment, _ActivationLinear, _outer, _times_t, adapted_linear, delta_rows
+from factnet.kernel import Increment, _ActivationLinear, adapted_linear, delta_rows
+from factnet.products import outer, times_t
 
 SCALE = 1.7
 SHAPES = [(1, 3, 1, 1, 3, 2), (4, 1, 1, 1, 3, 2), (1, 1, 1, 1, 3, 2), (1, 3, 1, 3, 6, 2), (4, 1, 4, 1, 3, 4)]
@@ -82,8 +83,8 @@ def test_outer_variants_exact(variant, rows, blocks, threads):
         r, x = torch.randn(rows, blocks * 3, dtype=torch.float64), torch.randn(rows, blocks * 5, dtype=torch.float64)
         expected = r.reshape(rows * blocks, 3).t() @ x.reshape(rows * blocks, 5)
         with autotune.force(outer=variant):
-            torch.testing.assert_close(_outer(r, x, blocks, 1)[0], expected)
-            torch.testing.assert_close(_outer(r.t().contiguous().t(), x, blocks, 1)[0], expected)  # strided rows
+            torch.testing.assert_close(outer(r, x, blocks, 1)[0], expected)
+            torch.testing.assert_close(outer(r.t().contiguous().t(), x, blocks, 1)[0], expected)  # strided rows
     finally:
         torch.set_num_threads(previous)
 
@@ -94,7 +95,7 @@ def test_times_t_variants_exact(variant, blocks):
     x, p_t = torch.randn(50, blocks * 6, dtype=torch.float64), torch.randn(1, 3, 6, dtype=torch.float64)
     expected = (x.reshape(50 * blocks, 6) @ p_t[0].T).reshape(50, -1)
     with autotune.force(times_t=variant):
-        torch.testing.assert_close(_times_t(x, p_t, blocks), expected)
+        torch.testing.assert_close(times_t(x, p_t, blocks), expected)
 
 
 @pytest.mark.parametrize("combo", [{"forward": "thin", "grad_input": "thin", "outer": "tn", "times_t": "tn"},
@@ -117,15 +118,15 @@ def test_model_matches_oracle_with_forced_variants(combo, name):
 def test_measures_once_per_shape_and_thread_count():
     autotune.clear()
     x, p_t = torch.randn(300, 16), torch.randn(1, 4, 16)
-    _times_t(x, p_t, 1)
+    times_t(x, p_t, 1)
     keys = [k for k in autotune.choices() if k[0] == "times_t"]
     assert len(keys) == 1 and autotune.choices()[keys[0]] in autotune.VARIANTS["times_t"]
-    _times_t(x + 1, p_t, 1)  # same shape: looked up, not measured again
+    times_t(x + 1, p_t, 1)  # same shape: looked up, not measured again
     assert [k for k in autotune.choices() if k[0] == "times_t"] == keys
     previous = torch.get_num_threads()
     torch.set_num_threads(1 if previous != 1 else 2)
     try:
-        _times_t(x, p_t, 1)
+        times_t(x, p_t, 1)
     finally:
         torch.set_num_threads(previous)
     assert len([k for k in autotune.choices() if k[0] == "times_t"]) == 2
@@ -168,7 +169,7 @@ def test_no_measurement_while_compiling_or_for_subclasses(monkeypatch):
 
 def test_save_and_load_round_trip(tmp_path):
     autotune.clear()
-    _times_t(torch.randn(64, 8), torch.randn(1, 2, 8), 1)
+    times_t(torch.randn(64, 8), torch.randn(1, 2, 8), 1)
     path = tmp_path / "choices.json"
     autotune.save(str(path))
     data = json.loads(path.read_text())

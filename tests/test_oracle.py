@@ -139,11 +139,11 @@ def test_paper_counts_vit_base() -> None:
 @pytest.mark.parametrize("blocks", [1, 4])
 def test_outer_product_chunks_exact(rows: int, blocks: int) -> None:
     """The chunked ``Σ_n r_pᵀ x_p`` equals one plain matrix product, remainders included."""
-    from factnet.kernel import _outer
+    from factnet.products import outer
 
     r, x = torch.randn(rows, blocks * 3, dtype=torch.float64), torch.randn(rows, blocks * 5, dtype=torch.float64)
     expected = r.reshape(rows * blocks, 3).t() @ x.reshape(rows * blocks, 5)
-    torch.testing.assert_close(_outer(r, x, blocks, 1)[0], expected)
+    torch.testing.assert_close(outer(r, x, blocks, 1)[0], expected)
 
 
 @pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out"), [(1, 3, 1, 1), (4, 1, 1, 1), (1, 3, 1, 3), (4, 1, 4, 1)])
