@@ -1,0 +1,88 @@
+"""Old code against new in one process: the train step of an older checkout, this one and the floor.
+
+    git archive 849bfda | tar -x -C /tmp/before          # any older checkout of factnet
+    python benchmarks/ab_step.py --old /tmp/before --size vit_s --batch 8 [--format tt] [--dropout 0]
+
+The older checkout's ``factnet`` package is copied to a temporary directory as ``factnet_old`` (its
+imports renamed) so both load side by side; floor, old and new then run interleaved in the same
+rounds (`step_time.interleaved`), which a machine whose speed drifts between two runs cannot skew.
+Prints each one's step over the floor and new over old, as medians of per-round ratios with quartiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_time import SIZES, interleaved, ratio, spread
+
+import factnet
+
+
+def load_old(checkout: Path, into: Path):
+    """The checkout's ``factnet`` package, importable as ``factnet_old``."""
+    target = into / "factnet_old"
+    shutil.copytree(checkout / "factnet", target)
+    for path in target.rglob("*.py"):
+        text = path.read_text()
+        text = re.sub(r"\bfrom factnet\b", "from factnet_old", text)
+        text = re.sub(r"\bimport factnet\b", "import factnet_old", text)
+        path.write_text(re.sub(r"\bfactnet\.(?=[a-z_])", "factnet_old.", text))
+    sys.path.insert(0, str(into))
+    return importlib.import_module("factnet_old")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", type=Path, required=True, help="an older checkout (its factnet/ package is used)")
+    parser.add_argument("--size", default="vit_s", choices=list(SIZES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--format", default="tt")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    old = load_old(args.old, Path(tempfile.mkdtemp()))
+    build, shape = SIZES[args.size]
+    torch.manual_seed(0)
+    base = build()
+    x = torch.randn(args.batch, *shape)
+
+    def variant(library):
+        model = copy.deepcopy(base).train()
+        if library is None:  # the floor: frozen, backward to the first block's input
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.blocks[0].register_forward_pre_hook(lambda _, inputs: (inputs[0].detach().requires_grad_(),))
+        else:
+            library.Tensorizer(model).decompose(args.format, rank=8, scale=10.0, dropout=args.dropout, train_head=False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3) if trainable else None
+
+        def step() -> None:
+            model(x).float().square().mean().backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return step
+
+    times = interleaved({"floor": variant(None), "old": variant(old), "new": variant(factnet)}, args.warmup, args.reps)
+    print(f"{args.size}, batch {args.batch}, {args.format} r8, dropout {args.dropout}, {args.reps} rounds, "
+          f"floor {statistics.median(times['floor']) * 1e3:.1f} ms")
+    for name, reference in (("old", "floor"), ("new", "floor"), ("new", "old")):
+        low, high = spread(times, name, reference)
+        print(f"  {name} / {reference}: {ratio(times, name, reference):.3f} (quartiles {low:.3f}-{high:.3f})")
+
+
+if __name__ == "__main__":
+    main()
