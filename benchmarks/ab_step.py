@@ -12,7 +12,6 @@ Prints each one's step over the floor and new over old, as medians of per-round 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import re
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import SIZES, interleaved, ratio, spread
+from step_time import SIZES, interleaved, make_variant, ratio, spread
 
 import factnet
 
@@ -58,25 +57,10 @@ def main() -> None:
     base = build()
     x = torch.randn(args.batch, *shape)
 
-    def variant(library):
-        model = copy.deepcopy(base).train()
-        if library is None:  # the floor: frozen, backward to the first block's input
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.blocks[0].register_forward_pre_hook(lambda _, inputs: (inputs[0].detach().requires_grad_(),))
-        else:
-            library.Tensorizer(model).decompose(args.format, rank=8, scale=10.0, dropout=args.dropout, train_head=False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-3) if trainable else None
-
-        def step() -> None:
-            model(x).float().square().mean().backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        return step
-
-    times = interleaved({"floor": variant(None), "old": variant(old), "new": variant(factnet)}, args.warmup, args.reps)
+    kind = f"fact:{args.format}:{args.dropout}:auto"
+    steps = {"floor": make_variant(base, "floor", x)[0], "old": make_variant(base, kind, x, old)[0],
+             "new": make_variant(base, kind, x, factnet)[0]}
+    times = interleaved(steps, args.warmup, args.reps)
     print(f"{args.size}, batch {args.batch}, {args.format} r8, dropout {args.dropout}, {args.reps} rounds, "
           f"floor {statistics.median(times['floor']) * 1e3:.1f} ms")
     for name, reference in (("old", "floor"), ("new", "floor"), ("new", "old")):

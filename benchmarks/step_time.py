@@ -29,11 +29,13 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from types import ModuleType
 
 import timm
 import torch
 from torch import nn
 
+import factnet
 from factnet import Tensorizer, autotune
 
 Step = Callable[[], None]
@@ -71,7 +73,10 @@ def saved_bytes(step_forward: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def make_variant(base: nn.Module, kind: str, x: torch.Tensor) -> tuple[Step, Callable[[], torch.Tensor]]:
+def make_variant(base: nn.Module, kind: str, x: torch.Tensor,
+                 library: ModuleType = factnet) -> tuple[Step, Callable[[], torch.Tensor]]:
+    """A train step of ``kind`` (floor, fact:FORMAT:DROPOUT:PATH, lora:DROPOUT) on a copy of ``base``, and its
+    forward; FacT from ``library`` (`ab_step.py` passes an older checkout's factnet)."""
     model = copy.deepcopy(base).train()
     targets = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
     if kind == "floor":
@@ -80,7 +85,7 @@ def make_variant(base: nn.Module, kind: str, x: torch.Tensor) -> tuple[Step, Cal
         model.blocks[0].register_forward_pre_hook(lambda _, args: (args[0].detach().requires_grad_(),))
     elif kind.startswith("fact"):
         _, fmt, dropout, path = kind.split(":")
-        adapter = Tensorizer(model).decompose(fmt, rank=8, scale=10.0, dropout=float(dropout), train_head=False)
+        adapter = library.Tensorizer(model).decompose(fmt, rank=8, scale=10.0, dropout=float(dropout), train_head=False)
         adapter.settings.path = path
     elif kind.startswith("lora"):
         import peft
