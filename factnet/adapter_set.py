@@ -254,12 +254,16 @@ class AdapterSet(nn.Module):
             acting = [adapter]
             if torch.is_grad_enabled():
                 for name in adapter.matrices:
-                    module, parameter = self._holders[name]
-                    adapter.increments(name, module._parameters[parameter])  # (only its dtype is read)
-        pending = list({m.name: m for a in acting for m in a.matrices.values() if m.name not in self._verified}.values())
+                    adapter.increments(name, self._parameter(name))  # (only its dtype is read)
+        pending = {m.name for a in acting for m in a.matrices.values() if m.name not in self._verified}
         if pending and self._watch is None and not torch.compiler.is_compiling():
-            self._watch = WeightWatch({id(sites.base_weight(self.model, m)): m.name for m in pending})
+            self._watch = WeightWatch({id(self._parameter(name)): name for name in pending})
             self._watch.__enter__()
+
+    def _parameter(self, matrix: str) -> nn.Parameter:
+        """The parameter holding an attached matrix (as `attach.base_weight`, without walking the model)."""
+        module, name = self._holders[matrix]
+        return module._parameters[name]
 
     def _finish(self, *_: object) -> None:
         watch, self._watch = self._watch, None
