@@ -158,6 +158,17 @@ class Adapter(nn.Module):
             self._increments[matrix] = cached
         return cached[2]
 
+    def all_increments(self, weights: list[Tensor]) -> dict[str, list[Increment]]:
+        """`increments` of every matrix in ``matrices`` (``weights`` in that order); the same dict while
+        the normal forms and the weights' dtypes are, so a forward checks its factors once per group."""
+        forms = [group.normal_form() for group in self._modules["groups"]._modules.values()]
+        dtypes = [weight.dtype for weight in weights]
+        cached = self.__dict__.get("_all")
+        if cached is None or cached[1] != dtypes or not all(map(operator.is_, cached[0], forms)):
+            cached = forms, dtypes, {name: self.increments(name, w) for name, w in zip(self.matrices, weights)}
+            self.__dict__["_all"] = cached
+        return cached[2]
+
     def _cut(self, group: str, form: NormalForm, dtype: torch.dtype) -> dict[str, Increment]:
         """The increments of every matrix ``group`` has slices in, cut from ``form`` at once (one gather)."""
         found = self._cuts.get(group)
@@ -179,7 +190,7 @@ class Adapter(nn.Module):
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) leave the cached increments behind: they may hold a graph."""
-        return {**self.__dict__, "_increments": {}, "_cuts": {}}
+        return {**self.__dict__, "_increments": {}, "_cuts": {}, "_all": None}
 
     # ---- lifecycle -----------------------------------------------------------------------
     @property
@@ -221,6 +232,7 @@ class Adapter(nn.Module):
             weight = sites.weight_view(self.model, matrix)
             weight.add_(self.delta_weight(name).to(weight.dtype))
         self._merged = True
+        self._set._sync()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -232,6 +244,7 @@ class Adapter(nn.Module):
         for name, matrix in self.matrices.items():
             weight = sites.weight_view(self.model, matrix)
             weight.sub_(self.delta_weight(name).to(weight.dtype))
+        self._set._sync()
 
     @contextmanager
     def disable(self) -> Iterator[None]:

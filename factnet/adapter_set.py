@@ -21,7 +21,6 @@ from factnet import attach as sites
 from factnet.errors import FactnetError
 from factnet.guard import WeightWatch
 from factnet.kernel import Increment
-from factnet.slices import Matrix
 
 if TYPE_CHECKING:
     from factnet.adapter import Adapter, Settings
@@ -47,19 +46,14 @@ class AdapterSet(nn.Module):
         self.__dict__["model"] = model
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._head_init: dict[str, Tensor] = {}  # a head's values before any adapter trained it
-        self._attached: dict[str, Matrix] = {}
-        self._holders: dict[str, tuple[nn.Module, str]] = {}  # where each attached matrix's parameter lives
-        self._users: dict[str, int] = {}  # attached matrix -> how many adapters adapt it
+        self._sites = sites.Sites(model, self, self._prepare, self._finish)
         self._verified: set[str] = set()  # matrices the first-forward guard has seen take part
-        self._readers: dict[str, tuple[set[str], tuple]] = {}  # module -> (matrices it may read, its hooks)
-        self._inside: list[nn.Module] = []  # reader modules whose forward is running
         self.split_readers: set[str] = set()  # readers that mixed batches run once per adapter (`factnet.mixing`)
         self._watch: WeightWatch | None = None
+        self._now: dict[str, list[Increment]] | None = None  # the active adapter's, for the forward running
         self.mix = None  # a mixed-adapter batch's assignment while `per_sample` runs
         for param in model.parameters():
             param.requires_grad_(False)
-        self._hooks = (model.register_forward_pre_hook(self._prepare, with_kwargs=True),
-                       model.register_forward_hook(self._finish, always_call=True))
         model.add_module("factnet", self.train(model.training))
 
     @staticmethod
@@ -122,11 +116,7 @@ class AdapterSet(nn.Module):
         self._stash_head()
         self.adapters[name] = adapter.train(self.model.training)
         for matrix in adapter.matrices.values():
-            if matrix.name not in self._attached:
-                self._holders[matrix.name] = sites.attach(self.model, matrix, self)
-                self._attached[matrix.name] = matrix
-                self._watch_readers(matrix)
-            self._users[matrix.name] = self._users.get(matrix.name, 0) + 1
+            self._sites.attach(matrix)
         self._switch(name)
 
     def activate(self, name: str | None) -> Adapter | None:
@@ -155,15 +145,9 @@ class AdapterSet(nn.Module):
         del self.adapters[name]
         adapter.__dict__["model"] = None
         for matrix_name in adapter.matrices:
-            self._users[matrix_name] -= 1
-            if not self._users[matrix_name]:
-                del self._users[matrix_name]
-                self._unwatch_readers(self._attached[matrix_name])
-                sites.detach(model, self._attached.pop(matrix_name))
-                del self._holders[matrix_name]
+            self._sites.release(matrix_name)
+        self._sync()
         if not self.adapters:
-            for hook in self._hooks:
-                hook.remove()
             for param_name, param in model.named_parameters():
                 param.requires_grad_(self._requires_grad.get(param_name, param.requires_grad))
             del model._modules["factnet"]
@@ -175,6 +159,9 @@ class AdapterSet(nn.Module):
     # ---- what the attached matrices call ----------------------------------------------------
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight``: the active adapter's, none when disabled or merged."""
+        now = self._now
+        if now is not None:  # built as the model's forward started (`_prepare`)
+            return now.get(matrix, [])
         adapter = self.active_adapter
         if adapter is None or not self._enabled or adapter.merged or matrix not in adapter.placements:
             return []
@@ -191,43 +178,14 @@ class AdapterSet(nn.Module):
 
     @property
     def reading(self) -> bool:
-        """Whether a module that may read adapted weights as attributes is in its forward: only then
-        does ``module.weight`` read as ``W + s·ΔW`` (elsewhere, as for FSDP or ``get_parameter``, it
-        is the parameter)."""
-        return bool(self._inside)
-
-    def _watch_readers(self, matrix: Matrix) -> None:
-        for name in sites.readers(matrix):
-            if name not in self._readers:
-                module = self.model.get_submodule(name)
-                hooks = (module.register_forward_pre_hook(self._enter),
-                         module.register_forward_hook(self._leave, always_call=True))
-                self._readers[name] = (set(), hooks)
-            self._readers[name][0].add(matrix.name)
-
-    def _unwatch_readers(self, matrix: Matrix) -> None:
-        for name in sites.readers(matrix):
-            matrices, hooks = self._readers[name]
-            matrices.discard(matrix.name)
-            if not matrices:
-                for hook in hooks:
-                    hook.remove()
-                del self._readers[name]
-
-    def _enter(self, module: nn.Module, *_: object) -> None:
-        self._inside.append(module)
-
-    def _leave(self, module: nn.Module, *_: object) -> None:
-        if self._inside and self._inside[-1] is module:
-            self._inside.pop()
-
-    def innermost_reader(self) -> nn.Module:
-        """The innermost module, among those that may read adapted weights, whose forward is running."""
-        return self._inside[-1]
+        """Whether a child of the model that may read adapted weights as attributes is in its forward:
+        only then does ``module.weight`` read as ``W + s·ΔW`` (elsewhere, as for FSDP or
+        ``get_parameter``, it is the parameter)."""
+        return self._sites.reading
 
     def reader_modules(self) -> list[str]:
         """Names of the modules whose forward may read adapted weights as attributes (`readers`)."""
-        return list(self._readers)
+        return list(self._sites.readers)
 
     def applied(self, matrix: str) -> None:
         """An attached matrix applied its increments (seen by the first-forward guard)."""
@@ -241,8 +199,9 @@ class AdapterSet(nn.Module):
         return _NO_SETTINGS if adapter is None else adapter.settings
 
     def _prepare(self, *_: object) -> None:
-        """As the model's forward starts: build the active adapter's increments (outside any
-        checkpointed block, so recomputation saves the same tensors as the first pass), and watch
+        """As the model's forward starts: build the active adapter's increments, which the attached
+        matrices then look up until it ends (outside any checkpointed block, so recomputation saves
+        the same tensors as the first pass; a state change drops them, `_sync`), and watch
         the first forward of newly adapted matrices (`factnet.guard`; in a mixed batch, those of
         its adapters)."""
         if self.mix is not None:
@@ -252,9 +211,7 @@ class AdapterSet(nn.Module):
             if adapter is None or not self._enabled or adapter.merged:
                 return
             acting = [adapter]
-            if torch.is_grad_enabled():
-                for name in adapter.matrices:
-                    adapter.increments(name, self._parameter(name))  # (only its dtype is read)
+            self._now = adapter.all_increments([self._parameter(name) for name in adapter.matrices])
         pending = {m.name for a in acting for m in a.matrices.values() if m.name not in self._verified}
         if pending and self._watch is None and not torch.compiler.is_compiling():
             self._watch = WeightWatch({id(self._parameter(name)): name for name in pending})
@@ -262,10 +219,10 @@ class AdapterSet(nn.Module):
 
     def _parameter(self, matrix: str) -> nn.Parameter:
         """The parameter holding an attached matrix (as `attach.base_weight`, without walking the model)."""
-        module, name = self._holders[matrix]
-        return module._parameters[name]
+        return self._sites.attached[matrix].parameter()
 
     def _finish(self, *_: object) -> None:
+        self._now = None
         watch, self._watch = self._watch, None
         if watch is None:
             return
@@ -299,10 +256,12 @@ class AdapterSet(nn.Module):
     def mixing(self, mix: Mix) -> Iterator[None]:
         """Forwards inside the block follow ``mix`` (a split module's run on some samples)."""
         outer, self.mix = self.mix, mix
+        self._sync()
         try:
             yield
         finally:
             self.mix = outer
+            self._sync()
 
     @property
     def enabled(self) -> bool:
@@ -339,10 +298,12 @@ class AdapterSet(nn.Module):
         if was_merged:
             adapter.unmerge()
         self._enabled = False
+        self._sync()
         try:
             yield
         finally:
             self._enabled = True
+            self._sync()
             if was_merged:
                 adapter.merge()
 
@@ -371,6 +332,23 @@ class AdapterSet(nn.Module):
         if adapter is not None:
             adapter._head_state = None  # the model's head holds it while active
         self._set_requires_grad(previous)
+        self._sync()
+
+    def _sync(self) -> None:
+        """Keep factnet's machinery in the model (`factnet.attach.Sites`) exactly while an adapter can act
+        or train: an active unmerged one, a mixed batch, or a merged one in training mode (whose backward
+        must raise, `guard_merged`). Otherwise the model is the base model and costs what it costs."""
+        adapter = self.active_adapter
+        acting = adapter is not None and self._enabled and (not adapter.merged or self.training)
+        self._now = None  # built for the state that was
+        self._sites.switch(acting or self.mix is not None)
+
+    def train(self, mode: bool = True) -> AdapterSet:
+        """As `nn.Module.train` (``model.train()`` calls it), then `_sync` (a merged model in eval mode runs bare)."""
+        super().train(mode)
+        if "_sites" in self.__dict__:
+            self._sync()
+        return self
 
     def _set_requires_grad(self, previous: Adapter | None) -> None:
         """Only the active adapter's factors and head train; ``previous`` (the adapter that was active)
@@ -399,12 +377,13 @@ class AdapterSet(nn.Module):
 
 
 class _NoTrainingWhileMerged(torch.autograd.Function):
-    """Identity forward; its backward raises: a merged adapter's factors would get no gradient."""
+    """Identity forward (a copy: the model may change it in place); its backward raises: a merged
+    adapter's factors would get no gradient."""
 
     @staticmethod
     def forward(ctx, value, name, factor):  # type: ignore[override]
         ctx.name = name
-        return value.view_as(value)
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -14,22 +14,27 @@ A targeted weight reaches the forward in one of two ways, and both see ``W + s·
   dearer than the kernel). Outside those forwards it is the parameter, as torch expects.
 
 `nn.MultiheadAttention`'s ``in_proj_weight`` belongs to the attention module itself, whose forward
-must run: its class is swapped for a subclass that answers that one attribute (picklable, undone
-by `detach`). What a model reads by any other channel (a weight cached before `decompose`,
-``module._parameters``) is caught by `factnet.guard` on the first forward.
+must run: its class is swapped for a subclass that answers that one attribute (picklable). What a
+model reads by any other channel (a weight cached before `decompose`, ``module._parameters``) is
+caught by `factnet.guard` on the first forward.
+
+The swaps and hooks are in the model only while an adapter can act (`Sites`): merged for serving,
+disabled or with no adapter active, the model holds its own modules and runs at the base model's cost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from factnet.kernel import Increment, adapted_linear, effective_weight
+from factnet.kernel import Increment, adapted_linear, base_op, effective_weight
 from factnet.slices import Matrix, StandIn
 
-__all__ = ["AdaptedMatrix", "attach", "base_weight", "detach", "readers", "weight_view"]
+__all__ = ["AdaptedMatrix", "Sites", "base_weight", "readers", "weight_view"]
 
 
 class Source(Protocol):
@@ -40,7 +45,7 @@ class Source(Protocol):
     reading: bool  # whether a module that may read adapted weights is running its forward (see `readers`)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
-        """The increments to apply now for ``weight``; ``[]`` when none acts."""
+        """The increments to apply now for ``weight`` (only its dtype is read); ``[]`` when none acts."""
 
     def guard_merged(self, value: Tensor) -> Tensor:
         """``value`` as it is, or made to raise in backward while a trainable adapter is merged."""
@@ -55,27 +60,28 @@ class _Effective:
 
     def __init__(self, matrix: Matrix, source: Source) -> None:
         self.matrix, self.source = matrix, source
-        self._cached: tuple[list[Increment], int, bool, Tensor] | None = None
+        self._cached: tuple[list[Increment], int, bool, Tensor, Tensor] | None = None
 
     def __call__(self, weight: Tensor) -> Tensor:
         if not self.source.reading:
             return weight  # outside the forward of the modules that may read it: the parameter itself
         if self.source.mix is not None:
             return self.source.mix.read(self, weight)
-        increments = self.source.increments(self.matrix.name, to_linear(self.matrix, weight))
+        increments = self.source.increments(self.matrix.name, weight)
         if not increments:
             return self.source.guard_merged(weight)
         self.source.applied(self.matrix.name)
         return self.of(weight, increments)
 
-    def of(self, weight: Tensor, increments: list[Increment]) -> Tensor:
-        """``W + s·ΔW`` in ``weight``'s layout, built once while the increments and ``weight`` stay."""
+    def of(self, weight: Tensor, increments: list[Increment], linear: bool = False) -> Tensor:
+        """``W + s·ΔW`` in ``weight``'s layout (``linear``: as ``(d_out, d_in)``), built once while the
+        increments and ``weight`` stay."""
         grad = torch.is_grad_enabled()
         cached = self._cached  # the adapter hands out the same list while its factors are unchanged
         if cached is None or cached[0] is not increments or cached[1] != weight._version or cached[2] is not grad:
-            linear = effective_weight(to_linear(self.matrix, weight), increments, self.source.settings.scale)
-            cached = self._cached = (increments, weight._version, grad, _from_linear(self.matrix, linear, weight))
-        return cached[3]
+            built = effective_weight(to_linear(self.matrix, weight), increments, self.source.settings.scale)
+            cached = self._cached = (increments, weight._version, grad, _from_linear(self.matrix, built, weight), built)
+        return cached[4] if linear else cached[3]
 
     def __getstate__(self) -> dict:
         return {"matrix": self.matrix, "source": self.source, "_cached": None}  # a graph cannot be copied
@@ -97,20 +103,19 @@ class AdaptedMatrix(StandIn):
         self.__dict__.update(original=original, source=source, matrix=matrix, effective=_Effective(matrix, source))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.source.mix is not None:  # a mixed-adapter batch (`AdapterSet.per_sample`)
-            return self.source.mix.forward(self, x)
+        source = self.source
+        if source.mix is not None:  # a mixed-adapter batch (`AdapterSet.per_sample`)
+            return source.mix.forward(self, x)
         matrix, weight, bias = self.matrix, self._parameters["weight"], self._parameters["bias"]
-        linear = to_linear(matrix, weight)
-        increments = self.source.increments(matrix.name, linear)
+        increments = source.increments(matrix.name, weight)
         if not increments:
-            return self.source.guard_merged(self.original(x))  # the base module's own kernel
-        self.source.applied(matrix.name)
-        settings = self.source.settings
+            return source.guard_merged(self.original(x))  # the base module's own kernel
+        source.applied(matrix.name)
+        settings, pointwise = source.settings, matrix.kind == "conv1x1"
         dropout = settings.dropout if self.training else 0.0
-        pointwise = matrix.kind == "conv1x1"
         if not dropout and not torch.is_grad_enabled():  # inference: the base op with W + s·ΔW, built once
-            effective = to_linear(matrix, self.__dict__["effective"].of(weight, increments))
-            return adapted_linear(x, effective, bias, [], 0.0, pointwise=pointwise)  # (no increments: the base op)
+            return base_op(x, self.effective.of(weight, increments, linear=True), bias, pointwise)
+        linear = to_linear(matrix, weight)
         return adapted_linear(x, linear, bias, increments, settings.scale, dropout, settings.path, pointwise=pointwise)
 
     def __getattr__(self, name: str) -> Any:
@@ -175,8 +180,9 @@ def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:
 
 
 def readers(matrix: Matrix) -> list[str]:
-    """Modules whose forward may read ``matrix``'s weight attribute: the module holding it and each
-    module above, up to (not including) the model itself (whose hooks others, e.g. FSDP, share)."""
+    """Modules whose forward may read ``matrix``'s weight attribute, innermost first: the module holding
+    it and each module above, up to (not including) the model itself (whose hooks others, e.g. FSDP,
+    share). A mixed batch runs split the one that reads."""
     owner = matrix.name if matrix.kind == "mha-in" else matrix.name.rpartition(".")[0]
     parts = owner.split(".") if owner else []
     return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
@@ -195,26 +201,126 @@ def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
     return to_linear(matrix, base_weight(model, matrix))
 
 
-def attach(model: nn.Module, matrix: Matrix, source: Source) -> tuple[nn.Module, str]:
-    """Route ``matrix`` through the increments ``source`` provides; returns the module and the name under
-    which its parameter now lives (``module._parameters[name]``)."""
-    owner, attribute = _owner(model, matrix)
-    if matrix.kind == "mha-in":
-        owner.__dict__["_factnet_effective"] = _Effective(matrix, source)
-        owner.__class__ = _adapted_class(type(owner))
-        return owner, attribute
-    original = getattr(owner, attribute)
-    stand_in = AdaptedMatrix(original, matrix, source).train(original.training)
-    setattr(owner, attribute, stand_in)
-    return stand_in, "weight"
+class _Attachment:
+    """One attached matrix: its stand-in (for ``in_proj_weight``, the adapted class) and the original,
+    holding the same parameters; `install` puts the stand-in into the model, `remove` the original."""
+
+    def __init__(self, model: nn.Module, matrix: Matrix, source: Source) -> None:
+        self.matrix = matrix
+        owner, attribute = _owner(model, matrix)
+        if matrix.kind == "mha-in":
+            owner.__dict__["_factnet_effective"] = _Effective(matrix, source)
+            self.holder, self.name = owner, attribute
+        else:
+            original = getattr(owner, attribute)
+            self.holder, self.name = AdaptedMatrix(original, matrix, source).train(original.training), "weight"
+
+    def parameter(self) -> nn.Parameter:
+        """The parameter holding the matrix (valid while installed)."""
+        return self.holder._parameters[self.name]
+
+    def install(self, model: nn.Module) -> None:
+        owner, attribute = _owner(model, self.matrix)
+        if self.matrix.kind == "mha-in":
+            owner.__class__ = _adapted_class(type(owner))
+        else:
+            _move(self.holder.original, self.holder)
+            setattr(owner, attribute, self.holder)
+
+    def remove(self, model: nn.Module) -> None:
+        owner, attribute = _owner(model, self.matrix)
+        if self.matrix.kind == "mha-in":
+            owner.__class__ = type(owner).__mro__[2]
+        else:
+            _move(self.holder, self.holder.original)
+            setattr(owner, attribute, self.holder.original)
+
+    def forget(self) -> None:
+        """After `remove` for good: nothing of factnet is left on the original."""
+        if self.matrix.kind == "mha-in":
+            del self.holder.__dict__["_factnet_effective"]
 
 
-def detach(model: nn.Module, matrix: Matrix) -> None:
-    """Undo `attach`: the original module or class is back, untouched."""
-    owner, attribute = _owner(model, matrix)
-    if matrix.kind == "mha-in":
-        del owner.__dict__["_factnet_effective"]
-        owner.__class__ = type(owner).__mro__[2]
-    else:
-        setattr(owner, attribute, getattr(owner, attribute).original)
+def _move(source: nn.Module, target: nn.Module) -> None:
+    """``target`` takes ``source``'s weight, bias and mode (one may have been replaced while the other acted)."""
+    target._parameters["weight"], target._parameters["bias"] = source._parameters["weight"], source._parameters["bias"]
+    target.training = source.training
 
+
+class Sites:
+    """The matrices attached to one model, and whether the model holds them.
+
+    `attach` and `release` count the adapters using a matrix (the first attaches it, the last lets it go).
+    Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a hook pair on
+    each module that may read an adapted weight as an attribute (``reading`` is true inside their
+    forwards, see `readers`), and ``prepare``/``finish`` on the model itself. Switched off,
+    it holds its original modules and no factnet hook, so it runs as the base model, at its cost.
+    """
+
+    def __init__(self, model: nn.Module, source: Source, prepare: Callable, finish: Callable) -> None:
+        self.model, self.source, self.prepare, self.finish = model, source, prepare, finish
+        self.attached: dict[str, _Attachment] = {}
+        self.users: dict[str, int] = {}  # attached matrix -> how many adapters adapt it
+        self.readers: dict[str, set[str]] = {}  # module whose forward may read attached weights -> those matrices
+        self.on = False
+        self._hooks: list[RemovableHandle] = []
+        self._inside: list[nn.Module] = []  # the hooked readers whose forward is running
+
+    def attach(self, matrix: Matrix) -> None:
+        if matrix.name not in self.attached:
+            attachment = self.attached[matrix.name] = _Attachment(self.model, matrix, self.source)
+            for reader in readers(matrix):
+                self.readers.setdefault(reader, set()).add(matrix.name)
+            if self.on:
+                attachment.install(self.model)
+                self._hook()
+        self.users[matrix.name] = self.users.get(matrix.name, 0) + 1
+
+    def release(self, name: str) -> None:
+        self.users[name] -= 1
+        if self.users[name]:
+            return
+        del self.users[name]
+        attachment = self.attached.pop(name)
+        for reader in readers(attachment.matrix):
+            self.readers[reader].discard(name)
+            if not self.readers[reader]:
+                del self.readers[reader]
+        if self.on:
+            attachment.remove(self.model)
+            self._hook()
+        attachment.forget()
+
+    def switch(self, on: bool) -> None:
+        """Put the machinery into the model (``on``) or take it out; nothing happens if it already is."""
+        if on != self.on:
+            self.on = on
+            for attachment in self.attached.values():
+                attachment.install(self.model) if on else attachment.remove(self.model)
+            self._hook()
+
+    def _hook(self) -> None:
+        """(Re)register the hooks the attached matrices need now; first in line, as when registered at attach."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if not self.on:
+            return
+        model = self.model
+        self._hooks += [model.register_forward_pre_hook(self.prepare, with_kwargs=True, prepend=True),
+                        model.register_forward_hook(self.finish, always_call=True, prepend=True)]
+        for name in self.readers:
+            module = model.get_submodule(name)
+            self._hooks += [module.register_forward_pre_hook(self._enter, prepend=True),
+                            module.register_forward_hook(self._leave, always_call=True, prepend=True)]
+
+    @property
+    def reading(self) -> bool:
+        return bool(self._inside)
+
+    def _enter(self, module: nn.Module, *_: object) -> None:
+        self._inside.append(module)
+
+    def _leave(self, module: nn.Module, *_: object) -> None:
+        if self._inside and self._inside[-1] is module:
+            self._inside.pop()

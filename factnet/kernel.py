@@ -40,7 +40,7 @@ from torch import Tensor
 from factnet import autotune
 from factnet.products import add_times, outer, scaled_mm, times, times_t
 
-__all__ = ["Increment", "adapted_linear", "delta_rows", "delta_weight", "effective_weight"]
+__all__ = ["Increment", "adapted_linear", "base_op", "delta_rows", "delta_weight", "effective_weight"]
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,9 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
             mode = autotune.choice("forward", key) or _measure_forward(key, x, weight, scale, layout, factors, pointwise)
         if mode == "merged":
             effective = effective_weight(weight, _unflatten(layout, factors), scale)
-            y = _base_op(x, _like_trained(effective, as_trained, x, pointwise), bias, pointwise)
+            y = base_op(x, _like_trained(effective, as_trained, x, pointwise), bias, pointwise)
         else:
-            y = _base_op(x, _like_trained(weight, as_trained, x, pointwise), bias, pointwise)
+            y = base_op(x, _like_trained(weight, as_trained, x, pointwise), bias, pointwise)
             rows = _rows(x, pointwise)
             for pos, (m_in, m_out) in enumerate(layout):
                 a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
@@ -279,7 +279,7 @@ def adapted_linear(
     ``"activation"`` or ``"merged"`` (one GEMM with ``W + s·ΔW``; only without dropout), for benchmarks.
     """
     if not increments:
-        return _base_op(x, weight, bias, pointwise)
+        return base_op(x, weight, bias, pointwise)
     layout = tuple([(inc.m_in, inc.m_out) for inc in increments])
     factors = [t for inc in increments for t in (inc.a_t, inc.core, inc.b_t)]
     as_trained = torch.is_grad_enabled() and any([t.requires_grad for t in factors])
@@ -296,7 +296,7 @@ def adapted_linear(
     return _MergedLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, mode, *factors)
 
 
-def _base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) -> Tensor:
+def base_op(x: Tensor, weight: Tensor, bias: Tensor | None, pointwise: bool) -> Tensor:
     """The base model's op with ``weight: (d_out, d_in)``: a linear, or a 1x1 convolution."""
     if pointwise:
         return F.conv2d(x, weight.reshape(*weight.shape, 1, 1), bias)

@@ -68,6 +68,7 @@ class Mix:
         self.sample_adapter = torch.tensor([position.get(n, len(adapted)) for n in self.names])  # base: last
         # (adapter, matrix) -> increments, adapter -> {group: normal form}: shared with `sub` mixes
         self._built: tuple[dict[tuple[str, str], list[Increment]], dict[str, dict]] = built or ({}, {})
+        self.readers: list[nn.Module] = []  # the reader modules whose forward is running (innermost last)
 
     @property
     def uniform(self) -> bool:
@@ -168,7 +169,7 @@ class Mix:
     def read(self, effective: Any, weight: Tensor) -> Tensor:
         """``W + s·ΔW`` of a uniform mix's adapter; in a mixed one, the reader must run split."""
         if not self.uniform:
-            raise SplitHere(self.set.innermost_reader())
+            raise SplitHere(self.readers[-1])
         name, matrix = self.groups[0][0], effective.matrix
         linear = to_linear(matrix, weight)
         increments = [] if name is None else self.increments(name, matrix.name, linear)
@@ -307,14 +308,15 @@ def per_sample(adapters: AdapterSet, names: Sequence[str | None], batch_dim: int
     originals = [(module, module.__dict__.get("forward")) for module, _, _ in wrapped]
     for module, name, is_head in wrapped:
         module.forward = _split_wrapper(adapters, module, name, module.forward, is_head)
-    check = model.register_forward_pre_hook(lambda _, args, kwargs: _check_batch(mix, args, kwargs),
-                                            with_kwargs=True, prepend=True)
-    adapters.mix = mix
     try:
-        yield mix
+        with adapters.mixing(mix):  # (factnet's hooks go into the model, if not there: the check runs first)
+            check = model.register_forward_pre_hook(lambda _, args, kwargs: _check_batch(mix, args, kwargs),
+                                                    with_kwargs=True, prepend=True)
+            try:
+                yield mix
+            finally:
+                check.remove()
     finally:
-        adapters.mix = None
-        check.remove()
         for module, forward in originals:
             if forward is None:
                 del module.__dict__["forward"]
@@ -338,6 +340,7 @@ def _split_wrapper(adapters: AdapterSet, module: nn.Module, name: str, forward: 
                 return forward(*args, **kwargs)
         if is_head or name in adapters.split_readers:
             return mix.split(module, forward, args, kwargs, head)
+        mix.readers.append(module)
         try:
             return forward(*args, **kwargs)
         except SplitHere as stop:
@@ -345,6 +348,8 @@ def _split_wrapper(adapters: AdapterSet, module: nn.Module, name: str, forward: 
                 raise
             adapters.split_readers.add(name)
             return mix.split(module, forward, args, kwargs, head)
+        finally:
+            mix.readers.pop()
 
     return mixed_forward
 

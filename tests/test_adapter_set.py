@@ -135,6 +135,8 @@ def test_matrices_only_one_adapter_targets_are_released_with_it(vit):
     kinds = lambda: {n: type(m).__name__ for n, m in vit.named_modules() if n.endswith(("qkv", "fc1"))}  # noqa: E731
     assert set(kinds().values()) == {"AdaptedMatrix"}
     vit.factnet.delete("mlp")
+    assert set(kinds().values()) == {"Linear"}  # no adapter acts: the model holds its own modules
+    vit.factnet.activate("attention")
     assert kinds()["blocks.0.mlp.fc1"] == "Linear" and kinds()["blocks.0.attn.qkv"] == "AdaptedMatrix"
 
 

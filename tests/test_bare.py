@@ -1,0 +1,93 @@
+"""The model holds factnet's machinery (stand-ins, adapted classes, hooks) only while an adapter can act.
+
+On every family of the zoo: merged for serving (eval mode), with no adapter active, or inside
+``disable()``, the model's modules are the base model's own, of the same types and with the same
+hooks, and it computes what the merged weights or the base weights give; in training mode, unmerged,
+or with an adapter active again, the machinery is back and the adapter acts as before. Parameters
+replaced while one side is in the model reach the other.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, randomize_factors
+from zoo import FAMILIES, inputs, prototype, run
+
+import factnet
+from factnet import FactnetError
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
+
+
+def _structure(model: torch.nn.Module) -> dict:
+    """Each module's type and its hooks (what a bare model shares with the base model)."""
+    return {name: (type(m), list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()))
+            for name, m in model.named_modules() if not name.startswith("factnet")}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_merged_in_eval_disabled_or_idle_the_model_is_the_base_model(family):
+    model = prototype(family).eval()
+    args, kwargs = inputs(family)
+    base_structure, base_out = _structure(model), run(model, args, kwargs)
+    adapter = factnet.Tensorizer(model, FAMILIES[family].targets).decompose("tt", rank=2, scale=1.5, train_head=False)
+    randomize_factors(adapter, seed=3)
+    adapted_out = run(model, args, kwargs)
+    assert _structure(model) != base_structure  # acting: stand-ins and hooks are in
+
+    adapter.merge()
+    assert _structure(model) == base_structure
+    assert_close(run(model, args, kwargs), adapted_out, 1e-9, f"{family} merged")
+    model.train()  # training a merged adapter must raise in backward: the machinery is back to say so
+    assert _structure(model) != base_structure
+    with pytest.raises(FactnetError, match="merged"):
+        run(model, args, kwargs).sum().backward()
+    model.eval()
+    assert _structure(model) == base_structure
+    with model.factnet.disable():  # unmerged meanwhile, and nothing acts
+        assert _structure(model) == base_structure
+        assert_close(run(model, args, kwargs), base_out, 1e-12, f"{family} disabled")  # (unmerge rounds)
+    adapter.unmerge()
+    assert _structure(model) != base_structure
+    assert_close(run(model, args, kwargs), adapted_out, 1e-9, f"{family} unmerged")
+
+    model.factnet.activate(None)
+    assert _structure(model) == base_structure
+    assert_close(run(model, args, kwargs), base_out, 1e-12, f"{family} no adapter active")
+    adapter.activate()
+    assert_close(run(model, args, kwargs), adapted_out, 1e-12, f"{family} active again")
+    adapter.detach()
+    assert _structure(model) == base_structure
+
+
+def test_parameters_replaced_on_either_side_reach_the_other(vit, images):
+    adapter = factnet.Tensorizer(vit).decompose("tt", rank=2, scale=2.0, train_head=False)
+    randomize_factors(adapter, seed=1)
+    other = {k: torch.randn_like(v) for k, v in vit.state_dict().items() if not k.startswith("factnet.")}
+    vit.factnet.activate(None)  # the originals are in the model: new parameters go to them
+    vit.load_state_dict(other, strict=False, assign=True)
+    base_out = vit(images)
+    adapter.activate()  # ... and the stand-ins act on them
+    with vit.factnet.disable():
+        assert torch.equal(vit(images), base_out)
+    assert vit.blocks[0].attn.qkv.weight is vit.get_parameter("blocks.0.attn.qkv.weight")
+    assert torch.equal(vit.get_parameter("blocks.0.attn.qkv.weight"), other["blocks.0.attn.qkv.weight"])
+    again = {k: torch.randn_like(v) for k, v in other.items()}
+    vit.load_state_dict(again, strict=False, assign=True)  # now the stand-ins are in
+    model = adapter.detach()
+    assert torch.equal(model.get_parameter("blocks.0.attn.qkv.weight"), again["blocks.0.attn.qkv.weight"])
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+
+
+def test_factors_changed_between_forwards_or_a_block_run_alone_use_the_factors_as_they_are(vit, images):
+    adapter = factnet.Tensorizer(vit).decompose("tt", rank=2, scale=2.0)
+    randomize_factors(adapter, seed=1)
+    tokens = vit.patch_embed(images)
+    vit(images)
+    randomize_factors(adapter, seed=2)  # in place, after a forward built its increments
+    first_block = vit.blocks[0](tokens)  # outside the model's forward
+    out = vit(images)
+    adapter.merge()
+    assert_close(vit.blocks[0](tokens), first_block, 1e-10, "a block alone")
+    assert_close(vit(images), out, 1e-10, "the whole model")
