@@ -158,8 +158,8 @@ class _ActivationLinear(torch.autograd.Function):
 def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, layout: tuple[tuple[int, int], ...],
              pointwise: bool, as_trained: bool, mode: str | None, masks: tuple[Tensor, ...],
              factors: tuple[Tensor, ...]) -> Tensor:
-    """Both kernels' forward. "thin" saves each increment's ``u = x P_in: (N, m_in·α)`` and
-    ``h = s · mask ⊙ (u core): (N, m_out·β)`` (small), so the backward does not recompute them."""
+    """Both kernels' forward. "thin" saves each increment's ``u = x P_in: (N, m_in·α)`` (small), so the
+    backward does not pass over ``x`` again for it (``h = s · mask ⊙ (u core)`` it recomputes: one tiny GEMM)."""
     x, weight, bias, factors, autocast = _in_compute_dtype(ctx, x, weight, bias, factors)
     key = ctx.key = (x.shape, weight.shape, weight.stride(), layout, *[f.shape for f in factors], x.dtype, pointwise)
     saved: list[Tensor] = []
@@ -179,7 +179,7 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
                 if masks:
                     h.mul_(masks[pos])
                 _add_increment(y, h, b_t, m_out, pointwise)
-                saved += (u, h)
+                saved.append(u)
     ctx.save_for_backward(x, weight, *factors, *masks, *saved)
     ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise, ctx.x_shape = scale, layout, bias is not None, pointwise, x.shape
     ctx.masked = bool(masks)
@@ -217,11 +217,10 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
         t = times_t(grad_y, b_t, m_out)  # grad_y P_out: (N, m_out·β); the scale goes into r and grad_core
         if masks:
             t.mul_(masks[pos])
-        if saved:
-            u, h = saved[2 * pos], saved[2 * pos + 1]
-        else:
-            u = times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
-            h = scaled_mm(u, core, scale)
+        u = saved[pos] if saved else times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
+        h = scaled_mm(u, core, scale)
+        if masks:
+            h.mul_(masks[pos])
         r = scaled_mm(t, core.t(), scale)  # (N, m_in·α)
         grad_factors += [outer(r, x, m_in, a_t.shape[0]), scaled_mm(u.t(), t, scale),
                          outer(h, grad_y, m_out, b_t.shape[0])]
