@@ -152,9 +152,10 @@ class Adapter(nn.Module):
         groups = self._modules["groups"]._modules  # (hot path: no Module.__getattr__)
         placements = self.placements[matrix]
         forms = [groups[p.group].normal_form() for p in placements]
+        key = weight.dtype, self._fold()
         cached = self._increments.get(matrix)
-        if cached is None or cached[1] != weight.dtype or not all(map(operator.is_, cached[0], forms)):
-            cached = forms, weight.dtype, [self._cut(p.group, f, weight.dtype)[matrix] for p, f in zip(placements, forms)]
+        if cached is None or cached[1] != key or not all(map(operator.is_, cached[0], forms)):
+            cached = forms, key, [self._cut(p.group, f, *key)[matrix] for p, f in zip(placements, forms)]
             self._increments[matrix] = cached
         return cached[2]
 
@@ -162,20 +163,26 @@ class Adapter(nn.Module):
         """`increments` of every matrix in ``matrices`` (``weights`` in that order); the same dict while
         the normal forms and the weights' dtypes are, so a forward checks its factors once per group."""
         forms = [group.normal_form() for group in self._modules["groups"]._modules.values()]
-        dtypes = [weight.dtype for weight in weights]
+        key = [weight.dtype for weight in weights], self._fold()
         cached = self.__dict__.get("_all")
-        if cached is None or cached[1] != dtypes or not all(map(operator.is_, cached[0], forms)):
-            cached = forms, dtypes, {name: self.increments(name, w) for name, w in zip(self.matrices, weights)}
+        if cached is None or cached[1] != key or not all(map(operator.is_, cached[0], forms)):
+            cached = forms, key, {name: self.increments(name, w) for name, w in zip(self.matrices, weights)}
             self.__dict__["_all"] = cached
         return cached[2]
 
-    def _cut(self, group: str, form: NormalForm, dtype: torch.dtype) -> dict[str, Increment]:
-        """The increments of every matrix ``group`` has slices in, cut from ``form`` at once (one gather)."""
+    def _cut(self, group: str, form: NormalForm, dtype: torch.dtype, fold: str) -> dict[str, Increment]:
+        """The increments of every matrix ``group`` has slices in, cut from ``form`` at once (one gather),
+        their cores folded for the kernel (`placement.cut`)."""
         found = self._cuts.get(group)
-        if found is None or found[0] is not form or found[1] != dtype:
+        if found is None or found[0] is not form or found[1] != (dtype, fold):
             names, placements = zip(*self._by_group[group])
-            found = self._cuts[group] = form, dtype, dict(zip(names, cut(placements, form, dtype)))
+            found = self._cuts[group] = form, (dtype, fold), dict(zip(names, cut(placements, form, dtype, fold)))
         return found[2]
+
+    def _fold(self) -> str:
+        """How the kernel's cores fold: only into input projections while factor-space dropout acts (its
+        mask sits after the core), anywhere otherwise."""
+        return "in" if self.training and self.settings.dropout > 0 else "any"
 
     def build_increments(self, matrix: str, dtype: torch.dtype, forms: dict[str, NormalForm]) -> list[Increment]:
         """The increments of ``matrix``, built anew (no cache kept: mixed batches of many adapters), from

@@ -48,21 +48,25 @@ class Increment:
     """One group's share of a module's ``ΔW`` in normal form; see the module docstring.
 
     ``a_t: (g_in, α, d_in/m_in)``, ``core: (m_in·α, m_out·β)``, ``b_t: (g_out, β, d_out/m_out)``.
+    ``core=None`` is the identity: the core folded into a projection (`factnet.placement.cut`), so
+    ``ΔW = b_t[0]ᵀ a_t[0]`` with ``m_in = m_out = 1``, two thin products a step as in LoRA.
     """
 
     a_t: Tensor
-    core: Tensor
+    core: Tensor | None
     b_t: Tensor
     m_in: int
     m_out: int
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+    def tensors(self) -> tuple[Tensor, Tensor | None, Tensor]:
         return self.a_t, self.core, self.b_t
 
 
 def _left(increment: Increment) -> Tensor:
     """``L = P_out · coreᵀ`` per block: ``(d_out, m_in·α)``, so ``ΔW = L @ P_inᵀ`` block-wise."""
     _, core, b_t = increment.tensors()
+    if core is None:  # folded: P_out itself
+        return b_t[0].t()
     if increment.m_out == 1:  # one output block: a single (k, β) x (β, m_in·α) product, no copies
         return torch.mm(b_t[0].t(), core.t())
     beta = b_t.shape[1]
@@ -110,12 +114,17 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
     """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``, or added
     in place to ``out: (N, d_out)`` when given (mixed-adapter batches: each adapter's rows get its own)."""
     for inc in increments:
-        hidden = scaled_mm(times_t(rows, inc.a_t, inc.m_in), inc.core, scale)  # (N, m_out·β)
+        hidden = _hidden(times_t(rows, inc.a_t, inc.m_in), inc.core, scale)  # (N, m_out·β)
         if out is None:
             out = times(hidden, inc.b_t, inc.m_out)
         else:
             add_times(out, hidden, inc.b_t, inc.m_out)
     return out
+
+
+def _hidden(u: Tensor, core: Tensor | None, scale: float) -> Tensor:
+    """``s · u core`` (``u: (N, m_in·α)``), or ``s · u`` for a folded core."""
+    return u * scale if core is None else scaled_mm(u, core, scale)
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -161,7 +170,8 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
     """Both kernels' forward. "thin" saves each increment's ``u = x P_in: (N, m_in·α)`` (small), so the
     backward does not pass over ``x`` again for it (``h = s · mask ⊙ (u core)`` it recomputes: one tiny GEMM)."""
     x, weight, bias, factors, autocast = _in_compute_dtype(ctx, x, weight, bias, factors)
-    key = ctx.key = (x.shape, weight.shape, weight.stride(), layout, *[f.shape for f in factors], x.dtype, pointwise)
+    key = ctx.key = (x.shape, weight.shape, weight.stride(), layout, *[None if f is None else f.shape for f in factors],
+                     x.dtype, pointwise)
     saved: list[Tensor] = []
     with _no_autocast(x) if autocast else contextlib.nullcontext():
         if mode is None:
@@ -175,10 +185,13 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
             for pos, (m_in, m_out) in enumerate(layout):
                 a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
                 u = times_t(rows, a_t, m_in)
-                h = scaled_mm(u, core, scale)
-                if masks:
-                    h.mul_(masks[pos])
-                _add_increment(y, h, b_t, m_out, pointwise)
+                if core is None:  # folded: the scale rides in the output's addmm
+                    h, alpha = (u * masks[pos] if masks else u), scale
+                else:
+                    h, alpha = scaled_mm(u, core, scale), 1.0
+                    if masks:
+                        h.mul_(masks[pos])
+                _add_increment(y, h, b_t, m_out, pointwise, alpha)
                 saved.append(u)
     ctx.save_for_backward(x, weight, *factors, *masks, *saved)
     ctx.scale, ctx.layout, ctx.has_bias, ctx.pointwise, ctx.x_shape = scale, layout, bias is not None, pointwise, x.shape
@@ -194,7 +207,7 @@ def _measure_forward(key: tuple, x: Tensor, weight: Tensor, scale: float, layout
     y = x.new_zeros(x.shape[0], weight.shape[0], *x.shape[2:]) if pointwise else x.new_zeros(*x.shape[:-1], weight.shape[0])
 
     def hidden(inc: Increment) -> Tensor:
-        return torch.mm(times_t(rows, inc.a_t, inc.m_in), inc.core)
+        return _hidden(times_t(rows, inc.a_t, inc.m_in), inc.core, 1.0)
 
     return autotune.measure("forward", key, {
         "merged": lambda: (effective_weight(weight, increments, scale), [hidden(inc) for inc in increments]),
@@ -218,13 +231,18 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
         if masks:
             t.mul_(masks[pos])
         u = saved[pos] if saved else times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
+        if core is None:  # folded (m_in = m_out = 1): r = s·t and h = s·mask⊙u, the scale in the products
+            h = u * masks[pos] if masks else u
+            grad_factors += [outer(t, x, 1, 1, scale), None, outer(h, grad_y, 1, 1, scale)]
+            thin.append((t, scale))
+            continue
         h = scaled_mm(u, core, scale)
         if masks:
             h.mul_(masks[pos])
         r = scaled_mm(t, core.t(), scale)  # (N, m_in·α)
         grad_factors += [outer(r, x, m_in, a_t.shape[0]), scaled_mm(u.t(), t, scale),
                          outer(h, grad_y, m_out, b_t.shape[0])]
-        thin.append(r)
+        thin.append((r, 1.0))
     grad_x = None
     if needs[0]:
         mode = "thin" if ctx.masked else autotune.choice("grad_input", ctx.key)
@@ -233,14 +251,14 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
             buffer = x.new_zeros(x.shape)  # (the thin variant adds into grad_x in place)
             mode = autotune.measure("grad_input", ctx.key, {
                 "rebuild": lambda: effective_weight(weight, increments, scale),
-                "thin": lambda: [add_times(buffer, r, inc.a_t, inc.m_in) for r, inc in zip(thin, increments)],
+                "thin": lambda: [add_times(buffer, r, inc.a_t, inc.m_in, alpha) for (r, alpha), inc in zip(thin, increments)],
             }, (grad_y, weight))
         if mode == "rebuild":
             grad_x = torch.mm(grad_y, effective_weight(weight, _unflatten(ctx.layout, factors), scale))
         else:
             grad_x = torch.mm(grad_y, weight)
             for pos, (m_in, _) in enumerate(ctx.layout):
-                add_times(grad_x, thin[pos], factors[3 * pos], m_in)
+                add_times(grad_x, *thin[pos][:1], factors[3 * pos], m_in, thin[pos][1])
         grad_x = _unrows(grad_x, ctx)
     grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
     grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
@@ -248,14 +266,14 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
     return grad_x, grad_weight, grad_bias, _factor_dtypes(ctx, grad_factors)
 
 
-def _add_increment(y: Tensor, hidden: Tensor, b_t: Tensor, m_out: int, pointwise: bool) -> None:
-    """``y += hidden ⊗ P_out`` in place (``hidden: (N, m_out·β)``, already masked and scaled)."""
+def _add_increment(y: Tensor, hidden: Tensor, b_t: Tensor, m_out: int, pointwise: bool, alpha: float = 1.0) -> None:
+    """``y += alpha · hidden ⊗ P_out`` in place (``hidden: (N, m_out·β)``, already masked)."""
     if pointwise:
-        y += times(hidden, b_t, m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1)
+        y.add_(times(hidden, b_t, m_out).reshape(y.shape[0], *y.shape[2:], -1).movedim(-1, 1), alpha=alpha)
     elif y.is_contiguous():
-        add_times(y, hidden, b_t, m_out)
+        add_times(y, hidden, b_t, m_out, alpha)
     else:
-        y += times(hidden, b_t, m_out).view(y.shape)
+        y.add_(times(hidden, b_t, m_out).view(y.shape), alpha=alpha)
 
 
 def adapted_linear(
@@ -281,13 +299,13 @@ def adapted_linear(
         return base_op(x, weight, bias, pointwise)
     layout = tuple([(inc.m_in, inc.m_out) for inc in increments])
     factors = [t for inc in increments for t in (inc.a_t, inc.core, inc.b_t)]
-    as_trained = torch.is_grad_enabled() and any([t.requires_grad for t in factors])
+    as_trained = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in factors])
     if dropout > 0 or path == "activation":
         rows = x.numel() // (x.shape[1] if pointwise else x.shape[-1])
         keep = 1.0 - dropout
         masks = tuple(
-            x.new_empty(rows, inc.core.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
-            else x.new_ones(1, inc.core.shape[1])
+            x.new_empty(rows, inc.m_out * inc.b_t.shape[1]).bernoulli_(keep).div_(keep) if dropout > 0
+            else x.new_ones(1, inc.m_out * inc.b_t.shape[1])
             for inc in increments
         )
         return _ActivationLinear.apply(x, weight, bias, scale, layout, pointwise, as_trained, masks, *factors)
@@ -332,12 +350,12 @@ def _in_compute_dtype(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, facto
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else weight.dtype
     ctx.cast = not (x.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
-                    and all([f.dtype == dtype for f in factors]))
+                    and all([f is None or f.dtype == dtype for f in factors]))
     if not ctx.cast:  # (the common case: no casts to dispatch, forward or backward)
         return x, weight, bias, factors, autocast
     ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.factor_dtypes = tuple(f.dtype for f in factors)
-    cast = tuple(f.to(dtype) for f in factors)
+    ctx.factor_dtypes = tuple(None if f is None else f.dtype for f in factors)
+    cast = tuple(None if f is None else f.to(dtype) for f in factors)
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast, autocast
 
 
@@ -354,7 +372,7 @@ def _in_input_dtypes(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...] | 
 def _factor_dtypes(ctx, grads: list[Tensor]) -> list[Tensor]:
     if not ctx.cast:
         return grads
-    return [g.to(d) for g, d in zip(grads, ctx.factor_dtypes)]
+    return [None if g is None else g.to(d) for g, d in zip(grads, ctx.factor_dtypes)]
 
 
 def _unflatten(layout: tuple[tuple[int, int], ...], factors: tuple[Tensor, ...] | list[Tensor]) -> list[Increment]:

@@ -6,7 +6,9 @@ blocks holds some of those slices; its kernel `Increment` needs the module core
 ``out[q]``, zeros elsewhere. Every entry of it is one entry of the flattened group core (or a zero),
 so cutting is a gather by a fixed index (`Placement.core_index`). `cut` runs one gather for all the
 matrices of a group, once per step: the backward then scatters into the group's core once, not once
-per matrix.
+per matrix. For the kernel it also folds each core into the matrix's wider projection (where both
+are the group's shared ones), one product per kind of matrix: ``ΔW = (P_out coreᵀ) P_inᵀ`` is then a
+pair of thin factors, and a step runs two thin products per matrix fewer.
 """
 
 from __future__ import annotations
@@ -81,26 +83,61 @@ class Placement:
         return cut((self,), form, dtype)[0]
 
 
-def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype) -> list[Increment]:
+def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, fold: str | None = None) -> list[Increment]:
     """The `Increment` of each placement (one group's, in different matrices) from the group's normal
-    form, in ``dtype``: one gather of the core for all of them, then views."""
+    form, in ``dtype``: one gather of the core for all of them, then views.
+
+    With ``fold``, a matrix whose projections are both the group's shared ones gets its core folded
+    into a projection (``core=None``), by one product for all the matrices of its kind (same blocks):
+    into ``P_in`` where the output is one block (``u = x P_in core``: a mask on ``u`` stays after the
+    core), into ``P_out`` where the input is one block and ``fold="any"`` (``"in"``: only the first)."""
     n, a, b = form.core.shape
-    index, zeros, sizes = _joined(tuple(placements), n, a, b)
+    index, zeros, kinds = _joined(tuple(placements), n, a, b, fold)
     flat = form.core.reshape(-1)
     if zeros:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    cores = flat[index].to(dtype).split(sizes)
+    cores = flat[index].to(dtype).split([len(members) * size for _, members, size in kinds])
     p_in_t, p_out_t = form.p_in_t.to(dtype), form.p_out_t.to(dtype)
-    return [Increment(p.projection(p_in_t, "in"), core.view(p.core_shape(a, b)), p.projection(p_out_t, "out"),
-                      p.m_in, p.m_out) for p, core in zip(placements, cores)]
+    found: list[Increment | None] = [None] * len(placements)
+    for (how, members, _), block in zip(kinds, cores):
+        first = placements[members[0]]
+        if how == "plain":
+            found[members[0]] = Increment(first.projection(p_in_t, "in"), block.view(first.core_shape(a, b)),
+                                          first.projection(p_out_t, "out"), first.m_in, first.m_out)
+            continue
+        if how == "out":  # m_in = 1: P_out ← core P_out per output block, (count, 1, a, d_out)
+            merged = torch.matmul(block.view(len(members), a, first.m_out, b), p_out_t[0])
+            folded = merged.reshape(len(members), 1, a, -1).unbind(0)
+            pairs = [(p_in_t, f) for f in folded]
+        else:  # m_out = 1: P_in ← coreᵀ P_in per input block, (count, 1, b, d_in)
+            merged = torch.matmul(block.view(len(members), first.m_in, a, b).transpose(2, 3), p_in_t[0])
+            folded = merged.transpose(1, 2).reshape(len(members), 1, b, -1).unbind(0)
+            pairs = [(f, p_out_t) for f in folded]
+        for member, (a_t, b_t) in zip(members, pairs):
+            found[member] = Increment(a_t, None, b_t, 1, 1)
+    return found  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=4096)
-def _joined(placements: tuple[Placement, ...], n: int, a: int, b: int) -> tuple[Tensor, bool, list[int]]:
-    """The placements' core indices end to end, whether any has a zero, and each one's length."""
-    found = [p.core_index(n, a, b) for p in placements]
+def _joined(placements: tuple[Placement, ...], n: int, a: int, b: int,
+            fold: str | None) -> tuple[Tensor, bool, list[tuple[str, list[int], int]]]:
+    """The placements' core indices end to end, whether any has a zero, and the kinds they come in:
+    ``(how, positions, core size)`` with ``how`` "plain" (one placement) or the side its core folds
+    into ("out", "in": all the placements of the same blocks, consecutive in the index)."""
+    kinds: dict[tuple, tuple[str, list[int], int]] = {}
+    for position, p in enumerate(placements):
+        shared = fold is not None and p._in[0] == "shared" and p._out[0] == "shared"
+        how = "plain"
+        if shared and p.m_out == 1:
+            how = "in"
+        elif shared and fold == "any":
+            how = "out"
+        key = (how, p.m_in, p.m_out) if how != "plain" else (how, position)
+        kinds.setdefault(key, (how, [], len(p.core_index(n, a, b)[0])))[1].append(position)
+    ordered = list(kinds.values())
+    found = [placements[i].core_index(n, a, b) for _, members, _ in ordered for i in members]
     index = found[0][0] if len(found) == 1 else torch.cat([i for i, _ in found])
-    return index, any(z for _, z in found), [len(i) for i, _ in found]
+    return index, any(z for _, z in found), ordered
 
 
 @functools.lru_cache(maxsize=4096)

@@ -62,18 +62,18 @@ def times(r: Tensor, p_t: Tensor, m: int) -> Tensor:
     return torch.bmm(r.reshape(n, m, -1).transpose(0, 1), p_t).transpose(0, 1).reshape(n, -1)
 
 
-def add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int) -> None:
-    """``out += r ⊗ p_t`` per block, in place (one ``addmm`` pass when the projection is shared)."""
+def add_times(out: Tensor, r: Tensor, p_t: Tensor, m: int, alpha: float = 1.0) -> None:
+    """``out += alpha · r ⊗ p_t`` per block, in place (one ``addmm`` pass when the projection is shared)."""
     if m == 1:
-        (out if out.dim() == 2 else out.view(r.shape[0], -1)).addmm_(r, p_t[0])
+        (out if out.dim() == 2 else out.view(r.shape[0], -1)).addmm_(r, p_t[0], alpha=alpha)
     elif p_t.shape[0] == 1:
-        out.view(r.shape[0] * m, -1).addmm_(r.reshape(r.shape[0] * m, -1), p_t[0])
+        out.view(r.shape[0] * m, -1).addmm_(r.reshape(r.shape[0] * m, -1), p_t[0], alpha=alpha)
     else:
-        out += times(r, p_t, m).view_as(out)
+        out.add_(times(r, p_t, m).view_as(out), alpha=alpha)
 
 
-def outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
-    """``Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major).
+def outer(r: Tensor, x: Tensor, m: int, groups: int, alpha: float = 1.0) -> Tensor:
+    """``alpha · Σ_n r_pᵀ x_p`` per projection: ``(N, m·α), (N, m·d) → (g, α, d)`` (rank-major).
 
     The contraction over ``N`` is long and the output tiny; how BLAS runs that best (one TN GEMM, the
     rows split into one chunk per thread, batched and summed, or ``(xᵀ r)ᵀ``) depends on the machine,
@@ -81,31 +81,39 @@ def outer(r: Tensor, x: Tensor, m: int, groups: int) -> Tensor:
     """
     n = r.shape[0]
     if groups > 1:
-        return torch.bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1))
+        return _bmm(r.reshape(n, m, -1).permute(1, 2, 0), x.reshape(n, m, -1).transpose(0, 1), alpha)
     if m > 1:
         r, x = r.reshape(n * m, -1), x.reshape(n * m, -1)
     key = (r.shape, r.stride(), x.shape, x.stride(), r.dtype)
     name = autotune.choice("outer", key)
     if name is None:
-        name = autotune.measure("outer", key, {v: _bind(f, r, x) for v, f in _OUTER.items()}, (r, x))
-    return _OUTER[name](r, x).unsqueeze(0)
+        name = autotune.measure("outer", key, {v: _bind(f, r, x, alpha) for v, f in _OUTER.items()}, (r, x))
+    return _OUTER[name](r, x, alpha).unsqueeze(0)
 
 
-def _outer_chunked(r: Tensor, x: Tensor) -> Tensor:
-    """``rᵀ x`` with the rows split into one chunk per thread, batched and summed."""
+def _mm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    return torch.mm(a, b) if alpha == 1.0 else scaled_mm(a, b, alpha)
+
+
+def _bmm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    return torch.bmm(a, b) if alpha == 1.0 else torch.baddbmm(a.new_zeros(()), a, b, beta=0, alpha=alpha)
+
+
+def _outer_chunked(r: Tensor, x: Tensor, alpha: float) -> Tensor:
+    """``alpha · rᵀ x`` with the rows split into one chunk per thread, batched and summed."""
     rows, chunks = r.shape[0], torch.get_num_threads()
     if chunks < 2 or rows < 64 * chunks:
-        return torch.mm(r.t(), x)
+        return _mm(r.t(), x, alpha)
     even = rows // chunks * chunks
-    total = torch.bmm(r[:even].reshape(chunks, -1, r.shape[1]).transpose(1, 2),
-                      x[:even].reshape(chunks, -1, x.shape[1])).sum(0)
+    total = _bmm(r[:even].reshape(chunks, -1, r.shape[1]).transpose(1, 2),
+                 x[:even].reshape(chunks, -1, x.shape[1]), alpha).sum(0)
     if even < rows:
-        total.addmm_(r[even:].t(), x[even:])
+        total.addmm_(r[even:].t(), x[even:], alpha=alpha)
     return total
 
 
 _OUTER = {
     "chunked": _outer_chunked,
-    "mm": lambda r, x: torch.mm(r.t(), x),
-    "tn": lambda r, x: torch.mm(x.t(), r).t(),
+    "mm": lambda r, x, alpha: _mm(r.t(), x, alpha),
+    "tn": lambda r, x, alpha: _mm(x.t(), r, alpha).t(),
 }
