@@ -6,9 +6,9 @@ blocks holds some of those slices; its kernel `Increment` needs the module core
 ``out[q]``, zeros elsewhere. Every entry of it is one entry of the flattened group core (or a zero),
 so cutting is a gather by a fixed index (`Placement.core_index`). `cut` runs one gather for all the
 matrices of a group, once per step: the backward then scatters into the group's core once, not once
-per matrix. For the kernel it also folds each core into the matrix's wider projection (where both
-are the group's shared ones), one product per kind of matrix: ``ΔW = (P_out coreᵀ) P_inᵀ`` is then a
-pair of thin factors, and a step runs two thin products per matrix fewer.
+per matrix. For the kernel it also folds the core into a projection where that pays (`cut`), one
+product per kind of matrix: ``ΔW = (P_out coreᵀ) P_inᵀ`` is then a pair of thin factors, as in LoRA,
+and a step runs three thin products fewer for that matrix.
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, f
     """The `Increment` of each placement (one group's, in different matrices) from the group's normal
     form, in ``dtype``: one gather of the core for all of them, then views.
 
-    With ``fold``, a matrix whose projections are both the group's shared ones gets its core folded
-    into a projection (``core=None``), by one product for all the matrices of its kind (same blocks):
-    into ``P_in`` where the output is one block (``u = x P_in core``: a mask on ``u`` stays after the
-    core), into ``P_out`` where the input is one block and ``fold="any"`` (``"in"``: only the first)."""
+    With ``fold``, a matrix whose input is one block and whose projections are both the group's shared
+    ones gets its core folded into a projection (``core=None``), by one product for all the matrices
+    of its kind (same blocks): ``fold="any"`` into ``P_out``; ``"in"`` (factor-space dropout, whose
+    mask sits after the core) into ``P_in``, only for whole matrices (``u = x P_in core``). Matrices
+    cut into input blocks keep their core: folded, their products measured slower (ViT-S ``fc2``)."""
     n, a, b = form.core.shape
     index, zeros, kinds = _joined(tuple(placements), n, a, b, fold)
     flat = form.core.reshape(-1)
@@ -128,10 +129,8 @@ def _joined(placements: tuple[Placement, ...], n: int, a: int, b: int,
     for position, p in enumerate(placements):
         shared = fold is not None and p._in[0] == "shared" and p._out[0] == "shared"
         how = "plain"
-        if shared and p.m_out == 1:
-            how = "in"
-        elif shared and fold == "any":
-            how = "out"
+        if shared and p.m_in == 1:
+            how = "out" if fold == "any" else "in" if p.m_out == 1 else "plain"
         key = (how, p.m_in, p.m_out) if how != "plain" else (how, position)
         kinds.setdefault(key, (how, [], len(p.core_index(n, a, b)[0])))[1].append(position)
     ordered = list(kinds.values())

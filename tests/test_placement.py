@@ -1,5 +1,6 @@
 """`placement.cut`: one gather of a group's core for all its matrices equals each matrix's core tiled
-block by block, zeros where no member sits, and its backward scatters each block's gradient back."""
+block by block, zeros where no member sits, and its backward scatters each block's gradient back;
+folding the cores into the projections leaves every ``ΔW`` and gradient as it was."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from factnet.formats import NormalForm
+from factnet.kernel import delta_weight
 from factnet.placement import Placement, cut
 
 N, A, B, D = 6, 3, 2, 5
@@ -71,3 +73,32 @@ def test_cast_to_the_matrix_dtype() -> None:
     found = cut([placement], _form(core), torch.float64)[0]
     assert all(t.dtype == torch.float64 for t in found.tensors())
     assert torch.equal(found.core, _tiled(placement, core).double())
+
+
+@pytest.mark.parametrize("fold", ["any", "in"])
+def test_folded_cores_give_the_same_increment_and_gradients(fold) -> None:
+    """Folding a core into a shared projection (``core=None``) changes how ``ΔW`` is factored, not
+    ``ΔW`` or the gradients; it folds where the input is one block (``"in"``: whole matrices only)."""
+    torch.manual_seed(2)
+    layouts = [LAYOUTS[0], LAYOUTS[1], LAYOUTS[2], ([0, 1, 2], [0, 1, 2], 3, "out", (False, False)),
+               ([4], [0], 1, "out", (False, False)), ([1], [0], 1, "in", (False, False))]
+    placements = [Placement("g", *layout) for layout in layouts]
+    leaves = [torch.randn(N, A, B, dtype=torch.float64), torch.randn(1, A, D, dtype=torch.float64),
+              torch.randn(1, B, D, dtype=torch.float64)]
+    found = {}
+    for how in (None, fold):
+        values = [t.clone().requires_grad_() for t in leaves]
+        increments = cut(placements, NormalForm(values[1], values[0], values[2]), torch.float64, how)
+        deltas = [delta_weight(inc) for inc in increments]
+        sum((d * torch.cos(torch.arange(d.numel(), dtype=d.dtype)).view_as(d)).sum() for d in deltas).backward()
+        found[how] = increments, deltas, [v.grad for v in values]
+    (plain, plain_deltas, plain_grads), (folded, folded_deltas, folded_grads) = found[None], found[fold]
+    for p, f, dp, df in zip(placements, folded, plain_deltas, folded_deltas):
+        torch.testing.assert_close(df, dp, rtol=1e-12, atol=1e-12)
+        expect_folded = p.m_in == 1 and (fold == "any" or p.m_out == 1)
+        assert (f.core is None) == expect_folded, (p.side, p.n_blocks)
+        if expect_folded:
+            assert (f.m_in, f.m_out) == (1, 1)
+    assert all(inc.core is not None for inc in plain)
+    for gf, gp in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(gf, gp, rtol=1e-12, atol=1e-12)
