@@ -50,7 +50,7 @@ class AdapterSet(nn.Module):
         self._verified: set[str] = set()  # matrices the first-forward guard has seen take part
         self.split_readers: set[str] = set()  # readers that mixed batches run once per adapter (`factnet.mixing`)
         self._watch: WeightWatch | None = None
-        self._now: dict[str, list[Increment]] | None = None  # the active adapter's, for the forward running
+        self._now: tuple[bool, dict[str, list[Increment]]] | None = None  # for the forward running: (grad, increments)
         self.mix = None  # a mixed-adapter batch's assignment while `per_sample` runs
         for param in model.parameters():
             param.requires_grad_(False)
@@ -160,8 +160,8 @@ class AdapterSet(nn.Module):
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight``: the active adapter's, none when disabled or merged."""
         now = self._now
-        if now is not None:  # built as the model's forward started (`_prepare`)
-            return now.get(matrix, [])
+        if now is not None and now[0] == torch.is_grad_enabled():  # built as the model's forward started
+            return now[1].get(matrix, [])
         adapter = self.active_adapter
         if adapter is None or not self._enabled or adapter.merged or matrix not in adapter.placements:
             return []
@@ -178,9 +178,9 @@ class AdapterSet(nn.Module):
 
     @property
     def reading(self) -> bool:
-        """Whether a child of the model that may read adapted weights as attributes is in its forward:
-        only then does ``module.weight`` read as ``W + s·ΔW`` (elsewhere, as for FSDP or
-        ``get_parameter``, it is the parameter)."""
+        """Whether a module that may read adapted weights as attributes is in its forward: only then
+        does ``module.weight`` read as ``W + s·ΔW`` (elsewhere, as for FSDP or ``get_parameter``, it
+        is the parameter)."""
         return self._sites.reading
 
     def reader_modules(self) -> list[str]:
@@ -211,7 +211,8 @@ class AdapterSet(nn.Module):
             if adapter is None or not self._enabled or adapter.merged:
                 return
             acting = [adapter]
-            self._now = adapter.all_increments([self._parameter(name) for name in adapter.matrices])
+            increments = adapter.all_increments([self._parameter(name) for name in adapter.matrices])
+            self._now = torch.is_grad_enabled(), increments
         pending = {m.name for a in acting for m in a.matrices.values() if m.name not in self._verified}
         if pending and self._watch is None and not torch.compiler.is_compiling():
             self._watch = WeightWatch({id(self._parameter(name)): name for name in pending})

@@ -14,8 +14,8 @@ measured on the machine at hand (below).
 One forward and one backward (`_forward`, `_backward`), with no dense weight gradient, serve two
 autograd functions:
 - `_MergedLinear` (no dropout): the forward runs one GEMM with ``W + s·ΔW`` (built by one ``addmm``
-  pass over ``W``, not stored) or the base GEMM plus the thin products ``y += s·(x P_in core) P_outᵀ``,
-  saving their small ``u = x P_in`` and ``h`` for the backward;
+  pass over ``W``, not stored) or the base GEMM plus the thin products ``y += s·(x P_in core) P_outᵀ``
+  (``core=None``: folded into a projection, one GEMM fewer), saving their small ``u = x P_in``;
 - `_ActivationLinear` (factor-space dropout in training): the thin forward with the mask on ``h``.
 The backward gets the factor gradients from thin products with ``x`` and ``grad_y`` and ``grad_x`` from
 ``grad_y W`` plus a thin correction, or from the rebuilt ``W + s·ΔW``. The scale rides in the GEMMs
@@ -134,7 +134,7 @@ class _MergedLinear(torch.autograd.Function):
     over ``W``) or the base GEMM plus the thin products ("thin"), and the backward gets ``grad_x`` from
     the rebuilt effective weight or from ``grad_y W`` plus a thin product: whichever measures faster for
     the shape (`factnet.autotune` ops ``forward`` and ``grad_input``; ``mode="merged"`` forces the weight).
-    Neither saves more than ``x``, the factors and (thin forward) the small ``u = x P_in``, ``h``.
+    Neither saves more than ``x``, the factors and (thin forward) the small ``u = x P_in``.
     """
 
     @staticmethod

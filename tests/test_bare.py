@@ -4,7 +4,8 @@ On every family of the zoo: merged for serving (eval mode), with no adapter acti
 ``disable()``, the model's modules are the base model's own, of the same types and with the same
 hooks, and it computes what the merged weights or the base weights give; in training mode, unmerged,
 or with an adapter active again, the machinery is back and the adapter acts as before. Parameters
-replaced while one side is in the model reach the other.
+replaced while one side is in the model reach the other. The increments a forward looks up are the
+factors' as they are, in the grad mode the matrix runs in.
 """
 
 from __future__ import annotations
@@ -91,3 +92,27 @@ def test_factors_changed_between_forwards_or_a_block_run_alone_use_the_factors_a
     adapter.merge()
     assert_close(vit.blocks[0](tokens), first_block, 1e-10, "a block alone")
     assert_close(vit(images), out, 1e-10, "the whole model")
+
+
+class _GradInside(torch.nn.Module):
+    """Runs ``inner`` with grad enabled whatever the caller's mode (as test-time adaptation does)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return self.inner(x)
+
+
+def test_a_block_that_turns_grad_on_inside_a_no_grad_forward_trains(vit, images):
+    adapter = factnet.Tensorizer(vit, ["blocks.0.attn.qkv"]).decompose("tt", rank=2, scale=2.0, train_head=False)
+    randomize_factors(adapter, seed=1)
+    vit.blocks[0] = _GradInside(vit.blocks[0])
+    outputs = []
+    vit.blocks[0].register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():  # the increments built as the forward started are the no-grad ones
+        vit(images)
+    outputs[0].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in adapter.parameters())
