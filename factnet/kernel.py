@@ -257,8 +257,8 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
             grad_x = torch.mm(grad_y, effective_weight(weight, _unflatten(ctx.layout, factors), scale))
         else:
             grad_x = torch.mm(grad_y, weight)
-            for pos, (m_in, _) in enumerate(ctx.layout):
-                add_times(grad_x, *thin[pos][:1], factors[3 * pos], m_in, thin[pos][1])
+            for (r, alpha), (m_in, _), a_t in zip(thin, ctx.layout, factors[::3]):
+                add_times(grad_x, r, a_t, m_in, alpha)
         grad_x = _unrows(grad_x, ctx)
     grad_weight = torch.mm(grad_y.t(), x) if needs[1] else None
     grad_bias = grad_y.sum(0) if ctx.has_bias and needs[2] else None
