@@ -10,6 +10,9 @@ factors' as they are, in the grad mode the matrix runs in.
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from conftest import assert_close, randomize_factors
@@ -116,3 +119,20 @@ def test_a_block_that_turns_grad_on_inside_a_no_grad_forward_trains(vit, images)
         vit(images)
     outputs[0].sum().backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in adapter.parameters())
+
+
+def test_copies_of_a_bare_model_act_again_on_their_own_weights(vit, images):
+    adapter = factnet.Tensorizer(vit).decompose("tt", rank=2, scale=2.0, train_head=False)
+    randomize_factors(adapter, seed=1)
+    adapted_out = vit(images)
+    adapter.merge()  # eval mode: bare
+    buffer = io.BytesIO()
+    torch.save(vit, buffer)
+    for clone in (copy.deepcopy(vit), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert type(clone.blocks[0].attn.qkv) is torch.nn.Linear
+        clone.factnet.active_adapter.unmerge()
+        assert type(clone.blocks[0].attn.qkv).__name__ == "AdaptedMatrix"
+        assert clone.blocks[0].attn.qkv.weight is not vit.blocks[0].attn.qkv.weight
+        assert_close(clone(images), adapted_out, 1e-12, "copy unmerged")
+    assert type(vit.blocks[0].attn.qkv) is torch.nn.Linear  # the original stays merged and bare
+    assert_close(vit(images), adapted_out, 1e-12, "original")
