@@ -110,7 +110,7 @@ def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, f
             merged = torch.matmul(block.view(len(members), a, first.m_out, b), p_out_t[0])
             folded = merged.reshape(len(members), 1, a, -1).unbind(0)
             pairs = [(p_in_t, f) for f in folded]
-        else:  # m_out = 1: P_in ← coreᵀ P_in per input block, (count, 1, b, d_in)
+        else:  # a whole matrix under dropout: P_in ← coreᵀ P_in, (count, 1, b, d_in)
             merged = torch.matmul(block.view(len(members), first.m_in, a, b).transpose(2, 3), p_in_t[0])
             folded = merged.transpose(1, 2).reshape(len(members), 1, b, -1).unbind(0)
             pairs = [(f, p_out_t) for f in folded]
