@@ -115,8 +115,7 @@ class AdapterSet(nn.Module):
                 self._head_init[param_name] = param.detach().clone()
         self._stash_head()
         self.adapters[name] = adapter.train(self.model.training)
-        for matrix in adapter.matrices.values():
-            self._sites.attach(matrix)
+        self._sites.attach(adapter.matrices.values())
         self._switch(name)
 
     def activate(self, name: str | None) -> Adapter | None:
@@ -144,8 +143,7 @@ class AdapterSet(nn.Module):
             adapter._head_state = adapter.head_state()  # whole: it can no longer fall back on the set's
         del self.adapters[name]
         adapter.__dict__["model"] = None
-        for matrix_name in adapter.matrices:
-            self._sites.release(matrix_name)
+        self._sites.release(adapter.matrices)
         self._sync()
         if not self.adapters:
             for param_name, param in model.named_parameters():
@@ -162,10 +160,15 @@ class AdapterSet(nn.Module):
         now = self._now
         if now is not None and now[0] == torch.is_grad_enabled():  # built as the model's forward started
             return now[1].get(matrix, [])
-        adapter = self.active_adapter
-        if adapter is None or not self._enabled or adapter.merged or matrix not in adapter.placements:
+        adapter = self._acting()
+        if adapter is None or matrix not in adapter.placements:
             return []
         return adapter.increments(matrix, weight)
+
+    def _acting(self) -> Adapter | None:
+        """The active adapter if its increments act now (enabled and not merged), else None."""
+        adapter = self.active_adapter
+        return adapter if adapter is not None and self._enabled and not adapter.merged else None
 
     def guard_merged(self, value: Tensor) -> Tensor:
         """``value`` (an output or weight computed without increments), made to raise `FactnetError` in
@@ -207,8 +210,8 @@ class AdapterSet(nn.Module):
         if self.mix is not None:
             acting = [self[name] for name, _ in self.mix.adapted]
         else:
-            adapter = self.active_adapter
-            if adapter is None or not self._enabled or adapter.merged:
+            adapter = self._acting()
+            if adapter is None:
                 return
             acting = [adapter]
             increments = adapter.all_increments([self._parameter(name) for name in adapter.matrices])
@@ -340,9 +343,9 @@ class AdapterSet(nn.Module):
         or train: an active unmerged one, a mixed batch, or a merged one in training mode (whose backward
         must raise, `guard_merged`). Otherwise the model is the base model and costs what it costs."""
         adapter = self.active_adapter
-        acting = adapter is not None and self._enabled and (not adapter.merged or self.training)
+        trained_merged = adapter is not None and self._enabled and adapter.merged and self.training
         self._now = None  # built for the state that was
-        self._sites.switch(acting or self.mix is not None)
+        self._sites.switch(self._acting() is not None or trained_merged or self.mix is not None)
 
     def train(self, mode: bool = True) -> AdapterSet:
         """As `nn.Module.train` (``model.train()`` calls it), then `_sync` (a merged model in eval mode runs bare)."""

@@ -24,7 +24,7 @@ disabled or with no adapter active, the model holds its own modules and runs at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
@@ -250,7 +250,8 @@ def _move(source: nn.Module, target: nn.Module) -> None:
 class Sites:
     """The matrices attached to one model, and whether the model holds them.
 
-    `attach` and `release` count the adapters using a matrix (the first attaches it, the last lets it go).
+    `attach` and `release` count the adapters using each matrix (the first attaches it, the last lets it
+    go), an adapter's matrices at once.
     Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a hook pair on
     each module that may read an adapted weight as an attribute (``reading`` is true inside their
     forwards, see `readers`), and ``prepare``/``finish`` on the model itself. Switched off,
@@ -266,30 +267,38 @@ class Sites:
         self._hooks: list[RemovableHandle] = []
         self._inside: list[nn.Module] = []  # the hooked readers whose forward is running
 
-    def attach(self, matrix: Matrix) -> None:
-        if matrix.name not in self.attached:
-            attachment = self.attached[matrix.name] = _Attachment(self.model, matrix, self.source)
-            for reader in readers(matrix):
-                self.readers.setdefault(reader, set()).add(matrix.name)
-            if self.on:
-                attachment.install(self.model)
-                self._hook()
-        self.users[matrix.name] = self.users.get(matrix.name, 0) + 1
-
-    def release(self, name: str) -> None:
-        self.users[name] -= 1
-        if self.users[name]:
-            return
-        del self.users[name]
-        attachment = self.attached.pop(name)
-        for reader in readers(attachment.matrix):
-            self.readers[reader].discard(name)
-            if not self.readers[reader]:
-                del self.readers[reader]
-        if self.on:
-            attachment.remove(self.model)
+    def attach(self, matrices: Iterable[Matrix]) -> None:
+        new = False
+        for matrix in matrices:
+            if matrix.name not in self.attached:
+                attachment = self.attached[matrix.name] = _Attachment(self.model, matrix, self.source)
+                for reader in readers(matrix):
+                    self.readers.setdefault(reader, set()).add(matrix.name)
+                if self.on:
+                    attachment.install(self.model)
+                new = True
+            self.users[matrix.name] = self.users.get(matrix.name, 0) + 1
+        if new and self.on:
             self._hook()
-        attachment.forget()
+
+    def release(self, names: Iterable[str]) -> None:
+        gone = False
+        for name in names:
+            self.users[name] -= 1
+            if self.users[name]:
+                continue
+            del self.users[name]
+            attachment = self.attached.pop(name)
+            for reader in readers(attachment.matrix):
+                self.readers[reader].discard(name)
+                if not self.readers[reader]:
+                    del self.readers[reader]
+            if self.on:
+                attachment.remove(self.model)
+            attachment.forget()
+            gone = True
+        if gone and self.on:
+            self._hook()
 
     def switch(self, on: bool) -> None:
         """Put the machinery into the model (``on``) or take it out; nothing happens if it already is."""
