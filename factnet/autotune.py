@@ -6,8 +6,8 @@ thin product as ``x @ Pᵀ`` or ``(P @ xᵀ)ᵀ``, the effective weight built or
 thin products). Each such step is an *op* with named *variants* (`VARIANTS`; the first is the
 default). The first call of an op for a key (its operands' shapes and dtype) times every variant
 on the real operands (five samples each of at least a millisecond, the best counted; some tens of
-milliseconds in all) and remembers the fastest; later calls look it up. The key includes the thread count and the device type, so a
-model run at another thread count measures again.
+milliseconds in all) and remembers the fastest; later calls look it up. The key includes the
+thread count and the device type, so a model run at another thread count measures again.
 
 Every variant computes the same value (they differ only in floating-point rounding, and each is
 tested against the dense oracle), so the choice changes speed, not results beyond rounding. The

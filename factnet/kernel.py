@@ -123,8 +123,10 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
 
 
 def _hidden(u: Tensor, core: Tensor | None, scale: float) -> Tensor:
-    """``s · u core`` (``u: (N, m_in·α)``), or ``s · u`` for a folded core."""
-    return u * scale if core is None else scaled_mm(u, core, scale)
+    """``s · u core`` (``u: (N, m_in·α)``), or ``s · u`` for a folded core (``u`` itself at ``s = 1``)."""
+    if core is None:
+        return u if scale == 1.0 else u * scale
+    return scaled_mm(u, core, scale)
 
 
 class _MergedLinear(torch.autograd.Function):
@@ -224,7 +226,7 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
     saved = rest[3 * count + len(masks):]
     x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
     grad_factors: list[Tensor] = []
-    thin: list[Tensor] = []
+    thin: list[tuple[Tensor, float]] = []  # per increment, grad_x's correction r (times alpha)
     for pos, (m_in, m_out) in enumerate(ctx.layout):
         a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
         t = times_t(grad_y, b_t, m_out)  # grad_y P_out: (N, m_out·β); the scale goes into r and grad_core

@@ -19,11 +19,16 @@ __all__ = ["add_times", "outer", "scaled_mm", "times", "times_t"]
 
 def scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
     """``scale · a b`` in one BLAS call (``addmm`` with ``beta=0`` reads nothing of its input)."""
+    return torch.addmm(_zero(a), a, b, beta=0, alpha=scale)
+
+
+def _zero(a: Tensor) -> Tensor:
+    """A 0-d zero of ``a``'s dtype and device (the ignored input of ``beta=0`` products), made once."""
     key = (a.dtype, a.device)
     zero = _ZERO.get(key)
     if zero is None:
         zero = _ZERO[key] = a.new_zeros(())
-    return torch.addmm(zero, a, b, beta=0, alpha=scale)
+    return zero
 
 
 _ZERO: dict[tuple[torch.dtype, torch.device], Tensor] = {}
@@ -96,7 +101,7 @@ def _mm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 
 
 def _bmm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    return torch.bmm(a, b) if alpha == 1.0 else torch.baddbmm(a.new_zeros(()), a, b, beta=0, alpha=alpha)
+    return torch.bmm(a, b) if alpha == 1.0 else torch.baddbmm(_zero(a), a, b, beta=0, alpha=alpha)
 
 
 def _outer_chunked(r: Tensor, x: Tensor, alpha: float) -> Tensor:
