@@ -160,13 +160,22 @@ class Adapter(nn.Module):
         return cached[2]
 
     def all_increments(self, weights: list[Tensor]) -> dict[str, list[Increment]]:
-        """`increments` of every matrix in ``matrices`` (``weights`` in that order); the same dict while
-        the normal forms and the weights' dtypes are, so a forward checks its factors once per group."""
-        forms = [group.normal_form() for group in self._modules["groups"]._modules.values()]
-        key = [weight.dtype for weight in weights], self._fold()
+        """The increments of every matrix in ``matrices`` (``weights`` in that order; only their dtypes are
+        read), cut group by group: the same dict while the normal forms and the dtypes are, so a forward
+        checks its factors once per group."""
+        groups = self._modules["groups"]._modules
+        forms = [group.normal_form() for group in groups.values()]
+        dtypes = dict(zip(self.matrices, [weight.dtype for weight in weights]))
+        key = list(dtypes.values()), self._fold()
         cached = self.__dict__.get("_all")
         if cached is None or cached[1] != key or not all(map(operator.is_, cached[0], forms)):
-            cached = forms, key, {name: self.increments(name, w) for name, w in zip(self.matrices, weights)}
+            found: dict[str, list[Increment]] = {name: [] for name in self.matrices}
+            for group, form in zip(groups, forms):  # (the order of each matrix's placements)
+                for dtype in {dtypes[name] for name, _ in self._by_group[group]}:
+                    for name, increment in self._cut(group, form, dtype, key[1]).items():
+                        if dtypes[name] == dtype:
+                            found[name].append(increment)
+            cached = forms, key, found
             self.__dict__["_all"] = cached
         return cached[2]
 

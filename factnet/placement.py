@@ -4,11 +4,11 @@ A group's normal form holds one ``a x b`` core per slice, ``core: (n, a, b)``. A
 blocks holds some of those slices; its kernel `Increment` needs the module core
 ``(row_blocks·a, col_blocks·b)`` with member ``q``'s core at block row ``in[q]`` and block column
 ``out[q]``, zeros elsewhere. Every entry of it is one entry of the flattened group core (or a zero),
-so cutting is a gather by a fixed index (`Placement.core_index`). `cut` runs one gather for all the
-matrices of a group, once per step: the backward then scatters into the group's core once, not once
-per matrix. For the kernel it also folds the core into a projection where that pays (`cut`), one
-product per kind of matrix: ``ΔW = (P_out coreᵀ) P_inᵀ`` is then a pair of thin factors, as in LoRA,
-and a step runs three thin products fewer for that matrix.
+so cutting is a gather by a fixed index (`Placement.core_index`). `cut` runs one gather per kind of
+matrix of a group (all its layers' ``qkv`` at once), once per step, so the backward scatters into the
+group's core once per kind, not once per matrix. For the kernel it also folds the core into a
+projection where that pays (`cut`), one product per kind of matrix: ``ΔW = (P_out coreᵀ) P_inᵀ`` is
+then a pair of thin factors, as in LoRA, and a step runs three thin products fewer for that matrix.
 """
 
 from __future__ import annotations
@@ -85,34 +85,34 @@ class Placement:
 
 def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, fold: str | None = None) -> list[Increment]:
     """The `Increment` of each placement (one group's, in different matrices) from the group's normal
-    form, in ``dtype``: one gather of the core for all of them, then views.
+    form, in ``dtype``: one gather of the core per kind of matrix (same core shape), then its members.
 
     With ``fold``, a matrix whose input is one block and whose projections are both the group's shared
     ones gets its core folded into a projection (``core=None``), by one product for all the matrices
     of its kind (same blocks): ``fold="any"`` into ``P_out``; ``"in"`` (factor-space dropout, whose
     mask sits after the core) into ``P_in``, only for whole matrices (``u = x P_in core``). Matrices
-    cut into input blocks keep their core: folded, their products measured slower (ViT-S ``fc2``)."""
+    cut into input blocks keep their core: folded, their products measured slower (ViT-S ``fc2``).
+    Each kind costs the backward a few autograd nodes, whatever its number of matrices."""
     n, a, b = form.core.shape
-    index, zeros, kinds = _joined(tuple(placements), n, a, b, fold)
-    flat = form.core.reshape(-1)
+    zeros, kinds = _joined(tuple(placements), n, a, b, fold)
+    flat = form.core.reshape(-1).to(dtype)
     if zeros:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    cores = flat[index].to(dtype).split([len(members) * size for _, members, size in kinds])
     p_in_t, p_out_t = form.p_in_t.to(dtype), form.p_out_t.to(dtype)
     found: list[Increment | None] = [None] * len(placements)
-    for (how, members, _), block in zip(kinds, cores):
-        first = placements[members[0]]
-        if how == "plain":
-            found[members[0]] = Increment(first.projection(p_in_t, "in"), block.view(first.core_shape(a, b)),
-                                          first.projection(p_out_t, "out"), first.m_in, first.m_out)
+    shared_in, shared_out = (p_in_t[0], p_out_t[0]) if fold else (None, None)  # (one view each for all kinds)
+    for how, members, index in kinds:
+        count = len(members)
+        if how == "plain":  # index (count, rows, cols): each member's core as is
+            for member, core in zip(members, flat[index].unbind(0)):
+                p = placements[member]
+                found[member] = Increment(p.projection(p_in_t, "in"), core, p.projection(p_out_t, "out"), p.m_in, p.m_out)
             continue
-        if how == "out":  # m_in = 1: P_out ← core P_out per output block, (count, 1, a, d_out)
-            merged = torch.matmul(block.view(len(members), a, first.m_out, b), p_out_t[0])
-            folded = merged.reshape(len(members), 1, a, -1).unbind(0)
+        if how == "out":  # m_in = 1, index (count·a·m_out, b): P_out ← core P_out per output block
+            folded = torch.mm(flat[index], shared_out).view(count, 1, a, -1).unbind(0)
             pairs = [(p_in_t, f) for f in folded]
-        else:  # a whole matrix under dropout: P_in ← coreᵀ P_in, (count, 1, b, d_in)
-            merged = torch.matmul(block.view(len(members), first.m_in, a, b).transpose(2, 3), p_in_t[0])
-            folded = merged.transpose(1, 2).reshape(len(members), 1, b, -1).unbind(0)
+        else:  # a whole matrix under dropout, index (count·b, a) of coreᵀ: P_in ← coreᵀ P_in
+            folded = torch.mm(flat[index], shared_in).view(count, 1, b, -1).unbind(0)
             pairs = [(f, p_out_t) for f in folded]
         for member, (a_t, b_t) in zip(members, pairs):
             found[member] = Increment(a_t, None, b_t, 1, 1)
@@ -121,22 +121,28 @@ def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, f
 
 @functools.lru_cache(maxsize=4096)
 def _joined(placements: tuple[Placement, ...], n: int, a: int, b: int,
-            fold: str | None) -> tuple[Tensor, bool, list[tuple[str, list[int], int]]]:
-    """The placements' core indices end to end, whether any has a zero, and the kinds they come in:
-    ``(how, positions, core size)`` with ``how`` "plain" (one placement) or the side its core folds
-    into ("out", "in": all the placements of the same blocks, consecutive in the index)."""
-    kinds: dict[tuple, tuple[str, list[int], int]] = {}
+            fold: str | None) -> tuple[bool, list[tuple[str, list[int], Tensor]]]:
+    """Whether any placement's core has a zero, and the kinds the placements come in:
+    ``(how, positions, index into the flattened group core)``, ``how`` "plain" (its cores as they are,
+    same shape) or the side its core folds into ("out", "in": the same blocks), the index shaped for
+    the kind's one gather (see `cut`)."""
+    kinds: dict[tuple, tuple[str, list[int]]] = {}
     for position, p in enumerate(placements):
         shared = fold is not None and p._in[0] == "shared" and p._out[0] == "shared"
         how = "plain"
         if shared and p.m_in == 1:
             how = "out" if fold == "any" else "in" if p.m_out == 1 else "plain"
-        key = (how, p.m_in, p.m_out) if how != "plain" else (how, position)
-        kinds.setdefault(key, (how, [], len(p.core_index(n, a, b)[0])))[1].append(position)
-    ordered = list(kinds.values())
-    found = [placements[i].core_index(n, a, b) for _, members, _ in ordered for i in members]
-    index = found[0][0] if len(found) == 1 else torch.cat([i for i, _ in found])
-    return index, any(z for _, z in found), ordered
+        shape = p.core_shape(a, b)
+        kinds.setdefault((how, shape), (how, []))[1].append(position)
+    found = []
+    for (how, (rows, cols)), (_, members) in kinds.items():
+        index = torch.stack([placements[i].core_index(n, a, b)[0].view(rows, cols) for i in members])
+        if how == "out":  # (count, a, m_out·b) -> rows (count, a, m_out) of b
+            index = index.reshape(-1, b)
+        elif how == "in":  # (count, a, b) -> coreᵀ, rows (count, b) of a
+            index = index.transpose(1, 2).reshape(-1, a)
+        found.append((how, members, index))
+    return any(placements[i].core_index(n, a, b)[1] for i in range(len(placements))), found
 
 
 @functools.lru_cache(maxsize=4096)
