@@ -2,16 +2,20 @@
 
     git archive 849bfda | tar -x -C /tmp/before          # any older checkout of factnet
     python benchmarks/ab_step.py --old /tmp/before --size vit_s --batch 8 [--format tt] [--dropout 0]
+    python benchmarks/ab_step.py --old /tmp/before --size demo --batch 1 --inference
 
 The older checkout's ``factnet`` package is copied to a temporary directory as ``factnet_old`` (its
 imports renamed) so both load side by side; floor, old and new then run interleaved in the same
 rounds (`step_time.interleaved`), which a machine whose speed drifts between two runs cannot skew.
 Prints each one's step over the floor and new over old, as medians of per-round ratios with quartiles.
+With ``--inference``, an eval-mode no-grad forward of an unmerged adapter instead (old and new), over
+the same adapter merged (new): the floor of an adapted model's inference.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import re
 import shutil
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--inference", action="store_true", help="eval, no-grad forward of an unmerged adapter")
     args = parser.parse_args()
     old = load_old(args.old, Path(tempfile.mkdtemp()))
     build, shape = SIZES[args.size]
@@ -57,16 +62,36 @@ def main() -> None:
     base = build()
     x = torch.randn(args.batch, *shape)
 
-    kind = f"fact:{args.format}:{args.dropout}:auto"
-    steps = {"floor": make_variant(base, "floor", x)[0], "old": make_variant(base, kind, x, old)[0],
-             "new": make_variant(base, kind, x, factnet)[0]}
+    if args.inference:
+        steps = {"floor": _inference(base, x, args.format, factnet, merge=True),
+                 "old": _inference(base, x, args.format, old), "new": _inference(base, x, args.format, factnet)}
+    else:
+        kind = f"fact:{args.format}:{args.dropout}:auto"
+        steps = {"floor": make_variant(base, "floor", x)[0], "old": make_variant(base, kind, x, old)[0],
+                 "new": make_variant(base, kind, x, factnet)[0]}
     times = interleaved(steps, args.warmup, args.reps)
-    print(f"{args.size}, batch {args.batch}, {args.format} r8, dropout {args.dropout}, {args.reps} rounds, "
+    what = "inference (floor: merged)" if args.inference else f"dropout {args.dropout}"
+    print(f"{args.size}, batch {args.batch}, {args.format} r8, {what}, {args.reps} rounds, "
           f"floor {statistics.median(times['floor']) * 1e3:.1f} ms")
     for name, reference in (("old", "floor"), ("new", "floor"), ("new", "old")):
         low, high = spread(times, name, reference)
         print(f"  {name} / {reference}: {ratio(times, name, reference):.3f} (quartiles {low:.3f}-{high:.3f})")
 
+
+def _inference(base: torch.nn.Module, x: torch.Tensor, fmt: str, library, merge: bool = False):
+    """An eval-mode, no-grad forward of a copy of ``base`` with a random adapter of ``library``'s."""
+    model = copy.deepcopy(base).eval()
+    adapter = library.Tensorizer(model).decompose(fmt, rank=8, scale=10.0, seed=0, train_head=False)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.02)
+    if merge:
+        adapter.merge()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+    return forward
 
 if __name__ == "__main__":
     main()

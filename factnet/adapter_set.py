@@ -216,6 +216,8 @@ class AdapterSet(nn.Module):
             acting = [adapter]
             increments = adapter.all_increments([self._parameter(name) for name in adapter.matrices])
             self._now = torch.is_grad_enabled(), increments
+        if self._sites.attached.keys() <= self._verified:  # (the common case, at C speed)
+            return
         pending = {m.name for a in acting for m in a.matrices.values() if m.name not in self._verified}
         if pending and self._watch is None and not torch.compiler.is_compiling():
             self._watch = WeightWatch({id(self._parameter(name)): name for name in pending})

@@ -252,10 +252,10 @@ class Sites:
 
     `attach` and `release` count the adapters using each matrix (the first attaches it, the last lets it
     go), an adapter's matrices at once.
-    Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a hook pair on
-    each module that may read an adapted weight as an attribute (``reading`` is true inside their
-    forwards, see `readers`), and ``prepare``/``finish`` on the model itself. Switched off,
-    it holds its original modules and no factnet hook, so it runs as the base model, at its cost.
+    Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a `_Reading`
+    forward on each module that may read an adapted weight as an attribute (``reading`` is true inside
+    their forwards, see `readers`), and ``prepare``/``finish`` hooks on the model itself. Switched off,
+    it holds its original modules and no factnet hook or forward, so it runs as the base model, at its cost.
     """
 
     def __init__(self, model: nn.Module, source: Source, prepare: Callable, finish: Callable) -> None:
@@ -265,7 +265,8 @@ class Sites:
         self.readers: dict[str, set[str]] = {}  # module whose forward may read attached weights -> those matrices
         self.on = False
         self._hooks: list[RemovableHandle] = []
-        self._inside: list[nn.Module] = []  # the hooked readers whose forward is running
+        self._reading: dict[str, _Reading] = {}  # the readers' forwards in the model now
+        self._inside: list[nn.Module] = []  # the readers whose forward is running
 
     def attach(self, matrices: Iterable[Matrix]) -> None:
         new = False
@@ -309,27 +310,53 @@ class Sites:
             self._hook()
 
     def _hook(self) -> None:
-        """(Re)register the hooks the attached matrices need now; first in line, as when registered at attach."""
+        """Bring the model's hooks (first in line, as when registered at attach) and the readers'
+        forwards to what the attached matrices need now."""
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
-        if not self.on:
-            return
         model = self.model
-        self._hooks += [model.register_forward_pre_hook(self.prepare, with_kwargs=True, prepend=True),
-                        model.register_forward_hook(self.finish, always_call=True, prepend=True)]
-        for name in self.readers:
-            module = model.get_submodule(name)
-            self._hooks += [module.register_forward_pre_hook(self._enter, prepend=True),
-                            module.register_forward_hook(self._leave, always_call=True, prepend=True)]
+        self._hooks = [model.register_forward_pre_hook(self.prepare, with_kwargs=True, prepend=True),
+                       model.register_forward_hook(self.finish, always_call=True, prepend=True)] if self.on else []
+        wanted = set(self.readers) if self.on else set()
+        for name in [n for n in self._reading if n not in wanted]:
+            self._reading.pop(name).remove()
+        for name in [n for n in self.readers if n in wanted and n not in self._reading]:
+            self._reading[name] = _Reading(self, model.get_submodule(name))
 
     @property
     def reading(self) -> bool:
         return bool(self._inside)
 
-    def _enter(self, module: nn.Module, *_: object) -> None:
-        self._inside.append(module)
 
-    def _leave(self, module: nn.Module, *_: object) -> None:
-        if self._inside and self._inside[-1] is module:
-            self._inside.pop()
+class _Reading:
+    """A reader module's forward while the machinery is in: the module's own (or the one set on it
+    before), with `Sites.reading` true inside. An instance attribute, not a hook pair, which would take
+    the module off torch's hook-free call path: a forward costs a push and a pop."""
+
+    def __init__(self, sites: Sites, module: nn.Module) -> None:
+        self.sites, self.module, self.inner = sites, module, module.__dict__.get("forward")
+        module.forward = self
+
+    @property
+    def __wrapped__(self) -> Callable:  # (what inspect.signature reports)
+        return self.inner or type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inside = self.sites._inside
+        inside.append(self.module)
+        try:
+            if self.inner is None:
+                return type(self.module).forward(self.module, *args, **kwargs)
+            return self.inner(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def remove(self) -> None:
+        """Give the module back the forward it had, unless someone set another over this one since
+        (which then keeps calling it: a push and a pop, harmless with the machinery out)."""
+        module = self.module
+        if module.__dict__.get("forward") is self:
+            if self.inner is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = self.inner
