@@ -2,17 +2,15 @@
 
 The file (`factnet.files`) holds the factors, the head and a JSON spec (`factnet.spec`): its groups'
 slice maps as name templates and a fingerprint of the base model. `load` reads it verified, checks
-the model against the spec, rebuilds the slices on the model and attaches the adapter; on any
-error the model is left unchanged.
+the model against the spec (`factnet.fit`), rebuilds the slices on the model and attaches the
+adapter; on any error the model is left unchanged.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pathlib
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,22 +20,22 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from factnet.adapter import Adapter, _in_head, _key, factor_dtype
+from factnet.adapter import Adapter, _in_head
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
 from factnet.files import _fspath, load_spec, read, write, write_atomically
-from factnet.formats import Format, available_formats, get_format
-from factnet.spec import (
-    _SHOWN,
-    FORMAT_VERSION,
-    STORAGE_DTYPES,
-    _base,
-    _malformed,
-    _matrices,
-    _parse_template,
-    _runs,
-    _slice_map,
+from factnet.fit import (
+    _check_base,
+    _check_dtypes,
+    _check_matrices,
+    _check_settings,
+    _check_tensors,
+    _cut_blocks,
+    _listing,
+    _registered_format,
 )
+from factnet.formats import Format
+from factnet.spec import _SHOWN, FORMAT_VERSION, STORAGE_DTYPES, _malformed, _matrices, _parse_template, _slice_map
 from factnet.tensorizer import Tensorizer
 
 __all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "load", "load_many", "load_spec", "save", "write_atomically"]
@@ -235,88 +233,6 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str, checked: bool = False)
     return adapter
 
 
-def _registered_format(spec: dict[str, Any]) -> Format:
-    if spec["format"] not in available_formats():
-        raise FactnetError(f"the adapter's format {spec['format']!r} is not registered (known formats: "
-                           f"{', '.join(available_formats())}); import the module defining that Format subclass "
-                           "before load")
-    fmt = get_format(spec["format"], spec["rank"])
-    if dict(fmt.factors) != spec["factors"]:
-        raise FactnetError(f"format {fmt.name!r} is registered with factors {fmt.factors}, but the adapter was "
-                           f"saved with {spec['factors']}; load with the definition it was saved with")
-    return fmt
-
-
-def _listing(wrong: list[str]) -> str:
-    more = f"; and {len(wrong) - _SHOWN} more" if len(wrong) > _SHOWN else ""
-    return "; ".join(wrong[:_SHOWN]) + more
-
-
-def _check_matrices(found: dict[str, dict[str, Any]], spec: dict[str, Any], path: str) -> None:
-    """Version 1: the model's matrices ``found`` (outside the head) are the saved base model's, no more, no
-    fewer, of the same kind and shape; else list the first mismatches."""
-    saved = spec["matrices"]
-
-    def describe(m: dict[str, Any] | None) -> str:
-        return "missing" if m is None else f"{m['kind']} {m['d_out']}x{m['d_in']}"
-
-    wrong = [f"{name}: saved {describe(saved.get(name))}, model has {describe(found.get(name))}"
-             for name in [*saved, *(n for n in found if n not in saved)] if saved.get(name) != found.get(name)]
-    if wrong:
-        raise FactnetError(f"{path} does not fit this model: {len(wrong)} matrices differ (d_out x d_in): "
-                           f"{_listing(wrong)}; load it onto the architecture it was saved from (same depth and "
-                           "width)")
-
-
-def _check_base(found: dict[str, dict[str, Any]], spec: dict[str, Any], path: str) -> None:
-    """Version 2: the model's matrices ``found`` (outside the head) have the saved base model's fingerprint;
-    else say how they differ as far as the spec tells: the counts, and which of the matrices the file adapts
-    (its slice map: module, blocks, block shape) the model lacks or has of another shape."""
-    saved, base = spec["base"], _base(found)
-    if saved["sha256"] == base["sha256"]:
-        return
-    adapted: dict[str, tuple[set[int], int, int, bool]] = {}  # module -> (blocks, d_out, d_in, cut) as saved
-    for group in spec["groups"].values():
-        _, d_in, d_out = group["shape"]
-        for text in group["slices"]:
-            template = _parse_template(text)
-            for module, block in itertools.islice(template.expand(), 100_000):  # type: ignore[union-attr]
-                blocks = adapted.setdefault(module, (set(), d_out, d_in, template.blocks is not None))[0]  # type: ignore[union-attr]
-                blocks.add(block)
-
-    def differs(module: str) -> str | None:
-        chosen, d_out, d_in, cut = adapted[module]
-        last = max(chosen)
-        was = f"blocks {_runs(chosen)} of {d_out}x{d_in}" if cut else f"{d_out}x{d_in}"
-        matrix = found.get(module)
-        if matrix is None:
-            return f"{module}: saved {was}, model has missing"
-        blocks = _cut_blocks(matrix)
-        size = (matrix["d_out"] // blocks, matrix["d_in"]) if matrix["d_out"] > matrix["d_in"] else (
-            matrix["d_out"], matrix["d_in"] // blocks)
-        if size == (d_out, d_in) and blocks > last and (blocks > 1) == cut:
-            return None
-        return f"{module}: saved {was}, model has {matrix['kind']} {matrix['d_out']}x{matrix['d_in']}"
-
-    wrong = [w for w in map(differs, adapted) if w is not None]
-    detail = (f"; of the {len(adapted)} matrices it adapts, {len(wrong)} differ (d_out x d_in): {_listing(wrong)}"
-              if wrong else f"; the {len(adapted)} matrices it adapts match")
-    patterns = [re.compile(r"\.".join(re.escape(s) if isinstance(s, str) else "[0-9]+"
-                                      for s in _parse_template(text).segments))  # type: ignore[union-attr]
-                for group in spec["groups"].values() for text in group["slices"]]
-    extra = [f"{name}: {m['kind']} {m['d_out']}x{m['d_in']}" for name, m in found.items()
-             if name not in adapted and any(p.fullmatch(name) for p in patterns)]
-    if extra:
-        detail += (f"; this model also has {len(extra)} matrices named like those but not in the file's slice map: "
-                   f"{_listing(extra)}")
-    elif not wrong:
-        detail += ", so others differ"
-    raise FactnetError(f"{path} does not fit this model: it was saved from a base model with {saved['matrices']} "
-                       f"matrices outside the head (fingerprint {saved['sha256']}), this model has {base['matrices']} "
-                       f"(fingerprint {base['sha256']}){detail}; load it onto the architecture it was saved from "
-                       "(same depth, width and module names)")
-
-
 def _rebuild_v1(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
     """Version 1: the slices of every group on ``model``, checked against the saved slice map."""
     group_of = {(s["module"], s["block"]): group for group, entry in spec["groups"].items() for s in entry["slices"]}
@@ -362,12 +278,6 @@ def _rebuild(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[s
     return tensorizer
 
 
-def _cut_blocks(matrix: Mapping[str, Any]) -> int:
-    d_out, d_in = matrix["d_out"], matrix["d_in"]
-    longer, shorter = max(d_out, d_in), min(d_out, d_in)
-    return longer // shorter if d_out != d_in and longer % shorter == 0 else 1
-
-
 def _tensorizer(model: nn.Module, group_of: Mapping[tuple[str, int], str], path: str) -> Tensorizer:
     """The `Tensorizer` of exactly the slices ``(module, block)`` of ``group_of``, grouped by it."""
     blocks: dict[str, list[str]] = {}
@@ -380,66 +290,3 @@ def _tensorizer(model: nn.Module, group_of: Mapping[tuple[str, int], str], path:
         raise FactnetError(f"{path}: its slice map does not match this model ({error})") from None
 
 
-def _check_tensors(head: Mapping[str, nn.Parameter], spec: dict[str, Any], fmt: Format, tensorizer: Tensorizer,
-                   tensors: Mapping[str, Tensor], head_parameters: list[str], path: str) -> None:
-    """The file holds exactly the factors the format needs and the model's head parameters (``head``), of
-    their shapes."""
-    expected = {f"factors.{group}.{factor}": shape for group, dims in tensorizer.group_shapes().items()
-                for factor, shape in fmt.shapes(*dims).items()}
-    if head_parameters:
-        if sorted(head) != sorted(head_parameters):
-            raise FactnetError(f"the model's head {spec['head']} has parameters {sorted(head)[:_SHOWN]}, but {path} "
-                               f"saved {sorted(head_parameters)[:_SHOWN]}; load onto the architecture it was saved "
-                               "from, or save with include_head=False")
-        expected |= {f"head.{p}": tuple(head[p].shape) for p in head}
-    wrong = [f"{key}: expected {shape}, " + ("missing" if key not in tensors else f"got {tuple(tensors[key].shape)}")
-             for key, shape in expected.items() if key not in tensors or tuple(tensors[key].shape) != shape]
-    wrong += [f"{key}: unexpected" for key in tensors if key not in expected]
-    wrong += [f"{key}: {value.dtype} is not floating point" for key, value in tensors.items()
-              if not value.is_floating_point()]
-    if wrong:
-        raise FactnetError(f"{path} does not hold the tensors this model needs ({fmt.name} rank {fmt.rank}): "
-                           f"{_listing(wrong)}; load onto the architecture it was saved from (same head size)")
-
-
-def _check_dtypes(model: nn.Module, spec: dict[str, Any], tensors: Mapping[str, Tensor],
-                  head: Mapping[str, nn.Parameter], head_parameters: list[str], path: str) -> None:
-    """As saved (``dtype`` null, or version 1): the tensors have the model's dtypes. With a storage dtype:
-    every tensor has it (`_attach` casts them)."""
-    storage = spec.get("dtype")
-    if storage is not None:
-        wrong = [key for key, value in tensors.items() if value.dtype != STORAGE_DTYPES[storage]]
-        if wrong:
-            raise _malformed(path, f"its spec says it stores {storage}, but {wrong[0]} is "
-                                   f"{tensors[wrong[0]].dtype}")
-        return
-    wanted = {key: factor_dtype(model) for key in tensors if key.startswith("factors.")}
-    wanted |= {f"head.{p}": head[p].dtype for p in head_parameters}
-    wrong = [(dtype, tensors[key].dtype) for key, dtype in wanted.items() if tensors[key].dtype != dtype]
-    if wrong:
-        raise FactnetError(f"{path} holds {wrong[0][1]} tensors but the model would take {wrong[0][0]} ({len(wrong)} "
-                           f"tensors differ); cast the model to {wrong[0][1]} before load (e.g. model.float())")
-
-
-def _check_settings(model: nn.Module, spec: dict[str, Any], fmt: Format, tensorizer: Tensorizer) -> None:
-    """What `Tensorizer.decompose` would reject, checked before anything is attached (`load_many`)."""
-    scale, dropout = spec["scale"], spec["dropout"]
-    if not (isinstance(scale, (int, float)) and torch.isfinite(torch.tensor(float(scale)))):
-        raise FactnetError(f"scale must be a finite number, got {scale!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
-    for group, shape in tensorizer.group_shapes().items():
-        limit = fmt.max_rank(*shape)
-        if fmt.rank > limit:
-            raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {group!r}")
-    keys = [_key(group) for group in tensorizer.groups]
-    if len(set(keys)) != len(keys):
-        raise FactnetError(f"group names {list(tensorizer.groups)} collide once dots become underscores; rename them")
-    unknown = []
-    for head in spec["head"]:
-        try:
-            model.get_submodule(head) if head else unknown.append(head)
-        except AttributeError:
-            unknown.append(head)
-    if unknown:
-        raise FactnetError(f"head {unknown} is not a submodule of the model")
