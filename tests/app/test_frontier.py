@@ -16,7 +16,7 @@ import torch
 import factnet
 from factnet.app import demo
 from factnet.app.cli import main
-from factnet.app.demo import frontier
+from factnet.app.demo import frontier, frontier_families
 from factnet.app.demo.backbone import pretrained_backbone
 from factnet.app.demo.methods import BLOCK_MATRICES, downstream_model
 from factnet.app.demo.train import threads
@@ -84,7 +84,7 @@ def test_every_family_and_budget_is_a_row(rows):
     expected |= {("PEFT LoRA", f"r {r}") for r in config.lora_ranks}
     expected |= {("PEFT VeRA", f"r {r}") for r in config.vera_ranks}
     expected |= {("PEFT VB-LoRA", f"r {r}, {n} vectors") for r, n in config.vblora}
-    if frontier._in_peft("tinylora"):  # an older PEFT lacks it: the family is left out, and said so
+    if frontier_families._in_peft("tinylora"):  # an older PEFT lacks it: the family is left out, and said so
         expected |= {("PEFT TinyLoRA", f"r {r}, u {u}") for r, u in config.tinylora}
     names = {"tt": "FacT-TT", "tucker": "FacT-TK", "cp": "CP"}
     expected |= {(names[fmt], f"r {r}") for fmt, ranks in config.fact_ranks for r in ranks}
@@ -117,7 +117,7 @@ def test_counts_equal_independent_formulas(rows):
         assert _count(rows, "PEFT VB-LoRA", f"r {r}, {n} vectors") == \
             n * vl + L * sum(r * n * (i // vl + o // vl) for i, o in MATRICES)
     # TinyLoRA: u per matrix (no weight tying)
-    for r, u in SMOKE.tinylora if frontier._in_peft("tinylora") else ():
+    for r, u in SMOKE.tinylora if frontier_families._in_peft("tinylora") else ():
         assert _count(rows, "PEFT TinyLoRA", f"r {r}, u {u}") == u * L * len(MATRICES)
     # FacT: one 12L x d x d group (q, k, v, o, fc1's and fc2's four d x d blocks of every block)
     n = 12 * L

@@ -42,18 +42,17 @@ import csv
 import hashlib
 import io
 import json
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from factnet.app.demo.backbone import Backbone, PretrainConfig, pretrained_backbone
-from factnet.app.demo.config import DemoConfig
+from factnet.app.demo.backbone import Backbone, pretrained_backbone
 from factnet.app.demo.data import Splits, load_splits
+from factnet.app.demo.frontier_families import SMOKE, WIDE, Family, FrontierConfig, Point, families, left_out
 from factnet.app.demo.frontier_plot import plot, read_csv
-from factnet.app.demo.methods import PEFT_TUNERS, Method, Result, adapt
+from factnet.app.demo.methods import Method, Result, adapt
 from factnet.app.demo.train import threads
 
 __all__ = [
@@ -75,140 +74,6 @@ __all__ = [
 ]
 
 CSV_FILE, TABLE_FILE, FIGURE_FILE, RUNS_FILE = "frontier.csv", "frontier.md", "frontier.png", "runs.jsonl"
-
-# The wide backbone: ViT-Ti's width (192, 3 heads of 64) at the demo's depth and pretraining recipe, on 4x4
-# patches (4 tokens and the class token: a third of the compute of 2x2 patches, see the module docstring).
-WIDE = PretrainConfig(embed_dim=192, depth=4, num_heads=3, patch_size=4)
-
-
-@dataclass(frozen=True)
-class FrontierConfig:
-    """The backbone, the recipe (``demo``), every family's budgets and candidate settings.
-
-    Budgets are given as each family's own knobs; ``*_reference`` is the index of the budget
-    where the family's candidates are compared.
-    """
-
-    demo: DemoConfig = field(default_factory=lambda: DemoConfig(pretrain=WIDE))  # backbone and recipe
-    seeds: int = 3
-    linear_lrs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
-    full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
-    lora_ranks: tuple[int, ...] = (1, 2, 4, 8)
-    lora_reference: int = 2
-    lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    vera_ranks: tuple[int, ...] = (64, 1024)
-    vera_reference: int = 1
-    vera_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1)
-    vblora: tuple[tuple[int, int], ...] = ((2, 16), (4, 64))  # (rank, num_vectors)
-    vblora_vector_length: int = 64  # divides every adapted matrix's sides (192, 576, 768)
-    vblora_topk: int = 2
-    vblora_reference: int = 1
-    vblora_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
-    tinylora: tuple[tuple[int, int], ...] = ((2, 4), (8, 64))  # (SVD rank r, trainable u per module)
-    tinylora_reference: int = 1
-    tinylora_lrs: tuple[float, ...] = (3e-3, 1e-2, 1e-1)
-    fact_ranks: tuple[tuple[str, tuple[int, ...]], ...] = (("tt", (2, 8, 32)), ("tucker", (4, 16)), ("cp", (16, 64)))
-    fact_scales: tuple[float, ...] = (0.1, 1.0, 10.0)  # at the demo's FacT learning rate
-    fact_reference: tuple[tuple[str, int], ...] = (("tt", 1), ("tucker", 1), ("cp", 1))
-
-
-# A configuration that runs in seconds (tests, and `factnet frontier --smoke` to check the pipeline).
-SMOKE = FrontierConfig(
-    demo=DemoConfig(pretrain=PretrainConfig(embed_dim=16, depth=1, num_heads=2, epochs=2, lr=1e-2, augment=False),
-                    epochs=2, warmup_epochs=1, lr=3e-2, augment=False, drop_path=0.0),
-    seeds=2, linear_lrs=(0.3,), full_lrs=(1e-3,), lora_ranks=(1, 2), lora_reference=0, lora_lrs=(1e-2,),
-    vera_ranks=(16,), vera_reference=0, vera_lrs=(3e-2,), vblora=((2, 4),), vblora_vector_length=16,
-    vblora_reference=0, vblora_lrs=(3e-2,), tinylora=((2, 4),), tinylora_reference=0, tinylora_lrs=(1e-1,),
-    fact_ranks=(("tt", (2, 4)), ("tucker", (2,)), ("cp", (4,))), fact_scales=(10.0,),
-    fact_reference=(("tt", 0), ("tucker", 0), ("cp", 0)))
-
-
-@dataclass(frozen=True)
-class Family:
-    """One line of the plot: methods that differ only in their budget, and the candidate settings
-    (keyword arguments of `dataclasses.replace` on a `Method`) compared at ``points[reference]``."""
-
-    name: str
-    points: tuple[tuple[str, Method], ...]  # (budget label, method without its chosen setting)
-    candidates: tuple[tuple[tuple[str, float], ...], ...]  # each: (("lr", 1e-2),) or (("scale", 10.0),)
-    reference: int = 0
-
-
-@dataclass
-class Point:
-    """A row of the table: one budget of a family, with its chosen setting and one result per seed."""
-
-    family: str
-    budget: str
-    method: Method
-    candidates: int  # settings compared for the family (at its reference budget)
-    reference: bool  # this is the budget where they were compared
-    results: list[Result]
-
-    def test(self) -> tuple[float, float]:
-        values = [r.test_accuracy for r in self.results]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-    @property
-    def params(self) -> int:
-        return self.results[0].params
-
-    @property
-    def bytes(self) -> int:
-        return self.results[0].bytes
-
-    @property
-    def step_ms(self) -> float:
-        return statistics.median(r.step_ms for r in self.results)
-
-
-def families(config: FrontierConfig) -> list[Family]:
-    """The families of `config`, in table order."""
-    demo = config.demo
-    lrs = lambda values: tuple((("lr", v),) for v in values)
-    out = [
-        Family("linear probe", (("", Method("linear", config.linear_lrs[0])),), lrs(config.linear_lrs)),
-        Family("full fine-tuning", (("", Method("full", config.full_lrs[0])),), lrs(config.full_lrs)),
-        Family("PEFT LoRA", tuple((f"r {r}", Method("peft", 0.0, "lora", r, float(r))) for r in config.lora_ranks),
-               lrs(config.lora_lrs), config.lora_reference),
-        Family("PEFT VeRA", tuple((f"r {r}", Method("peft", 0.0, "vera", r, options=(("save_projection", False),)))
-                                  for r in config.vera_ranks), lrs(config.vera_lrs), config.vera_reference),
-        Family("PEFT VB-LoRA", tuple(
-            (f"r {r}, {n} vectors", Method("peft", 0.0, "vblora", r, options=(
-                ("num_vectors", n), ("vector_length", config.vblora_vector_length), ("topk", config.vblora_topk),
-                ("save_only_topk_weights", True))))
-            for r, n in config.vblora), lrs(config.vblora_lrs), config.vblora_reference),
-        Family("PEFT TinyLoRA", tuple(
-            (f"r {r}, u {u}", Method("peft", 0.0, "tinylora", r, options=(("u", u), ("save_projection", False))))
-            for r, u in config.tinylora), lrs(config.tinylora_lrs), config.tinylora_reference),
-    ]
-    out = [f for f in out if f.points[0][1].kind != "peft" or _in_peft(f.points[0][1].format)]
-    reference = dict(config.fact_reference)
-    names = {"tt": "FacT-TT", "tucker": "FacT-TK", "cp": "CP"}
-    for fmt, ranks in config.fact_ranks:
-        out.append(Family(names.get(fmt, f"FacT-{fmt}"),
-                          tuple((f"r {r}", Method("fact", demo.lr, fmt, r, config.fact_scales[0])) for r in ranks),
-                          tuple((("scale", s),) for s in config.fact_scales), reference.get(fmt, 0)))
-    for family in out:
-        if not 0 <= family.reference < len(family.points):
-            raise ValueError(f"{family.name}: reference {family.reference} is not one of its "
-                             f"{len(family.points)} budgets")
-    return out
-
-
-def _in_peft(tuner: str) -> bool:
-    import peft
-
-    return hasattr(peft, PEFT_TUNERS[tuner][0])
-
-
-def left_out() -> list[str]:
-    """The PEFT tuners of the frontier that the installed PEFT lacks (their families are left out)."""
-    import peft
-
-    return [f"{PEFT_TUNERS[t][2]} (PEFT {peft.__version__} has no {PEFT_TUNERS[t][0]})"
-            for t in ("vera", "vblora", "tinylora") if not _in_peft(t)]
-
 
 # ---- running --------------------------------------------------------------------------------------
 def _key(backbone: Backbone, demo, method: Method, seed: int) -> str:
