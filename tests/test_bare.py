@@ -136,3 +136,53 @@ def test_copies_of_a_bare_model_act_again_on_their_own_weights(vit, images):
         assert_close(clone(images), adapted_out, 1e-12, "copy unmerged")
     assert type(vit.blocks[0].attn.qkv) is torch.nn.Linear  # the original stays merged and bare
     assert_close(vit(images), adapted_out, 1e-12, "original")
+
+
+class _ReadsItsChild(torch.nn.Module):
+    """Reads its child's weight as an attribute (as BEiT's attention reads ``qkv.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.fc.weight, self.fc.bias).tanh()
+
+
+def _reading_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(_ReadsItsChild(), _ReadsItsChild(), torch.nn.Linear(8, 2)).eval()
+
+
+def test_a_forward_set_on_a_reader_keeps_running_and_comes_back_when_bare():
+    model, x, calls = _reading_model(), torch.randn(3, 8), []
+    own = model[0].forward
+    model[0].forward = lambda *args: calls.append(1) or own(*args)
+    set_before = vars(model[0])["forward"]
+    adapter = factnet.Tensorizer(model, ["0.fc", "1.fc"]).decompose("tt", rank=2, scale=2.0, train_head=False)
+    randomize_factors(adapter, seed=2)
+    adapted = model(x)
+    assert len(calls) == 1 and vars(model[0])["forward"] is not set_before  # factnet's, around the one set
+    adapter.merge()  # eval: bare, the forward set before is back
+    assert vars(model[0])["forward"] is set_before and "forward" not in vars(model[1])
+    assert_close(model(x), adapted, 1e-6, "merged")  # (float32)
+    assert len(calls) == 2
+
+
+def test_copies_of_an_acting_model_read_their_own_weights():
+    model, x = _reading_model(), torch.randn(3, 8)
+    adapter = factnet.Tensorizer(model, ["0.fc", "1.fc"]).decompose("tt", rank=2, scale=2.0, train_head=False)
+    randomize_factors(adapter, seed=2)
+    adapted = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    copies = [copy.deepcopy(model), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)]
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.zero_()  # the original's increments are zero now; the copies keep theirs
+    for clone in copies:
+        assert vars(clone[0])["forward"].module is clone[0]
+        assert_close(clone(x), adapted, 1e-6, "copy")
+        clone.factnet.active_adapter.merge()
+        assert_close(clone(x), adapted, 1e-6, "copy merged")
+    assert not torch.allclose(model(x), adapted)
