@@ -22,7 +22,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -78,7 +80,8 @@ def main() -> None:
         print(f"  {name} / {reference}: {ratio(times, name, reference):.3f} (quartiles {low:.3f}-{high:.3f})")
 
 
-def _inference(base: torch.nn.Module, x: torch.Tensor, fmt: str, library, merge: bool = False):
+def _inference(base: torch.nn.Module, x: torch.Tensor, fmt: str, library: ModuleType,
+               merge: bool = False) -> Callable[[], None]:
     """An eval-mode, no-grad forward of a copy of ``base`` with a random adapter of ``library``'s."""
     model = copy.deepcopy(base).eval()
     adapter = library.Tensorizer(model).decompose(fmt, rank=8, scale=10.0, seed=0, train_head=False)
