@@ -96,5 +96,6 @@ def _inference(base: torch.nn.Module, x: torch.Tensor, fmt: str, library: Module
             model(x)
     return forward
 
+
 if __name__ == "__main__":
     main()

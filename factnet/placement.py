@@ -106,7 +106,8 @@ def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, f
         if how == "plain":  # index (count, rows, cols): each member's core as is
             for member, core in zip(members, flat[index].unbind(0)):
                 p = placements[member]
-                found[member] = Increment(p.projection(p_in_t, "in"), core, p.projection(p_out_t, "out"), p.m_in, p.m_out)
+                found[member] = Increment(p.projection(p_in_t, "in"), core, p.projection(p_out_t, "out"),
+                                          p.m_in, p.m_out)
             continue
         if how == "out":  # m_in = 1, index (count·a·m_out, b): P_out ← core P_out per output block
             folded = torch.mm(flat[index], shared_out).view(count, 1, a, -1).unbind(0)

@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 
 def _structure(model: torch.nn.Module) -> dict:
     """Each module's type, its hooks and any forward set on it (what a bare model shares with the base model)."""
-    return {name: (type(m), list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()), vars(m).get("forward"))
-            for name, m in model.named_modules() if not name.startswith("factnet")}
+    return {name: (type(m), list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()),
+                   vars(m).get("forward")) for name, m in model.named_modules() if not name.startswith("factnet")}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
