@@ -122,6 +122,18 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
     return out
 
 
+def _masked_hidden(u: Tensor, core: Tensor | None, scale: float, mask: Tensor | None) -> tuple[Tensor, float]:
+    """``(h, alpha)`` with ``alpha · h = s · mask ⊙ (u core)``, the forward's and the backward's hidden
+    activations: ``h = s · mask ⊙ (u core)`` at ``alpha = 1``, or for a folded core ``h = mask ⊙ u`` at
+    ``alpha = s`` (the scale rides in the next product)."""
+    if core is None:
+        return (u if mask is None else u * mask), scale
+    h = scaled_mm(u, core, scale)
+    if mask is not None:
+        h.mul_(mask)
+    return h, 1.0
+
+
 def _hidden(u: Tensor, core: Tensor | None, scale: float) -> Tensor:
     """``s · u core`` (``u: (N, m_in·α)``), or ``s · u`` for a folded core (``u`` itself at ``s = 1``)."""
     if core is None:
@@ -187,12 +199,7 @@ def _forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, 
             for pos, (m_in, m_out) in enumerate(layout):
                 a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
                 u = times_t(rows, a_t, m_in)
-                if core is None:  # folded: the scale rides in the output's addmm
-                    h, alpha = (u * masks[pos] if masks else u), scale
-                else:
-                    h, alpha = scaled_mm(u, core, scale), 1.0
-                    if masks:
-                        h.mul_(masks[pos])
+                h, alpha = _masked_hidden(u, core, scale, masks[pos] if masks else None)
                 _add_increment(y, h, b_t, m_out, pointwise, alpha)
                 saved.append(u)
     ctx.save_for_backward(x, weight, *factors, *masks, *saved)
@@ -233,17 +240,14 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
         if masks:
             t.mul_(masks[pos])
         u = saved[pos] if saved else times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
-        if core is None:  # folded (m_in = m_out = 1): r = s·t and h = s·mask⊙u, the scale in the products
-            h = u * masks[pos] if masks else u
-            grad_factors += [outer(t, x, 1, 1, scale), None, outer(h, grad_y, 1, 1, scale)]
+        h, alpha = _masked_hidden(u, core, scale, masks[pos] if masks else None)
+        if core is None:  # folded (m_in = m_out = 1): r = s·t, the scale in the products
+            grad_factors += [outer(t, x, 1, 1, scale), None, outer(h, grad_y, 1, 1, alpha)]
             thin.append((t, scale))
             continue
-        h = scaled_mm(u, core, scale)
-        if masks:
-            h.mul_(masks[pos])
         r = scaled_mm(t, core.t(), scale)  # (N, m_in·α)
         grad_factors += [outer(r, x, m_in, a_t.shape[0]), scaled_mm(u.t(), t, scale),
-                         outer(h, grad_y, m_out, b_t.shape[0])]
+                         outer(h, grad_y, m_out, b_t.shape[0], alpha)]
         thin.append((r, 1.0))
     grad_x = None
     if needs[0]:
