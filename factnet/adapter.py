@@ -165,10 +165,10 @@ class Adapter(nn.Module):
         checks its factors once per group."""
         groups = self._modules["groups"]._modules
         forms = [group.normal_form() for group in groups.values()]
-        dtypes = dict(zip(self.matrices, [weight.dtype for weight in weights]))
-        key = list(dtypes.values()), self._fold()
+        key = [weight.dtype for weight in weights], self._fold()
         cached = self.__dict__.get("_all")
         if cached is None or cached[1] != key or not all(map(operator.is_, cached[0], forms)):
+            dtypes = dict(zip(self.matrices, key[0]))
             found: dict[str, list[Increment]] = {name: [] for name in self.matrices}
             for group, form in zip(groups, forms):  # (the order of each matrix's placements)
                 for dtype in {dtypes[name] for name, _ in self._by_group[group]}:
