@@ -267,9 +267,9 @@ def _fan(letters: str, shape: tuple[int, ...]) -> int:
 
 
 def _sampled_second_moments(fmt: Format, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-    """``E[f²]`` per factor from seeded draws of ``fmt.initialize`` (at least 2¹⁶ values or 256 draws each)."""
+    """``E[f²]`` per factor from seeded draws of ``fmt.initialize`` (at least 2¹⁶ values or 1024 draws each)."""
     generator = torch.Generator().manual_seed(0)
-    draws = min(256, max(1, -(-(1 << 16) // min(math.prod(s) or 1 for s in shapes.values()))))
+    draws = min(1024, max(1, -(-(1 << 16) // min(math.prod(s) or 1 for s in shapes.values()))))
     totals = dict.fromkeys(shapes, 0.0)
     for _ in range(draws):
         factors = {name: torch.empty(shape, dtype=torch.float64) for name, shape in shapes.items()}
