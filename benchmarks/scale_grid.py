@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/scale_grid.py --format tt --scaling paper --seeds 0
     nice -n 10 python benchmarks/scale_grid.py --format tt --scaling stable --seeds 0
-    python benchmarks/scale_grid.py --plot          # docs/scale/grid_<format>.png from the runs so far
+    python benchmarks/scale_grid.py --format tt --plot   # docs/scale/grid_tt.png and grid_tt.md from the runs so far
 
 ``--scaling paper``: the grid value is the paper's raw ``s`` (``decompose(scale=s)``, main's parametrization).
 ``--scaling stable``: the grid value is the gain ``g`` of the rank-stable scale (``decompose(gain=g)``, whose raw
@@ -114,10 +114,41 @@ def plot(fmt: str) -> Path:
         axis.set_title(f"FacT-{fmt}: {label}")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy % (mean over seeds)")
-    axes[1].legend(title="rank", fontsize=8)
+    for axis in axes:
+        if axis.lines:
+            axis.legend(title="rank", fontsize=8)
     fig.tight_layout()
     path = OUT / f"grid_{fmt}.png"
     fig.savefig(path, dpi=110)
+    return path
+
+
+def markdown(fmt: str) -> Path:
+    """Tables of validation accuracy (mean ± std over seeds, seed count) per rank and grid value, both scalings."""
+    records = _records(RUNS)
+    lines = [f"# FacT-{fmt}: validation accuracy % by rank and scale (mean ± std over seeds, [seeds])", ""]
+    for scaling, label in (("paper", "paper's s (main)"), ("stable", "gain g of the rank-stable s = g·ρ")):
+        cells = table(records, fmt, scaling)
+        values = sorted({v for _, v in cells})
+        if not cells:
+            continue
+        lines += [f"## {label}", "", "| rank | " + " | ".join(f"{v:g}" for v in values) + " | best |",
+                  "|---:|" + "---:|" * (len(values) + 1)]
+        for rank in sorted({r for r, _ in cells}):
+            row, best = [], None
+            for v in values:
+                runs = cells.get((rank, v), [])
+                if not runs:
+                    row.append("")
+                    continue
+                mean = statistics.mean(runs)
+                std = statistics.stdev(runs) if len(runs) > 1 else 0.0
+                row.append(f"{mean:.1f} ± {std:.1f} [{len(runs)}]" if len(runs) > 1 else f"{mean:.1f} [1]")
+                best = v if best is None or mean > statistics.mean(cells[rank, best]) else best
+            lines.append(f"| {rank} | " + " | ".join(row) + f" | {best:g} |")
+        lines.append("")
+    path = OUT / f"grid_{fmt}.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
@@ -131,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", action="store_true", help="only draw the figure from the runs so far")
     args = parser.parse_args(argv)
     if args.plot:
-        print(plot(args.format))
+        print(plot(args.format), markdown(args.format))
         return
     run(args.format, args.scaling, [int(r) for r in args.ranks.split(",")],
         [float(v) for v in args.values.split(",")], [int(s) for s in args.seeds.split(",")])
