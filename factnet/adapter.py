@@ -115,7 +115,7 @@ class Adapter(nn.Module):
 
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
                  dropout: float, head: list[str], name: str = "default",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, register: bool = True) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
@@ -144,7 +144,8 @@ class Adapter(nn.Module):
             for p in found:
                 self._by_group.setdefault(p.group, []).append((matrix_name, p))
         self.__dict__["model"] = model
-        AdapterSet.of(model).add(name, self)
+        if register:  # (else the caller adds it once its values are in: `factnet.io`)
+            AdapterSet.of(model).add(name, self)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active); the
@@ -230,37 +231,43 @@ class Adapter(nn.Module):
 
         With ``safe`` (the default) every merged weight is computed and checked for NaN/inf
         before any weight is touched (one matrix at a time, so memory does not double), and
-        a diverged adapter cannot corrupt the model. Only the active adapter merges.
+        a diverged adapter cannot corrupt the model. Only the active adapter merges. Refused while
+        forwards or `use`/`per_sample` blocks of other threads run on the model (the weights change).
         """
         self._check_attached()
         self._check_unsharded("merge")
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
-        if not self.active:
-            raise FactnetError(f"adapter {self.name!r} is not the active one ({self._set.active!r} is); "
-                               "activate() it before merging")
-        for name, matrix in self.matrices.items() if safe else ():
-            weight = sites.weight_view(self.model, matrix)
-            if not torch.isfinite(weight + self.delta_weight(name).to(weight.dtype)).all():
-                raise FactnetError(f"merging would put non-finite values into {name} (the factors or scale "
-                                   "diverged); nothing was changed. Inspect the factors, or merge(safe=False)")
-        for name, matrix in self.matrices.items():
-            weight = sites.weight_view(self.model, matrix)
-            weight.add_(self.delta_weight(name).to(weight.dtype))
-        self._merged = True
-        self._set._sync()
+        with self._set._traffic.lock:
+            self._set._traffic.check_quiet(self._set, "merge", blocks=True)
+            if not self.active:
+                raise FactnetError(f"adapter {self.name!r} is not the active one ({self._set.active!r} is); "
+                                   "activate() it before merging")
+            for name, matrix in self.matrices.items() if safe else ():
+                weight = sites.weight_view(self.model, matrix)
+                if not torch.isfinite(weight + self.delta_weight(name).to(weight.dtype)).all():
+                    raise FactnetError(f"merging would put non-finite values into {name} (the factors or scale "
+                                       "diverged); nothing was changed. Inspect the factors, or merge(safe=False)")
+            for name, matrix in self.matrices.items():
+                weight = sites.weight_view(self.model, matrix)
+                weight.add_(self.delta_weight(name).to(weight.dtype))
+            self._merged = True
+            self._set._sync()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ``s·ΔW`` from the weights again (exact up to float rounding)."""
+        """Subtract ``s·ΔW`` from the weights again (exact up to float rounding). Refused, as `merge`, while
+        other threads' calls run (a merged model in eval mode runs bare: its forwards are not seen)."""
         self._check_attached()
         if not self._merged:
             raise FactnetError("adapter is not merged; nothing to unmerge")
-        self._merged = False
-        for name, matrix in self.matrices.items():
-            weight = sites.weight_view(self.model, matrix)
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
-        self._set._sync()
+        with self._set._traffic.lock:
+            self._set._traffic.check_quiet(self._set, "unmerge", blocks=True)
+            self._merged = False
+            for name, matrix in self.matrices.items():
+                weight = sites.weight_view(self.model, matrix)
+                weight.sub_(self.delta_weight(name).to(weight.dtype))
+            self._set._sync()
 
     @contextmanager
     def disable(self) -> Iterator[None]:

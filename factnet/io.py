@@ -75,6 +75,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str = "default") 
     AdapterSet.check_addable(model, name)
     path = _fspath(path)
     loaded = _prepare(model, path, _Caches(model))
+    _warn_mha_dropout([loaded])
     return _attach(model, loaded, name)
 
 
@@ -116,10 +117,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
                 message = str(error)
                 raise FactnetError(message if file in message else f"{file}: {message}") from None
             bar.update()
-        if any(item.spec["dropout"] > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
-               for item in loaded):
-            warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
-                          "applied as a merged weight", stacklevel=2)
+        _warn_mha_dropout(loaded)
         bar.reset()
         bar.set_description("load_many: attach")
         previous = model.factnet.active if isinstance(getattr(model, "factnet", None), AdapterSet) else None
@@ -128,7 +126,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         adapters: dict[str, Adapter] = {}
         try:
             for position, name in enumerate(names):
-                adapters[name] = _attach(model, loaded[position], name, checked=True)
+                adapters[name] = _attach(model, loaded[position], name)
                 loaded[position] = None  # type: ignore[call-overload]  # its tensors are the adapter's now
                 bar.update()
         except BaseException:
@@ -212,25 +210,32 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     return _Loaded(path, spec, fmt, tensorizer, tensors, head_parameters)
 
 
-def _attach(model: nn.Module, loaded: _Loaded, name: str, checked: bool = False) -> Adapter:
-    """Add the adapter of a checked file to ``model`` as ``name`` and copy its tensors in. ``checked``: what
-    `Tensorizer.decompose` checks was checked (`_check_settings`), so build the `Adapter` directly (decompose
-    walks every module of the model, adapters included, to find the head: quadratic over 1,000 adapters)."""
+def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
+    """Add the adapter of a checked file to ``model`` as ``name``, its factors and head values in before it
+    joins ``model.factnet``: other threads' calls find it whole or not at all. Built directly, not by
+    `Tensorizer.decompose`, whose checks `_check_settings` made (decompose walks every module of the model,
+    adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    if checked:
-        adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"],
-                          list(spec["head"]), name, torch.Generator().manual_seed(0))
-    else:
-        adapter = loaded.tensorizer.decompose(loaded.fmt, scale=spec["scale"], dropout=spec["dropout"],
-                                              head=spec["head"], train_head=bool(spec["head"]),
-                                              seed=0, name=name)  # seed: leave the global RNG alone
-    pairs = [(factor, tensors[f"factors.{group}.{key}"])
-             for group in adapter.group_names for key, factor in adapter.group(group).factors.items()]
-    pairs += [(model.get_parameter(p), tensors[f"head.{p}"]) for p in loaded.head_parameters]
+    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"], list(spec["head"]),
+                      name, torch.Generator().manual_seed(0), register=False)  # (a seed: the global RNG stays)
     with torch.no_grad():
-        for param, value in pairs:
-            param.copy_(value)  # casts a file saved with a storage dtype
+        for group in adapter.group_names:
+            for key, factor in adapter.group(group).factors.items():
+                factor.copy_(tensors[f"factors.{group}.{key}"])  # casts a file saved with a storage dtype
+    if loaded.head_parameters:
+        adapter._head_state = {}
+        for p in loaded.head_parameters:
+            param = model.get_parameter(p)
+            adapter._head_state[p] = tensors[f"head.{p}"].to(device=param.device, dtype=param.dtype)  # (`add` copies it in)
+    AdapterSet.of(model).add(name, adapter)
     return adapter
+
+
+def _warn_mha_dropout(loaded: Sequence[_Loaded]) -> None:
+    if any(item.spec["dropout"] > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
+           for item in loaded):
+        warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
+                      "applied as a merged weight", stacklevel=3)
 
 
 def _rebuild_v1(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:

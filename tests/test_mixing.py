@@ -132,7 +132,8 @@ def test_unknown_names_and_wrong_batch_are_errors_before_anything_runs():
             model.factnet.per_sample(NAMES):
         pass
     assert calls == [] and model.factnet.mix is None
-    assert "forward" not in vars(model.head)  # the split wrappers are gone
+    model.factnet.activate(None)  # nothing acts: the model is bare, factnet's forward on the head is gone
+    assert "forward" not in vars(model.head)
 
 
 def test_merged_adapter_is_an_error_and_nothing_changes():
