@@ -154,7 +154,7 @@ class AdapterSet(nn.Module):
             if adapter.merged and not keep_merged:
                 raise FactnetError(f"adapter {name!r} is merged, so removing it would keep W + s·dW in the weights; "
                                    "call unmerge() first, or pass keep_merged=True to keep the merged weights")
-            if any(c.mix is not None and name in c.mix.adapters for c in calls.mine(self)):
+            if any(c.mix is not None and adapter in c.mix.adapters.values() for c in calls.mine(self)):
                 raise FactnetError(f"cannot delete adapter {name!r} inside a use()/per_sample() block that uses it; "
                                    "delete it after the block")
             if name == self.active:
@@ -164,14 +164,14 @@ class AdapterSet(nn.Module):
             if adapter._head_state is not None:
                 adapter._head_state = adapter.head_state()  # whole: it can no longer fall back on the set's
             del self.adapters[name]
-            while traffic.using[name]:
+            while traffic.using[adapter]:
                 traffic.released.wait()
-            del traffic.using[name]
+            del traffic.using[adapter]
             for key in [k for k in self.head_views if k[1] == name]:
                 del self.head_views[key]
             model = self.model
             adapter.__dict__["model"] = None
-            self._sites.release(adapter.matrices, adapter.head)
+            self._sites.release(adapter.matrices)
             self._sync()
             if not self.adapters:
                 for param_name, param in model.named_parameters():
@@ -341,7 +341,7 @@ class AdapterSet(nn.Module):
             heads = {n: self._head_values(adapters.get(n)) for n in dict.fromkeys(wanted)}
             mix = Mix(self, names, batch_dim, adapters, heads, name)
             traffic.blocks += 1
-            traffic.using.update(adapters.keys())
+            traffic.using.update(adapters.values())
             self._sync()
         try:
             with calls.entered(Call(self, mix, block=True)):
@@ -349,7 +349,7 @@ class AdapterSet(nn.Module):
         finally:
             with traffic.lock:
                 traffic.blocks -= 1
-                traffic.using.subtract(adapters.keys())
+                traffic.using.subtract(adapters.values())
                 traffic.released.notify_all()
                 self._sync()
 
@@ -382,8 +382,8 @@ class AdapterSet(nn.Module):
         tensors nothing writes to: the active adapter's, held by the model, as a copy (made again when
         training changes them)."""
         initial = self._head_init
-        if adapter is None or not initial:
-            return initial
+        if adapter is None:
+            return dict(initial)  # (`add` may add to the set's own)
         if adapter._head_state is not None:
             return {n: adapter._head_state.get(n, initial[n]) for n in initial}
         live = {n: self.model.get_parameter(n) for n in initial}

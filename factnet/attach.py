@@ -251,8 +251,9 @@ def _move(source: nn.Module, target: nn.Module) -> None:
 class Sites:
     """The matrices attached to one model, and whether the model holds them.
 
-    `attach` and `release` count the adapters using each matrix and each task head (the first attaches
-    it, the last lets it go), an adapter's at once.
+    `attach` and `release` count the adapters using each matrix (the first attaches it, the last lets it
+    go), an adapter's at once; a task head, once attached, stays (a call may still run it with the values
+    it had before any adapter, `factnet.mixing`).
     Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a `_Forward`
     on each module that may read an adapted weight as an attribute (``reading`` is true inside their
     forwards, see `readers`) and on each task head (both run per adapter in a mixed batch, `source.mix`),
@@ -267,7 +268,7 @@ class Sites:
         self.attached: dict[str, _Attachment] = {}
         self.users: dict[str, int] = {}  # attached matrix -> how many adapters adapt it
         self.readers: dict[str, set[str]] = {}  # module whose forward may read attached weights -> those matrices
-        self.heads: dict[str, int] = {}  # task head module -> how many adapters have it
+        self.heads: set[str] = set()  # task head modules
         self.on = False
         self._hooks: list[RemovableHandle] = []
         self._forwards: dict[str, _Forward] = {}  # the readers' and heads' forwards in the model now
@@ -282,11 +283,10 @@ class Sites:
                     attachment.install(self.model)
                 self.attached[matrix.name] = attachment
             self.users[matrix.name] = self.users.get(matrix.name, 0) + 1
-        for head in heads:
-            self.heads[head] = self.heads.get(head, 0) + 1
+        self.heads.update(heads)
         self._set_forwards()
 
-    def release(self, names: Iterable[str], heads: Iterable[str] = ()) -> None:
+    def release(self, names: Iterable[str]) -> None:
         for name in names:
             self.users[name] -= 1
             if self.users[name]:
@@ -300,10 +300,6 @@ class Sites:
             if self.on:
                 attachment.remove(self.model)
             attachment.forget()
-        for head in heads:
-            self.heads[head] -= 1
-            if not self.heads[head]:
-                del self.heads[head]
         self._set_forwards()
 
     def switch(self, on: bool) -> None:

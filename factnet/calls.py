@@ -91,7 +91,8 @@ def pop_forward(owner: object) -> Call | None:
 
 class Traffic:
     """The calls running on one model: model forwards (``forwards``; ``reading_active``: those using the
-    active adapter), open `use`/`per_sample` blocks (``blocks``) and the adapters they hold (``using``).
+    active adapter), open `use`/`per_sample` blocks (``blocks``) and the adapters they hold (``using``, by
+    adapter object: a name may be taken again while a deleted adapter of that name is still in use).
     ``lock`` guards them and every change to the model's adapters; ``released`` is notified when a block
     lets an adapter go."""
 
@@ -101,7 +102,7 @@ class Traffic:
         self.forwards = 0
         self.reading_active = 0
         self.blocks = 0
-        self.using: Counter[str] = Counter()
+        self.using: Counter[Any] = Counter()
 
     def check_quiet(self, owner: object, action: str, *, blocks: bool = False) -> None:
         """Raise `FactnetError` if ``action`` would change what a running call of another thread or task

@@ -232,7 +232,10 @@ class Mix:
 
     def _with_head(self, module: nn.Module, name: str, forward: Callable, adapter: str | None) -> Callable:
         """``forward`` run on a copy of the head ``module`` (``name`` in the model) that holds adapter
-        ``adapter``'s head values: the model's own head is never written to, so other calls are not disturbed."""
+        ``adapter``'s head values as the block opened, so an `activate` meanwhile does not disturb it; with
+        grad on, the active adapter's own head (which it trains) runs instead."""
+        if torch.is_grad_enabled() and adapter is not None and adapter == self.set.active:
+            return forward
         view = _head_view(module, name, adapter, self.heads[adapter], self.set.head_views)
         return getattr(forward, "__func__", type(module).forward).__get__(view)
 

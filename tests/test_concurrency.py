@@ -299,3 +299,20 @@ def test_asyncio_tasks_handing_work_to_threads_get_their_own_adapters():
 
     for name, out in zip(["a", "b", None] * 8, asyncio.run(serve())):
         torch.testing.assert_close(out, expected[name], rtol=1e-9, atol=1e-12)
+
+
+@torch.no_grad()
+def test_base_model_calls_keep_the_initial_head_when_the_adapter_that_trained_it_goes():
+    torch.manual_seed(0)
+    model = _Gated().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    base = model(x)
+    factnet.Tensorizer(model).decompose("tt", rank=2, name="plain", train_head=False)
+    trained = factnet.Tensorizer(model).decompose("tt", rank=2, name="trained")  # active: the model holds its head
+    model.head.weight.add_(1.0)
+    thread, out = _caught(model, lambda: _in_block(model, None, x))
+    model.factnet.delete("trained")  # the model's head keeps its values; the block's None rows must not
+    model.go.set()
+    thread.join()
+    torch.testing.assert_close(out[0], base, rtol=1e-9, atol=1e-12)
+    assert trained.model is None

@@ -167,6 +167,10 @@ def test_gradients_reach_each_samples_adapter():
     out[0].sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.factnet["a"].parameters())
     assert all(p.grad is None or not p.grad.any() for p in model.factnet["b"].parameters())
+    model.factnet.activate("a")  # the active adapter's samples train the model's head, which it holds
+    with model.factnet.per_sample(NAMES):
+        model(x)[0].sum().backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
 
 
 def test_many_adapters_switch_in_constant_time():
