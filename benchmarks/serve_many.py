@@ -144,7 +144,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per round (--concurrent)")
     parser.add_argument("--request-batch", type=int, default=4, help="images per request (--concurrent)")
     parser.add_argument("--old", help="an older checkout to serve the same requests beside (--concurrent)")
+    parser.add_argument("--torch-threads", type=int, help="torch's intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     if args.concurrent:
         concurrent(args)
         return
