@@ -22,6 +22,8 @@ from factnet.slices import Matrix, Slice
 if TYPE_CHECKING:
     import tltorch
 
+    from factnet.files import Saved
+
 __all__ = ["Adapter", "GroupFactors"]
 
 
@@ -328,14 +330,16 @@ class Adapter(nn.Module):
             deltas.append(delta_weight(placement.increment(form, form.core.dtype)))
         return self.settings.scale * sum(deltas)
 
-    def save(self, path: str, include_head: bool = True, dtype: torch.dtype | None = None) -> None:
+    def save(self, path: str, include_head: bool = True, dtype: torch.dtype | None = None, *,
+             bits: int | None = None, head_bits: int | None = None, group: int = 64) -> Saved:
         """Write the factors (and the head unless ``include_head=False``) with their spec to one
         safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it.
         ``dtype`` (``torch.bfloat16``, ``torch.float16``, ``torch.float32`` or ``torch.float64``) stores the
-        tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes."""
+        tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes.
+        ``bits``/``head_bits`` (1, 2, 4, 8) store the factors/head low-bit (see `factnet.io.save`)."""
         from factnet.files import write
 
-        write(self, path, include_head, dtype)
+        return write(self, path, include_head, dtype, bits, head_bits, group)
 
     # ---- reports ---------------------------------------------------------------------------
     def num_parameters(self) -> int:

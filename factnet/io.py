@@ -23,7 +23,7 @@ from tqdm import tqdm
 from factnet.adapter import Adapter, _in_head
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
-from factnet.files import _fspath, load_spec, read, write, write_atomically
+from factnet.files import Saved, _fspath, load_spec, read, write, write_atomically
 from factnet.fit import (
     _check_base,
     _check_dtypes,
@@ -42,7 +42,8 @@ __all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "load", "load_many", "load_spec",
 
 
 def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
-         dtype: torch.dtype | None = None) -> None:
+         dtype: torch.dtype | None = None, *, bits: int | None = None, head_bits: int | None = None,
+         group: int = 64) -> Saved:
     """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
 
     From a model sharded with FSDP2 (``fully_shard``), call it on every rank: the full factors are
@@ -52,10 +53,16 @@ def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = Tr
     are (``dtype=None``) or cast to ``dtype`` (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
     ``torch.float64``): ``torch.bfloat16`` stores 2 bytes a parameter, and `load` casts the values back to
     the model's dtypes. The size is the tensors' bytes plus the header (under 1 KiB for ViT-B).
+
+    ``bits`` (1, 2, 4 or 8) stores the factors low-bit, ``head_bits`` the head: ``bits``-bit codes with a
+    float16 scale (and offset) per ``group`` values (`factnet.quant`), about ``bits/8`` bytes a parameter;
+    `load` reads them back as float32 values, exactly the stored ones. The other tensors are then stored
+    in ``dtype`` (float32 if None). Returns the file's path and size and, per low-bit tensor, the relative
+    error of its stored values (`factnet.files.Saved`).
     """
     if not isinstance(adapter, Adapter):
         raise FactnetError(f"save needs a factnet Adapter, got {type(adapter).__name__}")
-    write(adapter, path, include_head, dtype)
+    return write(adapter, path, include_head, dtype, bits, head_bits, group)
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -190,11 +197,11 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     spec, tensors = read(path)
     fmt = _registered_format(spec)
     version = spec["factnet_format_version"]
-    listing = spec["base"]["sha256"] if version == 2 else json.dumps(spec["matrices"], sort_keys=True)
+    listing = json.dumps(spec["matrices"], sort_keys=True) if version == 1 else spec["base"]["sha256"]
     if (tuple(spec["head"]), listing) not in caches.checked:
         (_check_matrices if version == 1 else _check_base)(caches.matrices_of(spec["head"]), spec, path)
         caches.checked.add((tuple(spec["head"]), listing))
-    key = (version, json.dumps(spec["groups"], sort_keys=True))
+    key = (min(version, 2), json.dumps(spec["groups"], sort_keys=True))  # (version 3 has version 2's slice maps)
     if key not in caches.tensorizers:
         build = _rebuild_v1 if version == 1 else _rebuild
         caches.tensorizers[key] = build(model, spec, path, caches.matrices_of(spec["head"]))

@@ -50,9 +50,11 @@ class Quantized:
 
 
 def _groups(x: Tensor, group: int) -> tuple[Tensor, int]:
-    """``x`` flat in float32, zero-padded to whole groups, as ``(groups, group)``; and its length."""
+    """``x`` flat in float32, zero-padded to whole groups, as ``(groups, group)``; and its length. (A group
+    longer than ``x`` is ``x``: one group either way.)"""
     flat = x.detach().reshape(-1).to(torch.float32)
     n = flat.numel()
+    group = max(1, min(group, n))
     padded = torch.nn.functional.pad(flat, (0, -n % group))
     return padded.reshape(-1, group), n
 
@@ -96,11 +98,12 @@ def quantize(x: Tensor, bits: int, group: int = 64) -> Quantized:
 
 
 def dequantize(q: Quantized) -> Tensor:
-    """The float32 values of ``q``, shaped as the tensor it came from."""
+    """The float32 values of ``q``, shaped as the tensor it came from (nothing larger is allocated)."""
     n = math.prod(q.shape)
     codes = _unpack(q.codes, q.bits, n)
-    codes = torch.nn.functional.pad(codes, (0, -n % q.group)).reshape(-1, q.group)
-    return _values(codes, q.scale, q.offset, q.bits).reshape(-1)[:n].reshape(q.shape)
+    which = torch.arange(n, device=codes.device) // q.group
+    offset = None if q.offset is None else q.offset[which]
+    return _values(codes[:, None], q.scale[which], offset, q.bits).reshape(q.shape)
 
 
 def fake_quantize(x: Tensor, bits: int, group: int = 64) -> Tensor:
@@ -110,7 +113,19 @@ def fake_quantize(x: Tensor, bits: int, group: int = 64) -> Tensor:
     rows, n = _groups(x, group)
     scale, offset = _constants(rows, n, bits, group)
     stored = _values(_levels(rows, scale, offset, bits), scale, offset, bits).reshape(-1)[:n].reshape(x.shape)
-    return x + (stored.to(x.dtype) - x).detach()
+    return _StraightThrough.apply(x, stored.to(x.dtype))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``stored`` exactly (``x + (stored − x)`` would round); backward: the gradient to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, stored: Tensor) -> Tensor:  # type: ignore[override]
+        return stored
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
 def stored_bytes(numel: int, bits: int, group: int = 64) -> int:
