@@ -17,6 +17,7 @@ from factnet.errors import FactnetError
 from factnet.formats import Format, NormalForm
 from factnet.kernel import Increment, delta_weight
 from factnet.placement import Placement, cut, shared_placement
+from factnet.quant import fake_quantize
 from factnet.slices import Matrix, Slice
 
 if TYPE_CHECKING:
@@ -31,9 +32,9 @@ class GroupFactors(nn.Module):
     """The factors of one group tensor ``(n, d_in, d_out)`` in one format."""
 
     def __init__(self, fmt: Format, slices: tuple[Slice, ...], dtype: torch.dtype, device: torch.device,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, bits: int | None = None, group: int = 64) -> None:
         super().__init__()
-        self.format, self.slices = fmt, slices
+        self.format, self.slices, self.bits, self.quant_group = fmt, slices, bits, group
         self.shape = (len(slices), slices[0].d_in, slices[0].d_out)
         shapes = fmt.shapes(*self.shape)
         self.factors = nn.ParameterDict(
@@ -52,12 +53,19 @@ class GroupFactors(nn.Module):
         key = [(p.data_ptr(), p._version) for p in self._modules["factors"]._parameters.values()]  # (hot path)
         cached = self._cache.get(grad)
         if cached is None or cached[0] != key:
-            form = self.format.normal_form(dict(self.factors.items()))
+            form = self.format.normal_form(self.values())
             for tensor in (form.p_in_t, form.core, form.p_out_t) if grad else ():
                 if tensor.grad_fn is not None:  # built here: its graph is freed by backward
                     tensor.register_hook(self._invalidate)
             cached = self._cache[grad] = (key, form)
         return cached[1]
+
+    def values(self) -> dict[str, Tensor]:
+        """The factors as the increment uses them: as they are, or, trained low-bit (``bits``), the values a
+        ``bits``-bit file stores (`factnet.quant.fake_quantize`: straight-through gradient)."""
+        if self.bits is None:
+            return dict(self.factors.items())
+        return {name: fake_quantize(p, self.bits, self.quant_group) for name, p in self.factors.items()}
 
     def _invalidate(self, grad: Tensor) -> None:
         self._cache.pop(True, None)
@@ -91,7 +99,7 @@ class GroupFactors(nn.Module):
 
     def reconstruct(self) -> Tensor:
         """Dense ``ΔW: (n, d_in, d_out)`` (without the scale)."""
-        return self.format.reconstruct(dict(self.factors.items()))
+        return self.format.reconstruct(self.values())
 
     def extra_repr(self) -> str:
         n, d_in, d_out = self.shape
@@ -105,6 +113,8 @@ class Settings:
     scale: float
     dropout: float
     path: str = "auto"
+    bits: int | None = None  # factors trained as stored in a ``bits``-bit file (`GroupFactors.values`)
+    group: int = 64  # values per low-bit scale
 
 
 class Adapter(nn.Module):
@@ -117,16 +127,18 @@ class Adapter(nn.Module):
 
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
                  dropout: float, head: list[str], name: str = "default",
-                 generator: torch.Generator | None = None, register: bool = True) -> None:
+                 generator: torch.Generator | None = None, register: bool = True, bits: int | None = None,
+                 group: int = 64) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
         self.name = name
         self.format = fmt
-        self.settings = Settings(float(scale), float(dropout))
+        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group)
         self.group_names = list(groups)
         self.groups = nn.ModuleDict(
-            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator) for g, members in groups.items()}
+            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group)
+             for g, members in groups.items()}
         )
         self.matrices: dict[str, Matrix] = {}
         self.placements: dict[str, list[Placement]] = {}
@@ -203,7 +215,7 @@ class Adapter(nn.Module):
         for placement in self.placements[matrix]:
             if placement.group not in forms:
                 group = self.groups[placement.group]
-                forms[placement.group] = group.format.normal_form(dict(group.factors.items()))
+                forms[placement.group] = group.format.normal_form(group.values())
             found.append(placement.increment(forms[placement.group], dtype))
         return found
 
@@ -336,7 +348,8 @@ class Adapter(nn.Module):
         safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it.
         ``dtype`` (``torch.bfloat16``, ``torch.float16``, ``torch.float32`` or ``torch.float64``) stores the
         tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes.
-        ``bits``/``head_bits`` (1, 2, 4, 8) store the factors/head low-bit (see `factnet.io.save`)."""
+        ``bits``/``head_bits`` (1, 2, 4, 8) store the factors/head low-bit (see `factnet.io.save`); an adapter
+        trained low-bit (``decompose(..., bits=b)``) stores its factors in ``b`` bits unless told otherwise."""
         from factnet.files import write
 
         return write(self, path, include_head, dtype, bits, head_bits, group)

@@ -54,6 +54,8 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     if dtype is not None and dtype not in STORAGE_DTYPES.values():
         raise FactnetError(f"dtype must be None (as the adapter holds them) or one of "
                            f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")
+    if bits is None and adapter.settings.bits is not None:  # trained low-bit: the file is the trained model
+        bits, group = adapter.settings.bits, adapter.settings.group
     for value in (bits, head_bits):
         if value is not None:
             check_bits(value, group)
@@ -73,8 +75,8 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     tensors = {key: _full(value).detach().cpu() for key, value in tensors.items()}
     low = {key: bits if key.startswith("factors.") else head_bits for key in tensors}
     low = {key: b for key, b in low.items() if b is not None}
-    if low and dtype is None:
-        dtype = torch.float32  # (the tensors not stored low-bit; low-bit ones read back as float32)
+    used_values = {f"factors.{name}.{factor}": value for name in adapter.group_names
+                   for factor, value in adapter.group(name).values().items()} if low else {}
     stored, errors = {}, {}
     for key, value in tensors.items():
         if key not in low:
@@ -83,8 +85,9 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
         q = quantize(value, low[key], group)
         stored |= {f"{key}.codes": q.codes, f"{key}.scale": q.scale}
         stored |= {} if q.offset is None else {f"{key}.offset": q.offset}
-        norm = value.double().norm().item()
-        errors[key] = (dequantize(q).double() - value.double()).norm().item() / norm if norm else 0.0
+        used = used_values.get(key, value).detach().cpu().double()  # what the adapter's forward uses
+        norm = used.norm().item()
+        errors[key] = (dequantize(q).double() - used).norm().item() / norm if norm else 0.0
     if sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
         torch.distributed.barrier()
         return Saved(target, 0, errors)

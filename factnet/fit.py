@@ -139,6 +139,9 @@ def _check_dtypes(model: nn.Module, spec: dict[str, Any], tensors: Mapping[str, 
     """As saved (``dtype`` null, or version 1): the tensors have the model's dtypes. With a storage dtype:
     every tensor has it (`_attach` casts them)."""
     storage = spec.get("dtype")
+    low_bit = spec.get("bits", {}).get("shapes", {})  # read back as float32 values, cast exactly by `_attach`
+    tensors = {key: value for key, value in tensors.items() if key not in low_bit}
+    head_parameters = [p for p in head_parameters if f"head.{p}" not in low_bit]
     if storage is not None:
         wrong = [key for key, value in tensors.items() if value.dtype != STORAGE_DTYPES[storage]]
         if wrong:

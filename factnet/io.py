@@ -56,8 +56,7 @@ def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = Tr
 
     ``bits`` (1, 2, 4 or 8) stores the factors low-bit, ``head_bits`` the head: ``bits``-bit codes with a
     float16 scale (and offset) per ``group`` values (`factnet.quant`), about ``bits/8`` bytes a parameter;
-    `load` reads them back as float32 values, exactly the stored ones. The other tensors are then stored
-    in ``dtype`` (float32 if None). Returns the file's path and size and, per low-bit tensor, the relative
+    `load` reads them back as float32 values, exactly the stored ones, into the model's dtypes. Returns the file's path and size and, per low-bit tensor, the relative
     error of its stored values (`factnet.files.Saved`).
     """
     if not isinstance(adapter, Adapter):
@@ -223,8 +222,10 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     `Tensorizer.decompose`, whose checks `_check_settings` made (decompose walks every module of the model,
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
+    low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
     adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"], list(spec["head"]),
-                      name, torch.Generator().manual_seed(0), register=False)  # (a seed: the global RNG stays)
+                      name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
+                      bits=low_bit["factors"], group=low_bit["group"])
     with torch.no_grad():
         for group in adapter.group_names:
             for key, factor in adapter.group(group).factors.items():
