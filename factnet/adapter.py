@@ -382,7 +382,8 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.settings
-        return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, "
+        bits = "" if s.bits is None else f"bits={s.bits}, "
+        return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, {bits}"
                 f"parameters={self.num_parameters():,}")
 
 

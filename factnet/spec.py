@@ -10,7 +10,10 @@ cut matrix; none: the whole matrix). `load` expands the
 templates, rebuilds the slices on the model (in the model's order, as `Tensorizer` makes them) and
 checks them against each group's shape; the head parameters are the file's ``head.*`` tensors.
 A ViT-B FacT-TT rank 8 file has a header under 1 KiB. Files of version 1 (the spec listed every
-matrix of the base model and every slice) still load, unchanged.
+matrix of the base model and every slice) still load, unchanged. A low-bit file (version 3) adds
+``bits``: ``{"factors": b | null, "head": b | null, "group": values per scale, "shapes": {tensor: shape}}``,
+and holds each low-bit tensor as ``<name>.codes`` (uint8), ``<name>.scale`` and, above 1 bit,
+``<name>.offset`` (float16) (`factnet.quant`).
 """
 
 from __future__ import annotations
