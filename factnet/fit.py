@@ -129,6 +129,8 @@ def _check_tensors(head: Mapping[str, nn.Parameter], spec: dict[str, Any], fmt: 
     wrong += [f"{key}: unexpected" for key in tensors if key not in expected]
     wrong += [f"{key}: {value.dtype} is not floating point" for key, value in tensors.items()
               if not value.is_floating_point()]
+    wrong += [f"{key}: holds NaN or infinite values (a diverged run)" for key, value in tensors.items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
     if wrong:
         raise FactnetError(f"{path} does not hold the tensors this model needs ({fmt.name} rank {fmt.rank}): "
                            f"{_listing(wrong)}; load onto the architecture it was saved from (same head size)")

@@ -46,6 +46,7 @@ FINGERPRINT_DIGITS = 16  # hex digits of the base model's SHA-256 kept in the sp
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "float64": torch.float64}
 _SHOWN = 5  # mismatches listed in an error
+MAX_SPEC_CHARACTERS = 1 << 22  # a spec longer than this is refused unparsed (ViT-B's is under 1 KiB)
 
 # The spec's JSON layout: a type, a tuple of alternatives, [item layout], {key: layout} (exactly these keys)
 # or {str: layout}.
@@ -253,10 +254,13 @@ def _malformed(path: str, problem: str) -> FactnetError:
 
 
 def _parse_spec(text: str, path: str) -> dict[str, Any]:
-    """The spec's JSON, checked for its version and layout (not yet against a model)."""
+    """The spec's JSON, checked for its size, version and layout (not yet against a model)."""
+    if len(text) > MAX_SPEC_CHARACTERS:
+        raise _malformed(path, f"its spec is {len(text):,} characters long, more than the {MAX_SPEC_CHARACTERS:,} "
+                               "any adapter needs")
     try:
         spec = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: JSON nested deeper than Python's stack)
         spec = None
     version = spec.get("factnet_format_version") if isinstance(spec, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
