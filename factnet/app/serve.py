@@ -124,6 +124,7 @@ class Replica:
         self.shape = sample_shape(self.model, settings.input_shape)
         self.loaded: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the file it was loaded from
         self.refused: dict[str, tuple[tuple[int, int], str]] = {}  # name -> (file version, reason)
+        self.largest_batch = 0
         self._stop = threading.Event()
         self.sync(progress=True)
         if follow:
@@ -198,6 +199,7 @@ class Replica:
     def answer(self, users: list[str | None], inputs: list[Tensor]) -> list[Tensor | FactnetError]:
         """Logits for each request (one mixed batch); a request whose user is not served gets its
         `FactnetError` and the others are answered as if it had not come."""
+        self.largest_batch = max(self.largest_batch, len(users))
         try:
             with self.model.factnet.per_sample(users):
                 return list(self.model(torch.stack(inputs)))
@@ -215,4 +217,4 @@ class Replica:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "adapters": len(self.loaded), "refused": {k: v[1] for k, v in self.refused.items()},
                 "input_shape": list(self.shape), "max_batch_size": self.settings.max_batch_size,
-                "batch_wait_s": self.settings.batch_wait_s}
+                "batch_wait_s": self.settings.batch_wait_s, "largest_batch": self.largest_batch}
