@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 import factnet
 from factnet import FactnetError
+from factnet.adapter_set import AdapterSet
 
 __all__ = ["DEMO_CLASSES", "Replica", "ServeSettings", "build_backbone", "sample_shape", "write_demo"]
 
@@ -121,6 +122,7 @@ class Replica:
         if not settings.adapters.is_dir():
             raise FactnetError(f"adapter directory {settings.adapters} does not exist")
         self.model = build_backbone(settings)
+        AdapterSet.of(self.model)  # model.factnet, even while the directory holds no adapter
         self.shape = sample_shape(self.model, settings.input_shape)
         self.loaded: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the file it was loaded from
         self.refused: dict[str, tuple[tuple[int, int], str]] = {}  # name -> (file version, reason)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from factnet import FactnetError
-from factnet.app.serve import Replica, ServeSettings, write_demo
+from factnet.app.serve import Replica, ServeSettings, build_backbone, sample_shape, write_demo
 
 __all__ = ["APP_NAME", "serve_until_interrupted", "start", "stop"]
 
@@ -99,6 +99,9 @@ def start(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
     """Start Ray (if not running) and the deployment; return its URL once every replica has loaded its
     adapters. A `FactnetError` if that takes more than ``timeout_s`` (Ray is then shut down)."""
     ray, serve = _ray()
+    if not settings.adapters.is_dir():
+        raise FactnetError(f"adapter directory {settings.adapters} does not exist")
+    sample_shape(build_backbone(settings), settings.input_shape)  # a bad model or checkpoint: said here, once
     if not ray.is_initialized():
         cpus = max(os.cpu_count() or 1, replicas * settings.threads)
         ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=True)

@@ -1,0 +1,180 @@
+"""Load test of ``factnet serve`` on loopback: N concurrent clients against one Ray Serve deployment holding
+K adapters on a ViT-S-sized backbone (random weights), with dynamic batching, without (max batch 1), and
+against the merged single-user model. Every answer is checked against its user's single-adapter forward
+computed in this process. Bounded: ``--requests`` per run and ``--time-limit-s`` per run.
+
+    python benchmarks/load_test.py                      # 1,000 adapters, 32 clients, users drawn from 1/64/1000
+    python benchmarks/load_test.py --adapters 100 --requests 200 --img-size 32   # a smaller run
+
+Prints a markdown table: requests/s, p50/p99 latency (ms), wrong answers (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+import factnet
+from factnet.app import serve_ray
+from factnet.app.runs import build_model
+from factnet.app.serve import ServeSettings, write_random_adapters
+
+MODEL = "vit_small_patch16_224"
+INPUTS = 4  # distinct images: the expected answers are computed once per (user, image)
+
+
+@dataclass
+class Run:
+    variant: str
+    users: int
+    latencies_s: list[float]
+    seconds: float
+    wrong: int
+    failed: int
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapters", type=int, default=1000, help="adapters loaded (default 1000)")
+    parser.add_argument("--users", default="1,64,1000", help="users the requests are drawn from, per run")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument("--requests", type=int, default=512, help="requests per run (default 512)")
+    parser.add_argument("--time-limit-s", type=float, default=300, help="each run stops after this (default 300)")
+    parser.add_argument("--img-size", type=int, default=224, help="image side (default 224; ViT-S/16)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica (default 2)")
+    parser.add_argument("--port", type=int, default=8765)
+    return parser.parse_args()
+
+
+def client_load(port: int, bodies: list[tuple[str | None, int, bytes]], deadline: float,
+                results: list[tuple[str | None, int, float, dict | None]]) -> None:
+    """Send ``bodies`` one after another on one keep-alive connection; append (user, image, latency, answer)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for user, image, body in bodies:
+        if time.monotonic() > deadline:
+            break
+        start = time.perf_counter()
+        try:
+            connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read()) if response.status == 200 else None
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            answer = None
+        results.append((user, image, time.perf_counter() - start, answer))
+    connection.close()
+
+
+def run_load(args: argparse.Namespace, variant: str, users: list[str | None], images: list[str],
+             expected: dict[tuple[str | None, int], torch.Tensor]) -> Run:
+    """``args.requests`` requests from ``args.clients`` threads, users drawn from ``users``; checked."""
+    chooser = random.Random(0)
+    plan = [(user, chooser.randrange(INPUTS)) for user in chooser.choices(users, k=args.requests)]
+    bodies = [(user, image, f'{{"user": {json.dumps(user)}, "input": {images[image]}}}'.encode())
+              for user, image in plan]
+    results: list[tuple[str | None, int, float, dict | None]] = []
+    deadline = time.monotonic() + args.time_limit_s
+    threads = [threading.Thread(target=client_load, args=(args.port, bodies[c::args.clients], deadline, results))
+               for c in range(args.clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    wrong = failed = 0
+    for user, image, _, answer in results:
+        if answer is None:
+            failed += 1
+            continue
+        row = expected[user, image]
+        close = torch.allclose(torch.tensor(answer["logits"]), row, rtol=1e-3, atol=1e-4)
+        wrong += not close or answer["label"] != int(row.argmax()) or answer["user"] != user
+    return Run(variant, len(set(users)), [latency for _, _, latency, _ in results], seconds, wrong, failed)
+
+
+@torch.no_grad()
+def expected_answers(model: torch.nn.Module, users: list[str | None], x: torch.Tensor, merged: bool = False
+                     ) -> dict[tuple[str | None, int], torch.Tensor]:
+    """Each (user, image)'s logits from that user's single-adapter forward (``use``), in chunks."""
+    answers = {}
+    for user in users:
+        with model.factnet.use(None if merged else user):
+            for image, row in enumerate(model(x)):
+                answers[user, image] = row
+    return answers
+
+
+def table_row(run: Run) -> str:
+    latencies = sorted(run.latencies_s)
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return (f"| {run.variant} | {run.users} | {len(latencies)} | {len(latencies) / run.seconds:.1f} | "
+            f"{statistics.median(latencies) * 1000:.0f} | {p99 * 1000:.0f} | {run.wrong} | {run.failed} |")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    kwargs = {"img_size": args.img_size, "num_classes": 10}
+    scratch = Path(tempfile.mkdtemp(prefix="factnet-load-test-"))
+    base = build_model(MODEL, kwargs=kwargs).eval()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(scratch / "base.safetensors"))
+    adapters = scratch / "adapters"
+    adapters.mkdir()
+    names = write_random_adapters(base, adapters, args.adapters)
+    print(f"wrote {args.adapters} adapters to {adapters}", flush=True)
+    factnet.load_many(base, sorted(adapters.glob("*.safetensors")), progress=True)
+    x = torch.randn(INPUTS, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
+    images = [json.dumps(image.tolist()) for image in x]
+    user_counts = [int(count) for count in args.users.split(",")]
+    pools = {count: names[:count] for count in user_counts}
+    expected = expected_answers(base, sorted({user for pool in pools.values() for user in pool}), x)
+    settings = ServeSettings(adapters=adapters, model=MODEL, checkpoint=scratch / "base.safetensors", model_kwargs=kwargs,
+                             max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+                             poll_s=60, threads=args.threads)
+    print("| variant | users | requests | requests/s | p50 ms | p99 ms | wrong | failed |\n|---|---:|---:|---:|---:|"
+          "---:|---:|---:|", flush=True)
+    runs = []
+    try:
+        for variant, batch in [(f"batched (max {args.max_batch_size}, {args.batch_wait_ms:g} ms)",
+                                args.max_batch_size), ("unbatched (max 1)", 1)]:
+            serve_ray.start(replace(settings, max_batch_size=batch), port=args.port, timeout_s=900)
+            for count in user_counts:
+                runs.append(run_load(args, variant, pools[count], images, expected))
+                print(table_row(runs[-1]), flush=True)
+            serve_ray.stop()
+        merged_dir = scratch / "merged"  # the merged single-user model: user0 folded into the weights
+        merged_dir.mkdir()
+        single = build_model(MODEL, kwargs=kwargs).eval()
+        single.load_state_dict(safetensors.torch.load_file(str(scratch / "base.safetensors")))
+        factnet.load(single, adapters / f"{names[0]}.safetensors", name=names[0]).merge()
+        state = single.factnet.delete(names[0], keep_merged=True).state_dict()
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(scratch / "merged.safetensors"))
+        serve_ray.start(replace(settings, adapters=merged_dir, checkpoint=scratch / "merged.safetensors"), port=args.port,
+                        timeout_s=900)
+        merged_expected = {(None, image): row for (user, image), row in expected.items() if user == names[0]}
+        runs.append(run_load(args, f"merged single-user model (max {args.max_batch_size})", [None], images,
+                             merged_expected))
+        print(table_row(runs[-1]), flush=True)
+    finally:
+        serve_ray.stop()
+    if any(run.wrong or run.failed for run in runs):
+        raise SystemExit("some answers were wrong or failed")
+
+
+if __name__ == "__main__":
+    main()
