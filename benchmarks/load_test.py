@@ -132,7 +132,8 @@ def main() -> None:
     kwargs = {"img_size": args.img_size, "num_classes": 10}
     scratch = Path(tempfile.mkdtemp(prefix="factnet-load-test-"))
     base = build_model(MODEL, kwargs=kwargs).eval()
-    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(scratch / "base.safetensors"))
+    base_file, merged_file = scratch / "base.safetensors", scratch / "merged.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_file))
     adapters = scratch / "adapters"
     adapters.mkdir()
     names = write_random_adapters(base, adapters, args.adapters)
@@ -143,7 +144,7 @@ def main() -> None:
     user_counts = [int(count) for count in args.users.split(",")]
     pools = {count: names[:count] for count in user_counts}
     expected = expected_answers(base, sorted({user for pool in pools.values() for user in pool}), x)
-    settings = ServeSettings(adapters=adapters, model=MODEL, checkpoint=scratch / "base.safetensors", model_kwargs=kwargs,
+    settings = ServeSettings(adapters=adapters, model=MODEL, checkpoint=base_file, model_kwargs=kwargs,
                              max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
                              poll_s=60, threads=args.threads)
     print("| variant | users | requests | requests/s | p50 ms | p99 ms | wrong | failed |\n|---|---:|---:|---:|---:|"
@@ -160,12 +161,11 @@ def main() -> None:
         merged_dir = scratch / "merged"  # the merged single-user model: user0 folded into the weights
         merged_dir.mkdir()
         single = build_model(MODEL, kwargs=kwargs).eval()
-        single.load_state_dict(safetensors.torch.load_file(str(scratch / "base.safetensors")))
+        single.load_state_dict(safetensors.torch.load_file(str(base_file)))
         factnet.load(single, adapters / f"{names[0]}.safetensors", name=names[0]).merge()
         state = single.factnet.delete(names[0], keep_merged=True).state_dict()
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(scratch / "merged.safetensors"))
-        serve_ray.start(replace(settings, adapters=merged_dir, checkpoint=scratch / "merged.safetensors"), port=args.port,
-                        timeout_s=900)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(merged_file))
+        serve_ray.start(replace(settings, adapters=merged_dir, checkpoint=merged_file), port=args.port, timeout_s=900)
         merged_expected = {(None, image): row for (user, image), row in expected.items() if user == names[0]}
         runs.append(run_load(args, f"merged single-user model (max {args.max_batch_size})", [None], images,
                              merged_expected))
