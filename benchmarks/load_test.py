@@ -79,11 +79,16 @@ def client_load(port: int, bodies: list[tuple[str | None, int, bytes]], deadline
     connection.close()
 
 
+def request_plan(users: list[str | None], count: int) -> list[tuple[str | None, int]]:
+    """``count`` (user, image) requests, users drawn from ``users`` (the same plan every time)."""
+    chooser = random.Random(0)
+    return [(user, chooser.randrange(INPUTS)) for user in chooser.choices(users, k=count)]
+
+
 def run_load(args: argparse.Namespace, variant: str, users: list[str | None], images: list[str],
              expected: dict[tuple[str | None, int], torch.Tensor]) -> Run:
     """``args.requests`` requests from ``args.clients`` threads, users drawn from ``users``; checked."""
-    chooser = random.Random(0)
-    plan = [(user, chooser.randrange(INPUTS)) for user in chooser.choices(users, k=args.requests)]
+    plan = request_plan(users, args.requests)
     bodies = [(user, image, f'{{"user": {json.dumps(user)}, "input": {images[image]}}}'.encode())
               for user, image in plan]
     results: list[tuple[str | None, int, float, dict | None]] = []
@@ -108,13 +113,16 @@ def run_load(args: argparse.Namespace, variant: str, users: list[str | None], im
 
 
 @torch.no_grad()
-def expected_answers(model: torch.nn.Module, users: list[str | None], x: torch.Tensor, merged: bool = False
+def expected_answers(model: torch.nn.Module, pairs: set[tuple[str | None, int]], x: torch.Tensor
                      ) -> dict[tuple[str | None, int], torch.Tensor]:
-    """Each (user, image)'s logits from that user's single-adapter forward (``use``), in chunks."""
+    """Each requested (user, image)'s logits from that user's single-adapter forward (``use``)."""
+    images_of: dict[str | None, list[int]] = {}
+    for user, image in sorted(pairs, key=str):
+        images_of.setdefault(user, []).append(image)
     answers = {}
-    for user in users:
-        with model.factnet.use(None if merged else user):
-            for image, row in enumerate(model(x)):
+    for user, images in images_of.items():
+        with model.factnet.use(user):
+            for image, row in zip(images, model(x[images])):
                 answers[user, image] = row
     return answers
 
@@ -143,7 +151,10 @@ def main() -> None:
     images = [json.dumps(image.tolist()) for image in x]
     user_counts = [int(count) for count in args.users.split(",")]
     pools = {count: names[:count] for count in user_counts}
-    expected = expected_answers(base, sorted({user for pool in pools.values() for user in pool}), x)
+    needed = {pair for pool in [*pools.values(), names[:1]] for pair in request_plan(pool, args.requests)}
+    needed |= {(names[0], image) for image in range(INPUTS)}  # the merged model's answers
+    expected = expected_answers(base, needed, x)
+    print(f"computed {len(expected)} expected answers", flush=True)
     settings = ServeSettings(adapters=adapters, model=MODEL, checkpoint=base_file, model_kwargs=kwargs,
                              max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
                              poll_s=60, threads=args.threads)
