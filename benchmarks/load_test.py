@@ -1,7 +1,8 @@
 """Load test of ``factnet serve`` on loopback: N concurrent clients against one Ray Serve deployment holding
 K adapters on a ViT-S-sized backbone (random weights), with dynamic batching, without (max batch 1), and
 against the merged single-user model. Every answer is checked against its user's single-adapter forward
-computed in this process. Bounded: ``--requests`` per run and ``--time-limit-s`` per run.
+computed in this process. Each deployment first answers 2N unmeasured warm-up requests. Bounded: ``--requests``
+per run and ``--time-limit-s`` per run.
 
     python benchmarks/load_test.py                      # 1,000 adapters, 32 clients, users drawn from 1/64/1000
     python benchmarks/load_test.py --adapters 100 --requests 200 --img-size 32   # a smaller run
@@ -86,9 +87,10 @@ def request_plan(users: list[str | None], count: int) -> list[tuple[str | None, 
 
 
 def run_load(args: argparse.Namespace, variant: str, users: list[str | None], images: list[str],
-             expected: dict[tuple[str | None, int], torch.Tensor]) -> Run:
-    """``args.requests`` requests from ``args.clients`` threads, users drawn from ``users``; checked."""
-    plan = request_plan(users, args.requests)
+             expected: dict[tuple[str | None, int], torch.Tensor] | None, count: int | None = None) -> Run:
+    """``count`` (default ``args.requests``) requests from ``args.clients`` threads, users drawn from ``users``;
+    checked against ``expected`` (None: a warm-up, not checked)."""
+    plan = request_plan(users, count or args.requests)
     bodies = [(user, image, f'{{"user": {json.dumps(user)}, "input": {images[image]}}}'.encode())
               for user, image in plan]
     results: list[tuple[str | None, int, float, dict | None]] = []
@@ -105,6 +107,8 @@ def run_load(args: argparse.Namespace, variant: str, users: list[str | None], im
     for user, image, _, answer in results:
         if answer is None:
             failed += 1
+            continue
+        if expected is None:
             continue
         row = expected[user, image]
         close = torch.allclose(torch.tensor(answer["logits"]), row, rtol=1e-3, atol=1e-4)
@@ -165,6 +169,7 @@ def main() -> None:
         for variant, batch in [(f"batched (max {args.max_batch_size}, {args.batch_wait_ms:g} ms)",
                                 args.max_batch_size), ("unbatched (max 1)", 1)]:
             serve_ray.start(replace(settings, max_batch_size=batch), port=args.port, timeout_s=900)
+            run_load(args, "warm-up", pools[max(user_counts)], images, None, count=2 * args.clients)
             for count in user_counts:
                 runs.append(run_load(args, variant, pools[count], images, expected))
                 print(table_row(runs[-1]), flush=True)
@@ -177,6 +182,7 @@ def main() -> None:
         state = single.factnet.delete(names[0], keep_merged=True).state_dict()
         safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(merged_file))
         serve_ray.start(replace(settings, adapters=merged_dir, checkpoint=merged_file), port=args.port, timeout_s=900)
+        run_load(args, "warm-up", [None], images, None, count=2 * args.clients)
         merged_expected = {(None, image): row for (user, image), row in expected.items() if user == names[0]}
         runs.append(run_load(args, f"merged single-user model (max {args.max_batch_size})", [None], images,
                              merged_expected))
