@@ -1,4 +1,4 @@
-"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table, frontier.
+"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table, frontier, serve.
 
     factnet train --data vtab/cifar --model vit_base_patch16_224 --checkpoint vit_b16_in21k.safetensors \\
                   --preset vtab1k/cifar --split train800val200 --out runs/cifar
@@ -6,6 +6,7 @@
     factnet info vit_base_patch16_224 --format tt --rank 4
     factnet export runs/cifar/adapter.safetensors --model ... --checkpoint ... --out lora/cifar
     factnet merge runs/cifar/adapter.safetensors --model ... --checkpoint ... --out cifar_merged.safetensors
+    factnet serve --model vit_base_patch16_224 --checkpoint vit_b16_in21k.safetensors --adapters users/
 
 Errors (bad paths, unknown names, bad numbers) print one line on stderr and exit with status 2.
 Nothing is ever downloaded: pretrained weights come from ``--checkpoint FILE`` only.
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a tiny backbone and recipe (seconds): checks the pipeline, measures nothing")
     frontier.add_argument("--no-progress", dest="progress", action="store_false")
     frontier.set_defaults(handler=command_frontier)
+
+    from factnet.app.serve_cli import add_serve_command  # after this module's helpers exist
+
+    add_serve_command(commands, model)
     return parser
 
 
