@@ -38,7 +38,6 @@ import timm
 import torch
 
 import factnet
-from factnet import Tensorizer
 
 USERS = 64
 

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import factnet
-from factnet import FactnetError
-from factnet.adapter_set import AdapterSet
+from factnet import AdapterSet, FactnetError
 
 __all__ = ["DEMO_CLASSES", "Replica", "ServeSettings", "build_backbone", "sample_shape", "write_demo"]
 

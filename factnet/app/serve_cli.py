@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from factnet import FactnetError
-from factnet.app.cli import _int_list, _nonnegative_float, _positive_int
+from factnet.app.arguments import int_list, nonnegative_float, positive_int
 from factnet.app.serve import ServeSettings
 from factnet.app.serve_ray import serve_until_interrupted
 
@@ -23,18 +23,18 @@ def add_serve_command(commands: argparse._SubParsersAction, model: argparse.Argu
                     "deleted while it runs are followed. Without --model and --adapters: the demo (random ViT and "
                     "adapters, nothing downloaded). Needs pip install \"factnet[serve]\".")
     serve.add_argument("--adapters", type=Path, help="directory of adapter files")
-    serve.add_argument("--input-shape", type=_int_list, metavar="C,H,W",
+    serve.add_argument("--input-shape", type=int_list, metavar="C,H,W",
                        help="one sample's shape (default: read from the model)")
-    serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="default 32 (1: no batching)")
-    serve.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
+    serve.add_argument("--max-batch-size", type=positive_int, default=32, help="default 32 (1: no batching)")
+    serve.add_argument("--batch-wait-ms", type=nonnegative_float, default=5.0,
                        help="how long a batch waits to fill (default 5 ms)")
-    serve.add_argument("--replicas", type=_positive_int, default=1, help="copies of the deployment (default 1)")
-    serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads per replica (default 1)")
-    serve.add_argument("--poll", type=_nonnegative_float, default=1.0,
+    serve.add_argument("--replicas", type=positive_int, default=1, help="copies of the deployment (default 1)")
+    serve.add_argument("--threads", type=positive_int, default=1, help="torch threads per replica (default 1)")
+    serve.add_argument("--poll", type=nonnegative_float, default=1.0,
                        help="seconds between checks of the adapter directory (default 1)")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
-    serve.add_argument("--port", type=_positive_int, default=8000, help="default 8000")
-    serve.add_argument("--demo-users", type=_positive_int, default=4, help="adapters of the demo (default 4)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="default 8000")
+    serve.add_argument("--demo-users", type=positive_int, default=4, help="adapters of the demo (default 4)")
     serve.set_defaults(handler=command_serve)
 
 
