@@ -89,13 +89,9 @@ def concurrent(args: argparse.Namespace) -> None:
                 runs[f"{threads} thread(s), use(name)"] = lambda model=model, threads=threads: _pooled(
                     model, requests, threads)
     times = _interleaved(runs, args.reps)
-    first = args.requests / statistics.median(next(iter(times.values())))
     print(f"{args.model}, {args.requests} requests of {args.request_batch} images over {USERS} users, "
           f"{torch.get_num_threads()} torch threads, median of {args.reps} interleaved rounds\n")
-    print("| serving | requests/s | × first row |\n|---|---:|---:|")
-    for name, values in times.items():
-        rate = args.requests / statistics.median(values)
-        print(f"| {name} | {rate:.2f} | {rate / first:.3f} |")
+    _print_rates(times, args.requests, "| serving | requests/s | × first row |", digits=2)
 
 
 def _serially(model: torch.nn.Module, requests: list[tuple[str, torch.Tensor]], how: str) -> None:
@@ -130,6 +126,15 @@ def _interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, 
                 runs[name]()
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def _print_rates(times: dict[str, list[float]], per_run: int, header: str, digits: int) -> None:
+    """A markdown table: each run's rate (``per_run`` over its median seconds) and its ratio to the first run's."""
+    first = per_run / statistics.median(next(iter(times.values())))
+    print(f"{header}\n|---|---:|---:|")
+    for name, values in times.items():
+        rate = per_run / statistics.median(values)
+        print(f"| {name} | {rate:.{digits}f} | {rate / first:.3f} |")
 
 
 def main() -> None:
@@ -171,13 +176,9 @@ def main() -> None:
         runs[f"PEFT LoRA r8 mixed, K={k}"] = lambda names=names: lora(x, adapter_names=names)
 
     times = _interleaved(runs, args.reps)
-    limit = args.batch / statistics.median(times[next(iter(runs))])
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.reps} interleaved "
           f"rounds\n")
-    print("| variant | images/s | × merged |\n|---|---:|---:|")
-    for name, values in times.items():
-        rate = args.batch / statistics.median(values)
-        print(f"| {name} | {rate:.1f} | {rate / limit:.3f} |")
+    _print_rates(times, args.batch, "| variant | images/s | × merged |", digits=1)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from factnet.calls import Call, Traffic
 from factnet.errors import FactnetError
 from factnet.guard import WeightWatch
 from factnet.kernel import Increment
+from factnet.mixing import Mix, check_batch
 
 if TYPE_CHECKING:
     from factnet.adapter import Adapter, Settings
-    from factnet.mixing import Mix
 
 __all__ = ["AdapterSet"]
 
@@ -246,8 +246,6 @@ class AdapterSet(nn.Module):
         checkpointed block, so recomputation saves the same tensors as the first pass), counted in
         `Traffic`, and the first-forward guard for newly adapted matrices (`factnet.guard`; in a mixed
         batch, those of its adapters)."""
-        from factnet.mixing import check_batch
-
         outer = calls.current(self)
         mix = None if outer is None or outer.mix is None else outer.mix.for_forward()
         call = Call(self, mix, outer is not None and outer.disabled, forward=True)
@@ -331,8 +329,6 @@ class AdapterSet(nn.Module):
 
     @contextmanager
     def _block(self, names: Sequence[str | None] | None, batch_dim: int, name: str | None = None) -> Iterator[None]:
-        from factnet.mixing import Mix
-
         wanted = [name] if names is None else list(names)
         traffic = self._traffic
         with traffic.lock:

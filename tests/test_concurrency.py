@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import TinyNet, randomize_factors
+from conftest import TinyNet, perturb_head, randomize_factors
 from zoo import FAMILIES, inputs, prototype, run
 
 import factnet
@@ -38,10 +38,7 @@ def _adapted(family: str, users: list[str]) -> torch.nn.Module:
     for seed, name in enumerate(users):
         adapter = factnet.Tensorizer(model, FAMILIES[family].targets).decompose("tt", rank=2, scale=1.5, name=name)
         randomize_factors(adapter, seed=seed)
-        generator = torch.Generator().manual_seed(100 + seed)
-        with torch.no_grad():
-            for param in adapter.head_state().values():
-                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        perturb_head(adapter, 100 + seed)
     return model
 
 

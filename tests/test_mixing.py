@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BUILTIN_FORMATS, randomize_factors
+from conftest import BUILTIN_FORMATS, perturb_head, randomize_factors
 from zoo import FAMILIES, inputs, prototype, run
 
 import factnet
@@ -43,10 +43,7 @@ def _two_adapters(family: str, fmt: str, train_head: bool = True) -> torch.nn.Mo
         rank = min([RANK, *(factnet.get_format(fmt, RANK).max_rank(*s) for s in tensorizer.group_shapes().values())])
         adapter = tensorizer.decompose(fmt, rank=rank, scale=1.5, name=name, train_head=train_head)
         randomize_factors(adapter, seed=seed)
-        generator = torch.Generator().manual_seed(10 + seed)
-        with torch.no_grad():
-            for param in adapter.head_state().values():
-                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        perturb_head(adapter, 10 + seed)
     return model
 
 
