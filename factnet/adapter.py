@@ -17,10 +17,13 @@ from factnet.errors import FactnetError
 from factnet.formats import Format, NormalForm
 from factnet.kernel import Increment, delta_weight
 from factnet.placement import Placement, cut, shared_placement
+from factnet.quant import fake_quantize
 from factnet.slices import Matrix, Slice
 
 if TYPE_CHECKING:
     import tltorch
+
+    from factnet.files import Saved
 
 __all__ = ["Adapter", "GroupFactors"]
 
@@ -29,9 +32,9 @@ class GroupFactors(nn.Module):
     """The factors of one group tensor ``(n, d_in, d_out)`` in one format."""
 
     def __init__(self, fmt: Format, slices: tuple[Slice, ...], dtype: torch.dtype, device: torch.device,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, bits: int | None = None, group: int = 64) -> None:
         super().__init__()
-        self.format, self.slices = fmt, slices
+        self.format, self.slices, self.bits, self.quant_group = fmt, slices, bits, group
         self.shape = (len(slices), slices[0].d_in, slices[0].d_out)
         shapes = fmt.shapes(*self.shape)
         self.factors = nn.ParameterDict(
@@ -50,12 +53,19 @@ class GroupFactors(nn.Module):
         key = [(p.data_ptr(), p._version) for p in self._modules["factors"]._parameters.values()]  # (hot path)
         cached = self._cache.get(grad)
         if cached is None or cached[0] != key:
-            form = self.format.normal_form(dict(self.factors.items()))
+            form = self.format.normal_form(self.values())
             for tensor in (form.p_in_t, form.core, form.p_out_t) if grad else ():
                 if tensor.grad_fn is not None:  # built here: its graph is freed by backward
                     tensor.register_hook(self._invalidate)
             cached = self._cache[grad] = (key, form)
         return cached[1]
+
+    def values(self) -> dict[str, Tensor]:
+        """The factors as the increment uses them: as they are, or, trained low-bit (``bits``), the values a
+        ``bits``-bit file stores (`factnet.quant.fake_quantize`: straight-through gradient)."""
+        if self.bits is None:
+            return dict(self.factors.items())
+        return {name: fake_quantize(p, self.bits, self.quant_group) for name, p in self.factors.items()}
 
     def _invalidate(self, grad: Tensor) -> None:
         self._cache.pop(True, None)
@@ -89,7 +99,7 @@ class GroupFactors(nn.Module):
 
     def reconstruct(self) -> Tensor:
         """Dense ``ΔW: (n, d_in, d_out)`` (without the scale)."""
-        return self.format.reconstruct(dict(self.factors.items()))
+        return self.format.reconstruct(self.values())
 
     def extra_repr(self) -> str:
         n, d_in, d_out = self.shape
@@ -104,6 +114,8 @@ class Settings:
     scale: float
     dropout: float
     path: str = "auto"
+    bits: int | None = None  # factors trained as stored in a ``bits``-bit file (`GroupFactors.values`)
+    group: int = 64  # values per low-bit scale
 
 
 class Adapter(nn.Module):
@@ -116,16 +128,18 @@ class Adapter(nn.Module):
 
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
                  dropout: float, head: list[str], name: str = "default",
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, register: bool = True, bits: int | None = None,
+                 group: int = 64) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
         self.name = name
         self.format = fmt
-        self.settings = Settings(float(scale), float(dropout))
+        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group)
         self.group_names = list(groups)
         self.groups = nn.ModuleDict(
-            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator) for g, members in groups.items()}
+            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group)
+             for g, members in groups.items()}
         )
         self.matrices: dict[str, Matrix] = {}
         self.placements: dict[str, list[Placement]] = {}
@@ -145,7 +159,8 @@ class Adapter(nn.Module):
             for p in found:
                 self._by_group.setdefault(p.group, []).append((matrix_name, p))
         self.__dict__["model"] = model
-        AdapterSet.of(model).add(name, self)
+        if register:  # (else the caller adds it once its values are in: `factnet.io`)
+            AdapterSet.of(model).add(name, self)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active); the
@@ -201,7 +216,7 @@ class Adapter(nn.Module):
         for placement in self.placements[matrix]:
             if placement.group not in forms:
                 group = self.groups[placement.group]
-                forms[placement.group] = group.format.normal_form(dict(group.factors.items()))
+                forms[placement.group] = group.format.normal_form(group.values())
             found.append(placement.increment(forms[placement.group], dtype))
         return found
 
@@ -231,37 +246,43 @@ class Adapter(nn.Module):
 
         With ``safe`` (the default) every merged weight is computed and checked for NaN/inf
         before any weight is touched (one matrix at a time, so memory does not double), and
-        a diverged adapter cannot corrupt the model. Only the active adapter merges.
+        a diverged adapter cannot corrupt the model. Only the active adapter merges. Refused while
+        forwards or `use`/`per_sample` blocks of other threads run on the model (the weights change).
         """
         self._check_attached()
         self._check_unsharded("merge")
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
-        if not self.active:
-            raise FactnetError(f"adapter {self.name!r} is not the active one ({self._set.active!r} is); "
-                               "activate() it before merging")
-        for name, matrix in self.matrices.items() if safe else ():
-            weight = sites.weight_view(self.model, matrix)
-            if not torch.isfinite(weight + self.delta_weight(name).to(weight.dtype)).all():
-                raise FactnetError(f"merging would put non-finite values into {name} (the factors or scale "
-                                   "diverged); nothing was changed. Inspect the factors, or merge(safe=False)")
-        for name, matrix in self.matrices.items():
-            weight = sites.weight_view(self.model, matrix)
-            weight.add_(self.delta_weight(name).to(weight.dtype))
-        self._merged = True
-        self._set._sync()
+        with self._set._traffic.lock:
+            self._set._traffic.check_quiet(self._set, "merge", blocks=True)
+            if not self.active:
+                raise FactnetError(f"adapter {self.name!r} is not the active one ({self._set.active!r} is); "
+                                   "activate() it before merging")
+            for name, matrix in self.matrices.items() if safe else ():
+                weight = sites.weight_view(self.model, matrix)
+                if not torch.isfinite(weight + self.delta_weight(name).to(weight.dtype)).all():
+                    raise FactnetError(f"merging would put non-finite values into {name} (the factors or scale "
+                                       "diverged); nothing was changed. Inspect the factors, or merge(safe=False)")
+            for name, matrix in self.matrices.items():
+                weight = sites.weight_view(self.model, matrix)
+                weight.add_(self.delta_weight(name).to(weight.dtype))
+            self._merged = True
+            self._set._sync()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ``s·ΔW`` from the weights again (exact up to float rounding)."""
+        """Subtract ``s·ΔW`` from the weights again (exact up to float rounding). Refused, as `merge`, while
+        other threads' calls run (a merged model in eval mode runs bare: its forwards are not seen)."""
         self._check_attached()
         if not self._merged:
             raise FactnetError("adapter is not merged; nothing to unmerge")
-        self._merged = False
-        for name, matrix in self.matrices.items():
-            weight = sites.weight_view(self.model, matrix)
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
-        self._set._sync()
+        with self._set._traffic.lock:
+            self._set._traffic.check_quiet(self._set, "unmerge", blocks=True)
+            self._merged = False
+            for name, matrix in self.matrices.items():
+                weight = sites.weight_view(self.model, matrix)
+                weight.sub_(self.delta_weight(name).to(weight.dtype))
+            self._set._sync()
 
     @contextmanager
     def disable(self) -> Iterator[None]:
@@ -322,14 +343,17 @@ class Adapter(nn.Module):
             deltas.append(delta_weight(placement.increment(form, form.core.dtype)))
         return self.settings.scale * sum(deltas)
 
-    def save(self, path: str, include_head: bool = True, dtype: torch.dtype | None = None) -> None:
+    def save(self, path: str, include_head: bool = True, dtype: torch.dtype | None = None, *,
+             bits: int | None = None, head_bits: int | None = None, group: int = 64) -> Saved:
         """Write the factors (and the head unless ``include_head=False``) with their spec to one
         safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it.
         ``dtype`` (``torch.bfloat16``, ``torch.float16``, ``torch.float32`` or ``torch.float64``) stores the
-        tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes."""
+        tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes.
+        ``bits``/``head_bits`` (1, 2, 4, 8) store the factors/head low-bit (see `factnet.io.save`); an adapter
+        trained low-bit (``decompose(..., bits=b)``) stores its factors in ``b`` bits unless told otherwise."""
         from factnet.files import write
 
-        write(self, path, include_head, dtype)
+        return write(self, path, include_head, dtype, bits, head_bits, group)
 
     # ---- reports ---------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -359,7 +383,8 @@ class Adapter(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.settings
-        return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, "
+        bits = "" if s.bits is None else f"bits={s.bits}, "
+        return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, {bits}"
                 f"parameters={self.num_parameters():,}")
 
 

@@ -25,6 +25,7 @@ disabled or with no adapter active, the model holds its own modules and runs at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import torch
@@ -41,7 +42,7 @@ class Source(Protocol):
     """What an attached matrix asks for its increments (`factnet.adapter_set.AdapterSet`)."""
 
     settings: Any  # scale, dropout, path of the increments returned
-    mix: Any  # the assignment of a mixed-adapter batch (`factnet.mixing.Mix`), or None
+    mix: Any  # this call's adapters per sample (`factnet.mixing.Mix`), or None: the active adapter's
     reading: bool  # whether a module that may read adapted weights is running its forward (see `readers`)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
@@ -251,11 +252,15 @@ class Sites:
     """The matrices attached to one model, and whether the model holds them.
 
     `attach` and `release` count the adapters using each matrix (the first attaches it, the last lets it
-    go), an adapter's matrices at once.
-    Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a `_Reading`
-    forward on each module that may read an adapted weight as an attribute (``reading`` is true inside
-    their forwards, see `readers`), and ``prepare``/``finish`` hooks on the model itself. Switched off,
-    it holds its original modules and no factnet hook or forward, so it runs as the base model, at its cost.
+    go), an adapter's at once; a task head, once attached, stays (a call may still run it with the values
+    it had before any adapter, `factnet.mixing`).
+    Switched on, the model holds the machinery: each matrix's stand-in (or adapted class), a `_Forward`
+    on each module that may read an adapted weight as an attribute (``reading`` is true inside their
+    forwards, see `readers`) and on each task head (both run per adapter in a mixed batch, `source.mix`),
+    and ``prepare``/``finish`` hooks on the model itself. Switched off, it holds its original modules and
+    no factnet hook or forward, so it runs as the base model, at its cost. Only `switch` touches the
+    model's hooks (the caller switches off only when no forward runs, whose finish hook would be lost);
+    the rest may change under other threads' forwards, which see a module either way the same.
     """
 
     def __init__(self, model: nn.Module, source: Source, prepare: Callable, finish: Callable) -> None:
@@ -263,27 +268,25 @@ class Sites:
         self.attached: dict[str, _Attachment] = {}
         self.users: dict[str, int] = {}  # attached matrix -> how many adapters adapt it
         self.readers: dict[str, set[str]] = {}  # module whose forward may read attached weights -> those matrices
+        self.heads: set[str] = set()  # task head modules
         self.on = False
         self._hooks: list[RemovableHandle] = []
-        self._reading: dict[str, _Reading] = {}  # the readers' forwards in the model now
-        self._inside: list[nn.Module] = []  # the readers whose forward is running
+        self._forwards: dict[str, _Forward] = {}  # the readers' and heads' forwards in the model now
 
-    def attach(self, matrices: Iterable[Matrix]) -> None:
-        new = False
+    def attach(self, matrices: Iterable[Matrix], heads: Iterable[str] = ()) -> None:
         for matrix in matrices:
             if matrix.name not in self.attached:
-                attachment = self.attached[matrix.name] = _Attachment(self.model, matrix, self.source)
+                attachment = _Attachment(self.model, matrix, self.source)
                 for reader in readers(matrix):
                     self.readers.setdefault(reader, set()).add(matrix.name)
                 if self.on:
                     attachment.install(self.model)
-                new = True
+                self.attached[matrix.name] = attachment
             self.users[matrix.name] = self.users.get(matrix.name, 0) + 1
-        if new and self.on:
-            self._hook()
+        self.heads.update(heads)
+        self._set_forwards()
 
     def release(self, names: Iterable[str]) -> None:
-        gone = False
         for name in names:
             self.users[name] -= 1
             if self.users[name]:
@@ -297,44 +300,46 @@ class Sites:
             if self.on:
                 attachment.remove(self.model)
             attachment.forget()
-            gone = True
-        if gone and self.on:
-            self._hook()
+        self._set_forwards()
 
     def switch(self, on: bool) -> None:
         """Put the machinery into the model (``on``) or take it out; nothing happens if it already is."""
-        if on != self.on:
-            self.on = on
-            for attachment in self.attached.values():
-                attachment.install(self.model) if on else attachment.remove(self.model)
-            self._hook()
-
-    def _hook(self) -> None:
-        """Bring the model's hooks (first in line, as when registered at attach) and the readers'
-        forwards to what the attached matrices need now."""
+        if on == self.on:
+            return
+        self.on = on
+        for attachment in self.attached.values():
+            attachment.install(self.model) if on else attachment.remove(self.model)
         for hook in self._hooks:
             hook.remove()
-        model = self.model
-        self._hooks = [model.register_forward_pre_hook(self.prepare, with_kwargs=True, prepend=True),
-                       model.register_forward_hook(self.finish, always_call=True, prepend=True)] if self.on else []
-        wanted = set(self.readers) if self.on else set()
-        for name in [n for n in self._reading if n not in wanted]:
-            self._reading.pop(name).remove()
-        for name in [n for n in self.readers if n in wanted and n not in self._reading]:
-            self._reading[name] = _Reading(self, model.get_submodule(name))
+        self._hooks = [self.model.register_forward_pre_hook(self.prepare, with_kwargs=True, prepend=True),
+                       self.model.register_forward_hook(self.finish, always_call=True, prepend=True)] if on else []
+        self._set_forwards()
+
+    def _set_forwards(self) -> None:
+        """Bring the readers' and heads' forwards to what the attached matrices and heads need now."""
+        wanted = {**{name: False for name in self.readers}, **{name: True for name in self.heads}} if self.on else {}
+        for name in [n for n, f in self._forwards.items() if wanted.get(n) is not f.head]:
+            self._forwards.pop(name).remove()
+        for name in [n for n in wanted if n not in self._forwards]:
+            self._forwards[name] = _Forward(self, self.model.get_submodule(name), name, wanted[name])
 
     @property
     def reading(self) -> bool:
-        return bool(self._inside)
+        return self in _READING.get()
 
 
-class _Reading:
-    """A reader module's forward while the machinery is in: the module's own (or the one set on it
-    before), with `Sites.reading` true inside. An instance attribute, not a hook pair, which would take
-    the module off torch's hook-free call path: a forward costs a push and a pop."""
+_READING: ContextVar[tuple[Sites, ...]] = ContextVar("factnet_reading", default=())  # (per thread or task)
 
-    def __init__(self, sites: Sites, module: nn.Module) -> None:
-        self.sites, self.module, self.inner = sites, module, module.__dict__.get("forward")
+
+class _Forward:
+    """A reader's or a task head's (``head``) forward while the machinery is in: the module's own (or the
+    one set on it before), with `Sites.reading` true inside, run per adapter in a mixed batch
+    (`factnet.mixing.Mix.run`). An instance attribute, not a hook pair, which would take the module off
+    torch's hook-free call path: a forward costs a push and a pop."""
+
+    def __init__(self, sites: Sites, module: nn.Module, name: str, head: bool) -> None:
+        self.sites, self.module, self.name, self.head = sites, module, name, head
+        self.inner = module.__dict__.get("forward")
         module.forward = self
 
     @property
@@ -342,14 +347,16 @@ class _Reading:
         return self.inner or type(self.module).forward.__get__(self.module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inside = self.sites._inside
-        inside.append(self.module)
+        token = _READING.set((*_READING.get(), self.sites))
         try:
+            mix = self.sites.source.mix
+            if mix is not None and (self.head or not mix.uniform):
+                return mix.run(self.module, self.name, self.head, self.__wrapped__, args, kwargs)
             if self.inner is None:
                 return type(self.module).forward(self.module, *args, **kwargs)
             return self.inner(*args, **kwargs)
         finally:
-            inside.pop()
+            _READING.reset(token)
 
     def remove(self) -> None:
         """Give the module back the forward it had, unless someone set another over this one since

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,20 +29,36 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from factnet.errors import FactnetError
-from factnet.spec import CHECKSUM_KEY, SPEC_KEY, STORAGE_DTYPES, _checksum, _parse_spec, _spec
+from factnet.quant import Quantized, check_bits, dequantize, quantize
+from factnet.spec import CHECKSUM_KEY, SPEC_KEY, STORAGE_DTYPES, _checksum, _malformed, _parse_spec, _spec
 
 if TYPE_CHECKING:
     from factnet.adapter import Adapter
 
-__all__ = ["load_spec", "read", "write", "write_atomically"]
+__all__ = ["Saved", "load_spec", "read", "write", "write_atomically"]
 
 
-def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
-          dtype: torch.dtype | None = None) -> None:
+@dataclass(frozen=True)
+class Saved:
+    """What `factnet.io.save` wrote: the file, its size, and for each tensor stored low-bit the error of the
+    stored values, ``‖x̂ − x‖ / ‖x‖`` (0 for a factor trained low-bit: it is stored as trained)."""
+
+    path: str
+    bytes: int
+    errors: dict[str, float]
+
+
+def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True, dtype: torch.dtype | None = None,
+          bits: int | None = None, head_bits: int | None = None, group: int = 64) -> Saved:
     """`factnet.io.save` once ``adapter`` is known to be an `Adapter` (the behaviour is documented there)."""
     if dtype is not None and dtype not in STORAGE_DTYPES.values():
         raise FactnetError(f"dtype must be None (as the adapter holds them) or one of "
                            f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")
+    if bits is None and adapter.settings.bits is not None:  # trained low-bit: the file is the trained model
+        bits, group = adapter.settings.bits, adapter.settings.group
+    for value in (bits, head_bits):
+        if value is not None:
+            check_bits(value, group)
     target = os.path.realpath(_fspath(path))
     if os.path.isdir(target):
         raise FactnetError(f"{target} is a directory; give a file path such as {target}/adapter.safetensors")
@@ -54,16 +72,33 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     head = adapter.head_state() if include_head else {}  # an inactive adapter keeps its head values apart
     tensors.update({f"head.{name}": value for name, value in head.items()})
     sharded = any(_is_sharded(t) for t in tensors.values())
-    tensors = {key: _full(value).detach().cpu().to(dtype or value.dtype).contiguous()
-               for key, value in tensors.items()}
+    tensors = {key: _full(value).detach().cpu() for key, value in tensors.items()}
+    low = {key: bits if key.startswith("factors.") else head_bits for key in tensors}
+    low = {key: b for key, b in low.items() if b is not None}
+    used_values = {f"factors.{name}.{factor}": value for name in adapter.group_names
+                   for factor, value in adapter.group(name).values().items()} if low else {}
+    stored, errors = {}, {}
+    for key, value in tensors.items():
+        if key not in low:
+            stored[key] = value.to(dtype or value.dtype).contiguous()
+            continue
+        q = quantize(value, low[key], group)
+        stored |= {f"{key}.codes": q.codes, f"{key}.scale": q.scale}
+        stored |= {} if q.offset is None else {f"{key}.offset": q.offset}
+        used = used_values.get(key, value).detach().cpu().double()  # what the adapter's forward uses
+        norm = used.norm().item()
+        errors[key] = (dequantize(q).double() - used).norm().item() / norm if norm else 0.0
     if sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
         torch.distributed.barrier()
-        return
-    text = json.dumps(_spec(adapter, dtype), separators=(",", ":"), allow_nan=False)
-    metadata = {SPEC_KEY: text, CHECKSUM_KEY: _checksum(text, tensors)}
-    write_atomically(target, lambda temp: save_file(tensors, temp, metadata=metadata))
+        return Saved(target, 0, errors)
+    layout = None if not low else {"factors": bits, "head": head_bits, "group": group,
+                                   "shapes": {key: list(tensors[key].shape) for key in low}}
+    text = json.dumps(_spec(adapter, dtype, layout), separators=(",", ":"), allow_nan=False)
+    metadata = {SPEC_KEY: text, CHECKSUM_KEY: _checksum(text, stored)}
+    write_atomically(target, lambda temp: save_file(stored, temp, metadata=metadata))
     if sharded:
         torch.distributed.barrier()  # the file exists for every rank once save returns
+    return Saved(target, os.path.getsize(target), errors)
 
 
 def _is_sharded(tensor: Tensor) -> bool:
@@ -134,7 +169,29 @@ def read(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if metadata[CHECKSUM_KEY] != _checksum(metadata[SPEC_KEY], tensors):
         raise FactnetError(f"{name} is corrupt: its SHA-256 does not match its contents (changed after "
                            "adapter.save() wrote it); save the adapter again")
-    return _parse_spec(metadata[SPEC_KEY], name), tensors
+    spec = _parse_spec(metadata[SPEC_KEY], name)
+    return spec, (_low_bit_values(spec["bits"], tensors, name) if "bits" in spec else tensors)
+
+
+def _low_bit_values(bits: dict[str, Any], tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """``tensors`` with each low-bit tensor's codes and constants turned back into its float32 values, after
+    checking that they hold exactly the values its spec shape says (so nothing larger than the file's own
+    codes is ever allocated)."""
+    found = dict(tensors)
+    for key, shape in bits["shapes"].items():
+        width, group, count = bits[key.partition(".")[0]], bits["group"], math.prod(shape)
+        wanted = {"codes": (torch.uint8, -(-count * width // 8)), "scale": (torch.float16, -(-count // group))}
+        wanted |= {} if width == 1 else {"offset": (torch.float16, -(-count // group))}
+        parts = {}
+        for part, (dtype, size) in wanted.items():
+            value = found.pop(f"{key}.{part}", None)
+            if value is None or value.dtype != dtype or tuple(value.shape) != (size,):
+                got = "missing" if value is None else f"{value.dtype} {tuple(value.shape)}"
+                raise _malformed(name, f"low-bit tensor {key!r} {shape} needs {part} of {dtype} ({size},), got {got}")
+            parts[part] = value
+        found[key] = dequantize(Quantized(parts["codes"], parts["scale"], parts.get("offset"), tuple(shape), width,
+                                          group))
+    return found
 
 
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:

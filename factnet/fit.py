@@ -129,6 +129,8 @@ def _check_tensors(head: Mapping[str, nn.Parameter], spec: dict[str, Any], fmt: 
     wrong += [f"{key}: unexpected" for key in tensors if key not in expected]
     wrong += [f"{key}: {value.dtype} is not floating point" for key, value in tensors.items()
               if not value.is_floating_point()]
+    wrong += [f"{key}: holds NaN or infinite values (a diverged run)" for key, value in tensors.items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
     if wrong:
         raise FactnetError(f"{path} does not hold the tensors this model needs ({fmt.name} rank {fmt.rank}): "
                            f"{_listing(wrong)}; load onto the architecture it was saved from (same head size)")
@@ -139,6 +141,9 @@ def _check_dtypes(model: nn.Module, spec: dict[str, Any], tensors: Mapping[str, 
     """As saved (``dtype`` null, or version 1): the tensors have the model's dtypes. With a storage dtype:
     every tensor has it (`_attach` casts them)."""
     storage = spec.get("dtype")
+    low_bit = spec.get("bits", {}).get("shapes", {})  # read back as float32 values, cast exactly by `_attach`
+    tensors = {key: value for key, value in tensors.items() if key not in low_bit}
+    head_parameters = [p for p in head_parameters if f"head.{p}" not in low_bit]
     if storage is not None:
         wrong = [key for key, value in tensors.items() if value.dtype != STORAGE_DTYPES[storage]]
         if wrong:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from factnet.adapter import Adapter, _in_head
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
-from factnet.files import _fspath, load_spec, read, write, write_atomically
+from factnet.files import Saved, _fspath, load_spec, read, write, write_atomically
 from factnet.fit import (
     _check_base,
     _check_dtypes,
@@ -42,7 +42,8 @@ __all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "load", "load_many", "load_spec",
 
 
 def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
-         dtype: torch.dtype | None = None) -> None:
+         dtype: torch.dtype | None = None, *, bits: int | None = None, head_bits: int | None = None,
+         group: int = 64) -> Saved:
     """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
 
     From a model sharded with FSDP2 (``fully_shard``), call it on every rank: the full factors are
@@ -52,10 +53,15 @@ def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = Tr
     are (``dtype=None``) or cast to ``dtype`` (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
     ``torch.float64``): ``torch.bfloat16`` stores 2 bytes a parameter, and `load` casts the values back to
     the model's dtypes. The size is the tensors' bytes plus the header (under 1 KiB for ViT-B).
+
+    ``bits`` (1, 2, 4 or 8) stores the factors low-bit, ``head_bits`` the head: ``bits``-bit codes with a
+    float16 scale (and offset) per ``group`` values (`factnet.quant`), about ``bits/8`` bytes a parameter;
+    `load` reads them back as float32 values, exactly the stored ones, into the model's dtypes. Returns the file's path and size and, per low-bit tensor, the relative
+    error of its stored values (`factnet.files.Saved`).
     """
     if not isinstance(adapter, Adapter):
         raise FactnetError(f"save needs a factnet Adapter, got {type(adapter).__name__}")
-    write(adapter, path, include_head, dtype)
+    return write(adapter, path, include_head, dtype, bits, head_bits, group)
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -75,6 +81,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str = "default") 
     AdapterSet.check_addable(model, name)
     path = _fspath(path)
     loaded = _prepare(model, path, _Caches(model))
+    _warn_mha_dropout([loaded])
     return _attach(model, loaded, name)
 
 
@@ -116,10 +123,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
                 message = str(error)
                 raise FactnetError(message if file in message else f"{file}: {message}") from None
             bar.update()
-        if any(item.spec["dropout"] > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
-               for item in loaded):
-            warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
-                          "applied as a merged weight", stacklevel=2)
+        _warn_mha_dropout(loaded)
         bar.reset()
         bar.set_description("load_many: attach")
         previous = model.factnet.active if isinstance(getattr(model, "factnet", None), AdapterSet) else None
@@ -128,7 +132,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         adapters: dict[str, Adapter] = {}
         try:
             for position, name in enumerate(names):
-                adapters[name] = _attach(model, loaded[position], name, checked=True)
+                adapters[name] = _attach(model, loaded[position], name)
                 loaded[position] = None  # type: ignore[call-overload]  # its tensors are the adapter's now
                 bar.update()
         except BaseException:
@@ -192,11 +196,11 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     spec, tensors = read(path)
     fmt = _registered_format(spec)
     version = spec["factnet_format_version"]
-    listing = spec["base"]["sha256"] if version == 2 else json.dumps(spec["matrices"], sort_keys=True)
+    listing = json.dumps(spec["matrices"], sort_keys=True) if version == 1 else spec["base"]["sha256"]
     if (tuple(spec["head"]), listing) not in caches.checked:
         (_check_matrices if version == 1 else _check_base)(caches.matrices_of(spec["head"]), spec, path)
         caches.checked.add((tuple(spec["head"]), listing))
-    key = (version, json.dumps(spec["groups"], sort_keys=True))
+    key = (min(version, 2), json.dumps(spec["groups"], sort_keys=True))  # (version 3 has version 2's slice maps)
     if key not in caches.tensorizers:
         build = _rebuild_v1 if version == 1 else _rebuild
         caches.tensorizers[key] = build(model, spec, path, caches.matrices_of(spec["head"]))
@@ -212,25 +216,34 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     return _Loaded(path, spec, fmt, tensorizer, tensors, head_parameters)
 
 
-def _attach(model: nn.Module, loaded: _Loaded, name: str, checked: bool = False) -> Adapter:
-    """Add the adapter of a checked file to ``model`` as ``name`` and copy its tensors in. ``checked``: what
-    `Tensorizer.decompose` checks was checked (`_check_settings`), so build the `Adapter` directly (decompose
-    walks every module of the model, adapters included, to find the head: quadratic over 1,000 adapters)."""
+def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
+    """Add the adapter of a checked file to ``model`` as ``name``, its factors and head values in before it
+    joins ``model.factnet``: other threads' calls find it whole or not at all. Built directly, not by
+    `Tensorizer.decompose`, whose checks `_check_settings` made (decompose walks every module of the model,
+    adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    if checked:
-        adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"],
-                          list(spec["head"]), name, torch.Generator().manual_seed(0))
-    else:
-        adapter = loaded.tensorizer.decompose(loaded.fmt, scale=spec["scale"], dropout=spec["dropout"],
-                                              head=spec["head"], train_head=bool(spec["head"]),
-                                              seed=0, name=name)  # seed: leave the global RNG alone
-    pairs = [(factor, tensors[f"factors.{group}.{key}"])
-             for group in adapter.group_names for key, factor in adapter.group(group).factors.items()]
-    pairs += [(model.get_parameter(p), tensors[f"head.{p}"]) for p in loaded.head_parameters]
+    low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
+    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"], list(spec["head"]),
+                      name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
+                      bits=low_bit["factors"], group=low_bit["group"])
     with torch.no_grad():
-        for param, value in pairs:
-            param.copy_(value)  # casts a file saved with a storage dtype
+        for group in adapter.group_names:
+            for key, factor in adapter.group(group).factors.items():
+                factor.copy_(tensors[f"factors.{group}.{key}"])  # casts a file saved with a storage dtype
+    if loaded.head_parameters:
+        adapter._head_state = {}
+        for p in loaded.head_parameters:
+            param = model.get_parameter(p)
+            adapter._head_state[p] = tensors[f"head.{p}"].to(device=param.device, dtype=param.dtype)  # (`add` copies it in)
+    AdapterSet.of(model).add(name, adapter)
     return adapter
+
+
+def _warn_mha_dropout(loaded: Sequence[_Loaded]) -> None:
+    if any(item.spec["dropout"] > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
+           for item in loaded):
+        warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
+                      "applied as a merged weight", stacklevel=3)
 
 
 def _rebuild_v1(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:

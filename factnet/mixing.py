@@ -1,4 +1,5 @@
-"""Mixed-adapter batches: one forward in which sample ``b`` uses adapter ``names[b]`` (`AdapterSet.per_sample`).
+"""Adapters chosen per call: sample ``b`` uses adapter ``names[b]`` (`AdapterSet.per_sample`), or every sample
+one adapter (`AdapterSet.use`), without touching what other threads' calls use.
 
 Every adapted matrix runs the frozen base op on the whole batch, then adds each adapter's
 ``s · x ΔWᵀ`` to the rows of its own samples by thin products (`factnet.kernel.delta_rows`): the
@@ -6,7 +7,8 @@ rows are gathered once, sorted by adapter, and scattered back once; no dense ``�
 Rows of base-model samples (``None``) get nothing added, so they equal the base model's bit for bit.
 
 Two kinds of module run instead once per adapter on its own samples (`Mix.split`): the task head
-(with each adapter's own head values) and any module whose forward reads an adapted weight as an
+(on a copy of the head module holding that adapter's head values, so the model's own head, which the
+active adapter trains, is never written to) and any module whose forward reads an adapted weight as an
 attribute (BEiT's ``F.linear(x, self.qkv.weight)``, ``nn.MultiheadAttention``), which cannot be
 given one weight per sample. Such a reader is found by its first read in a mixed batch (its forward
 is stopped there and rerun split) and remembered.
@@ -18,9 +20,9 @@ windows); ``nn.MultiheadAttention`` is split by its own signature.
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,9 +33,10 @@ from factnet.errors import FactnetError
 from factnet.kernel import Increment, delta_rows, effective_weight
 
 if TYPE_CHECKING:
+    from factnet.adapter import Adapter
     from factnet.adapter_set import AdapterSet
 
-__all__ = ["Mix", "per_sample"]
+__all__ = ["Mix", "check_batch"]
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -47,25 +50,32 @@ class SplitHere(Exception):
 
 
 class Mix:
-    """Which adapter each of ``len(names)`` samples uses, with the increments built for this batch.
+    """Which adapter each of ``len(names)`` samples uses, with the increments built for this block.
 
-    ``groups`` pairs each distinct name (``None``: the base model) with its samples' indices.
-    Increments are built once per adapter and matrix and dropped with the `Mix` (a set of 1,000
-    adapters keeps no per-adapter caches).
+    ``names``: one adapter name per sample (``None``: the base model); ``names=None`` with ``name``: every
+    sample, however many, uses ``name`` (`AdapterSet.use`). ``adapters`` are the adapters named, taken
+    as the block opened (one deleted meanwhile stays whole until the block ends); ``heads`` their head
+    values (``None``'s: the values before any adapter trained them). ``groups`` pairs each distinct name
+    with its samples' indices. Increments are built once per adapter and matrix and dropped with the
+    `Mix` (a set of 1,000 adapters keeps no per-adapter caches).
     """
 
-    def __init__(self, adapters: AdapterSet, names: Sequence[str | None], batch_dim: int,
+    def __init__(self, owner: AdapterSet, names: Sequence[str | None] | None, batch_dim: int,
+                 adapters: dict[str, Adapter], heads: dict[str | None, dict[str, Tensor]], name: str | None = None,
                  built: tuple[dict, dict] | None = None) -> None:
-        self.set, self.names, self.batch, self.batch_dim = adapters, list(names), len(names), batch_dim
+        self.set, self.batch_dim, self.adapters, self.heads = owner, batch_dim, adapters, heads
+        self.names = None if names is None else list(names)
+        self.batch = None if names is None else len(self.names)
         found: dict[str | None, list[int]] = {}
-        for position, name in enumerate(self.names):
-            found.setdefault(name, []).append(position)
-        self.groups = [(name, torch.tensor(found[name])) for name in found]
-        self.adapted = adapted = [(name, idx) for name, idx in self.groups if name is not None]
+        for position, each in enumerate([name] if names is None else self.names):
+            found.setdefault(each, []).append(position)
+        self.groups = [(each, torch.tensor(found[each])) for each in found]
+        self.adapted = adapted = [(each, idx) for each, idx in self.groups if each is not None]
         self.order = torch.cat([idx for _, idx in adapted]) if adapted else None  # samples sorted by adapter
         self.counts = [len(idx) for _, idx in adapted]
-        position = {name: index for index, (name, _) in enumerate(adapted)}
-        self.sample_adapter = torch.tensor([position.get(n, len(adapted)) for n in self.names])  # base: last
+        position = {each: index for index, (each, _) in enumerate(adapted)}
+        self.sample_adapter = None if names is None else torch.tensor(
+            [position.get(n, len(adapted)) for n in self.names])  # base: last
         # (adapter, matrix) -> increments, adapter -> {group: normal form}: shared with `sub` mixes
         self._built: tuple[dict[tuple[str, str], list[Increment]], dict[str, dict]] = built or ({}, {})
         self.readers: list[nn.Module] = []  # the reader modules whose forward is running (innermost last)
@@ -75,19 +85,26 @@ class Mix:
         """Whether every sample uses the same adapter (or all the base model)."""
         return len(self.groups) == 1
 
-    def sub(self, name: str | None, count: int) -> Mix:
-        """The uniform mix of a split module's run on ``count`` samples of ``name`` (same built increments)."""
-        return Mix(self.set, [name] * count, self.batch_dim, self._built)
+    def sub(self, name: str | None) -> Mix:
+        """The uniform mix of a split module's run on the samples of ``name`` (same built increments)."""
+        return Mix(self.set, None, self.batch_dim, self.adapters, self.heads, name, self._built)
+
+    def for_forward(self) -> Mix:
+        """This mix for one model forward: its own stack of running readers, the same built increments."""
+        copied = copy.copy(self)
+        copied.readers = []
+        return copied
 
     def increments(self, name: str, matrix: str, weight: Tensor) -> list[Increment]:
-        """Adapter ``name``'s increments of ``matrix`` (``[]`` if it does not adapt it), built once per batch."""
+        """Adapter ``name``'s increments of ``matrix`` (``[]`` if it does not adapt it), built once per block."""
         built, forms = self._built
         key = (name, matrix)
-        if key not in built:
-            adapter = self.set[name]
-            built[key] = (adapter.build_increments(matrix, weight.dtype, forms.setdefault(name, {}))
-                          if matrix in adapter.placements else [])
-        return built[key]
+        found = built.get(key)
+        if found is None:
+            adapter = self.adapters[name]
+            found = built[key] = (adapter.build_increments(matrix, weight.dtype, forms.setdefault(name, {}))
+                                  if matrix in adapter.placements else [])
+        return found
 
     # ---- an adapted matrix's forward ------------------------------------------------------------
     def forward(self, module: AdaptedMatrix, x: Tensor) -> Tensor:
@@ -101,7 +118,7 @@ class Mix:
         pointwise = matrix.kind == "conv1x1"
         if self.uniform:  # one adapter for every row: no layout needed
             name, increments = parts[0]
-            scale = self.set[name].settings.scale
+            scale = self.adapters[name].settings.scale
             if not pointwise and y.is_contiguous():  # added in place, one pass
                 delta_rows(x.reshape(-1, matrix.d_in), increments, scale, out=y.view(-1, matrix.d_out))
                 return y
@@ -123,7 +140,7 @@ class Mix:
         deltas, start = [], 0
         for (name, increments), count in zip(parts, self.counts):
             chunk = rows[start: start + count * per_sample]
-            deltas.append(delta_rows(chunk, increments, self.set[name].settings.scale) if increments
+            deltas.append(delta_rows(chunk, increments, self.adapters[name].settings.scale) if increments
                           else chunk.new_zeros(chunk.shape[0], matrix.d_out))
             start += count * per_sample
         delta = _unrows(torch.cat(deltas), gathered.shape, matrix.d_out, pointwise)
@@ -145,7 +162,7 @@ class Mix:
         stacks = ([], [], [])
         for name, increments in parts:
             if increments:
-                inc, scale = increments[0], self.set[name].settings.scale
+                inc, scale = increments[0], self.adapters[name].settings.scale
                 values = (inc.a_t[0], inc.core * scale, inc.b_t[0])
             else:
                 values = zero
@@ -176,24 +193,51 @@ class Mix:
         if not increments:
             return weight
         self.set.applied(matrix.name)
-        return _from_linear(matrix, effective_weight(linear, increments, self.set[name].settings.scale), weight)
+        return _from_linear(matrix, effective_weight(linear, increments, self.adapters[name].settings.scale), weight)
 
     # ---- modules run once per adapter ------------------------------------------------------------
-    def split(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict,
-              head: Callable[[str | None], Any] | None = None) -> Any:
-        """``forward(*args, **kwargs)`` run once per adapter on its samples, the outputs put back in
-        sample order. ``head(name)`` (for the task head) is a context in which the module holds that
-        adapter's head values."""
+    def run(self, module: nn.Module, name: str, head: bool, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """The forward of a task head (``head``) or of a module that may read adapted weights, ``name`` in the
+        model, in this mix: a head runs with each adapter's own head values; a reader runs once per adapter
+        on its samples once it is known to read adapted weights (found by its first read, `SplitHere`)."""
+        if head and self.uniform:
+            return self._with_head(module, name, forward, self.groups[0][0])(*args, **kwargs)
+        if head or name in self.set.split_readers:
+            return self.split(module, forward, args, kwargs, name if head else None)
+        self.readers.append(module)
+        try:
+            return forward(*args, **kwargs)
+        except SplitHere as stop:
+            if stop.module is not module:
+                raise
+            self.set.split_readers.add(name)
+            return self.split(module, forward, args, kwargs)
+        finally:
+            self.readers.pop()
+
+    def split(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict, head: str | None = None) -> Any:
+        """``forward(*args, **kwargs)`` run once per adapter on its samples, the outputs put back in sample
+        order; for the task head ``head`` (its name in the model), with that adapter's head values."""
         bind = _split_attention if isinstance(module, nn.MultiheadAttention) else self._split_first
         outputs, order = [], []
         for name, idx in self.groups:
             part_args, part_kwargs, join = bind(module, args, kwargs, idx)
-            with self.set.mixing(self.sub(name, len(idx))), (head(name) if head else _nothing()):
-                outputs.append(forward(*part_args, **part_kwargs))
+            run = forward if head is None else self._with_head(module, head, forward, name)
+            with self.set.mixing(self.sub(name)):
+                outputs.append(run(*part_args, **part_kwargs))
             order.append(idx)
         inverse = torch.empty(self.batch, dtype=torch.long)
         inverse[torch.cat(order)] = torch.arange(self.batch)
         return join(outputs, [len(idx) for idx in order], inverse)
+
+    def _with_head(self, module: nn.Module, name: str, forward: Callable, adapter: str | None) -> Callable:
+        """``forward`` run on a copy of the head ``module`` (``name`` in the model) that holds adapter
+        ``adapter``'s head values as the block opened, so an `activate` meanwhile does not disturb it; with
+        grad on, the active adapter's own head (which it trains) runs instead."""
+        if torch.is_grad_enabled() and adapter is not None and adapter == self.set.active:
+            return forward
+        view = _head_view(module, name, adapter, self.heads[adapter], self.set.head_views)
+        return getattr(forward, "__func__", type(module).forward).__get__(view)
 
     def _split_first(self, module: nn.Module, args: tuple, kwargs: dict, idx: Tensor):
         """Split the first positional argument along ``batch_dim``; the rest is passed whole."""
@@ -272,90 +316,30 @@ def _add_rows(y: Tensor, delta: Tensor, pointwise: bool) -> Tensor:
     return y.add_(_unrows(delta, y.shape, delta.shape[1], pointwise))
 
 
-@contextmanager
-def _nothing():
-    yield
+def _head_view(module: nn.Module, name: str, adapter: str | None, values: dict[str, Tensor],
+               cache: dict[tuple[str, str | None], tuple[tuple, nn.Module]]) -> nn.Module:
+    """A shallow copy of the head ``module`` (``name`` in the model) and its children whose parameters are
+    ``values`` (adapter ``adapter``'s, by model name), buffers and hooks shared; kept in ``cache`` while
+    ``values`` are the same tensors (the cached copy holds them, so their ids cannot be reused)."""
+    held = tuple(id(v) for n, v in values.items() if n.startswith(name + "."))
+    found = cache.get((name, adapter))
+    if found is None or found[0] != held:
+        found = cache[(name, adapter)] = held, _copy_holding(module, name, values)
+    return found[1]
 
 
-@contextmanager
-def per_sample(adapters: AdapterSet, names: Sequence[str | None], batch_dim: int = 0) -> Iterator[Mix]:
-    """See `AdapterSet.per_sample`: checks everything, then routes the model's forwards through a `Mix`."""
-    names = list(names)
-    unknown = sorted({repr(n) for n in names if n is not None and (not isinstance(n, str) or n not in adapters)})
-    if not names or unknown:
-        problem = f"names adapters it does not have: {', '.join(unknown[:6])}" if names else "is empty"
-        raise FactnetError(f"a mixed batch's list of adapter names (one per sample, None for the base model) "
-                           f"{problem}; this model has {adapters.names}")
-    if adapters.mix is not None:
-        raise FactnetError("per_sample() blocks do not nest; close the open one first")
-    if not adapters.enabled:
-        raise FactnetError("per_sample() inside disable(): samples of the base model are named None instead")
-    active = adapters.active_adapter
-    if active is not None and active.merged:
-        raise FactnetError(f"adapter {active.name!r} is merged into the weights, so every sample would get it; "
-                           "unmerge() it before a mixed batch")
-    if batch_dim < 0:
-        raise FactnetError(f"batch_dim must be a non-negative dimension, got {batch_dim}")
-    dropping = sorted({n for n in names if n is not None and adapters[n].settings.dropout > 0})
-    if adapters.training and dropping:
-        raise FactnetError(f"a mixed batch applies no factor dropout, but adapters {dropping[:6]} train with it; "
-                           "call model.eval() for serving")
-    mix = Mix(adapters, names, batch_dim)
-    model = adapters.model
-    heads = sorted({h for adapter in adapters.adapters.values() for h in adapter.head})
-    wrapped = [(model.get_submodule(h), h, True) for h in heads]
-    wrapped += [(model.get_submodule(r), r, False) for r in adapters.reader_modules() if r not in heads]
-    originals = [(module, module.__dict__.get("forward")) for module, _, _ in wrapped]
-    for module, name, is_head in wrapped:
-        module.forward = _split_wrapper(adapters, module, name, module.forward, is_head)
-    try:
-        with adapters.mixing(mix):  # (factnet's hooks go into the model, if not there: the check runs first)
-            check = model.register_forward_pre_hook(lambda _, args, kwargs: _check_batch(mix, args, kwargs),
-                                                    with_kwargs=True, prepend=True)
-            try:
-                yield mix
-            finally:
-                check.remove()
-    finally:
-        for module, forward in originals:
-            if forward is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = forward
+def _copy_holding(module: nn.Module, name: str, values: dict[str, Tensor]) -> nn.Module:
+    view = copy.copy(module)
+    view.__dict__.pop("forward", None)  # factnet's forward on the head (`factnet.attach`): the class's runs
+    view._parameters = {k: values.get(f"{name}.{k}", p) for k, p in module._parameters.items()}
+    view._modules = {k: None if c is None else _copy_holding(c, f"{name}.{k}", values) for k, c in module._modules.items()}
+    return view
 
 
-def _split_wrapper(adapters: AdapterSet, module: nn.Module, name: str, forward: Callable, is_head: bool) -> Callable:
-    """``module``'s forward in a mixed batch: a head runs once per adapter with its values; a reader of
-    adapted weights too, once it is known to read them (`SplitHere`)."""
-    head = (lambda adapter: adapters.head_values(name, adapter)) if is_head else None
-
-    def mixed_forward(*args: Any, **kwargs: Any) -> Any:
-        mix = adapters.mix
-        if mix is None:
-            return forward(*args, **kwargs)
-        if mix.uniform:
-            if head is None:
-                return forward(*args, **kwargs)
-            with head(mix.groups[0][0]):
-                return forward(*args, **kwargs)
-        if is_head or name in adapters.split_readers:
-            return mix.split(module, forward, args, kwargs, head)
-        mix.readers.append(module)
-        try:
-            return forward(*args, **kwargs)
-        except SplitHere as stop:
-            if stop.module is not module:
-                raise
-            adapters.split_readers.add(name)
-            return mix.split(module, forward, args, kwargs, head)
-        finally:
-            mix.readers.pop()
-
-    return mixed_forward
-
-
-def _check_batch(mix: Mix, args: tuple, kwargs: dict) -> None:
+def check_batch(mix: Mix, args: tuple, kwargs: dict) -> None:
     """Before the model runs: its first tensor input has ``len(names)`` samples along ``batch_dim``."""
+    if mix.batch is None:
+        return
     first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
     dim = mix.batch_dim
     if first is not None and (first.dim() <= dim or first.shape[dim] != mix.batch):

@@ -10,7 +10,10 @@ cut matrix; none: the whole matrix). `load` expands the
 templates, rebuilds the slices on the model (in the model's order, as `Tensorizer` makes them) and
 checks them against each group's shape; the head parameters are the file's ``head.*`` tensors.
 A ViT-B FacT-TT rank 8 file has a header under 1 KiB. Files of version 1 (the spec listed every
-matrix of the base model and every slice) still load, unchanged.
+matrix of the base model and every slice) still load, unchanged. A low-bit file (version 3) adds
+``bits``: ``{"factors": b | null, "head": b | null, "group": values per scale, "shapes": {tensor: shape}}``,
+and holds each low-bit tensor as ``<name>.codes`` (uint8), ``<name>.scale`` and, above 1 bit,
+``<name>.offset`` (float16) (`factnet.quant`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,13 +39,14 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKSUM_KEY", "FORMAT_VERSION", "SPEC_KEY", "STORAGE_DTYPES"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest version read; files are written as version 2 unless low-bit (version 3)
 SPEC_KEY = "factnet"
 CHECKSUM_KEY = "factnet.sha256"
 FINGERPRINT_DIGITS = 16  # hex digits of the base model's SHA-256 kept in the spec (64 bits)
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "float64": torch.float64}
 _SHOWN = 5  # mismatches listed in an error
+MAX_SPEC_CHARACTERS = 1 << 22  # a spec longer than this is refused unparsed (ViT-B's is under 1 KiB)
 
 # The spec's JSON layout: a type, a tuple of alternatives, [item layout], {key: layout} (exactly these keys)
 # or {str: layout}.
@@ -57,6 +62,9 @@ _SPEC_LAYOUTS: dict[int, dict[Any, Any]] = {
         "base": {"sha256": str, "matrices": int},
         "groups": {str: {"shape": [int], "slices": [str]}}},
 }
+_SPEC_LAYOUTS[3] = {**_SPEC_LAYOUTS[2], "bits": {"factors": (int, type(None)), "head": (int, type(None)), "group": int,
+                                                 "shapes": {str: [int]}}}
+_MAX_QUANTIZED = 1 << 40  # values of one low-bit tensor a spec may claim (its codes must hold them too)
 
 
 # ---- the spec --------------------------------------------------------------------------------
@@ -207,11 +215,13 @@ def _parse_template(text: str) -> _Template | None:
     return None if runs is None else _Template(tuple(segments), tuple(runs))
 
 
-def _spec(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, Any]:
+def _spec(adapter: Adapter, dtype: torch.dtype | None, bits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The spec of ``adapter`` saved with storage ``dtype`` and, for a low-bit file (version 3), ``bits``:
+    ``{"factors": b | None, "head": b | None, "group": values per scale, "shapes": {tensor: shape}}``."""
     fmt, settings = adapter.format, adapter.settings
     groups = {name: adapter.group(name).slices for name in adapter.group_names}
     return {
-        "factnet_format_version": FORMAT_VERSION, "factnet_version": __version__,
+        "factnet_format_version": 2 if bits is None else 3, "factnet_version": __version__,
         "format": fmt.name, "rank": fmt.rank, "factors": dict(fmt.factors),
         "scale": settings.scale, "dropout": settings.dropout,
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
@@ -219,7 +229,7 @@ def _spec(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, Any]:
         "base": _base(_matrices(adapter.model, adapter.head)),
         "groups": {name: {"shape": [len(members), members[0].d_in, members[0].d_out],
                           "slices": _templates(members)} for name, members in groups.items()},
-    }
+    } | ({} if bits is None else {"bits": bits})
 
 
 def _fits(value: Any, layout: Any) -> bool:
@@ -244,10 +254,13 @@ def _malformed(path: str, problem: str) -> FactnetError:
 
 
 def _parse_spec(text: str, path: str) -> dict[str, Any]:
-    """The spec's JSON, checked for its version and layout (not yet against a model)."""
+    """The spec's JSON, checked for its size, version and layout (not yet against a model)."""
+    if len(text) > MAX_SPEC_CHARACTERS:
+        raise _malformed(path, f"its spec is {len(text):,} characters long, more than the {MAX_SPEC_CHARACTERS:,} "
+                               "any adapter needs")
     try:
         spec = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: JSON nested deeper than Python's stack)
         spec = None
     version = spec.get("factnet_format_version") if isinstance(spec, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
@@ -280,7 +293,28 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
         if count != shape[0]:
             raise _malformed(path, f"the slice templates of group {name!r} stand for {count} slices, but its shape "
                                    f"{shape} has {shape[0]}")
+    if version == 3:
+        _check_bits(spec["bits"], path)
     return spec
+
+
+def _check_bits(bits: dict[str, Any], path: str) -> None:
+    """A low-bit file's ``bits`` entry: known bit widths, a positive group, and shapes of tensors whose kind
+    (``factors.`` or ``head.``) is stored low-bit, each of positive sizes and at most `_MAX_QUANTIZED` values."""
+    from factnet.quant import BITS
+
+    for kind in ("factors", "head"):
+        if bits[kind] is not None and bits[kind] not in BITS:
+            raise _malformed(path, f"its {kind} are stored in {bits[kind]!r} bits, not one of {BITS}")
+    if bits["group"] < 1:
+        raise _malformed(path, f"its low-bit group size {bits['group']} is not positive")
+    for name, shape in bits["shapes"].items():
+        kind = name.partition(".")[0]
+        if kind not in ("factors", "head") or bits[kind] is None:
+            raise _malformed(path, f"it lists {name!r} as low-bit, but its {kind} are not stored low-bit")
+        if not 1 <= len(shape) <= 8 or min(shape) < 1 or math.prod(shape) > _MAX_QUANTIZED:
+            raise _malformed(path, f"low-bit tensor {name!r} has shape {shape}, not 1 to 8 positive sizes of at most "
+                                   f"{_MAX_QUANTIZED} values")
 
 
 def _checksum(spec_text: str, tensors: Mapping[str, Tensor]) -> str:

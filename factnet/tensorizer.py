@@ -17,6 +17,7 @@ from factnet.attach import base_weight
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
+from factnet.quant import check_bits
 from factnet.slices import Slice, classifier_names, select_slices
 
 __all__ = ["STABLE_GAIN", "Tensorizer"]
@@ -123,6 +124,7 @@ class Tensorizer:
         head: Sequence[str] | None = None,
         seed: int | None = None,
         name: str = "default",
+        bits: int | None = None,
     ) -> Adapter:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
         and return the `Adapter` holding its factors.
@@ -136,7 +138,9 @@ class Tensorizer:
         (found automatically on timm models and for modules named head/classifier/fc); it stays
         trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
         ``name`` registers it in ``model.factnet`` (an `AdapterSet`) beside any adapters the model
-        already has; the new one becomes the active one.
+        already has; the new one becomes the active one. ``bits`` (1, 2, 4, 8) trains the factors as a
+        ``bits``-bit file stores them (quantized in the forward, straight-through gradient), so
+        ``adapter.save`` then writes exactly the trained model in ``bits`` bits.
         """
         if budget is not None:
             if rank is not None:
@@ -152,6 +156,8 @@ class Tensorizer:
             scale = (STABLE_GAIN if gain is None else gain) * self.stable_scale(fmt)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
             raise FactnetError(f"scale must be a finite number, got {scale!r}")
+        if bits is not None:
+            check_bits(bits)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
         capped = self.rank_report(fmt)
@@ -165,7 +171,7 @@ class Tensorizer:
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator)
+        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits)
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())

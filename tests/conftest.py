@@ -244,6 +244,14 @@ def randomize_factors(adapter: factnet.Adapter, std: float = 0.5, seed: int = 0)
                 factor.copy_(torch.randn(factor.shape, generator=generator, dtype=torch.float64) * std)
 
 
+def perturb_head(adapter: factnet.Adapter, seed: int) -> None:
+    """Add N(0, 1) noise (from generator ``seed``) to the adapter's head parameters, in place: a head of its own."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter.head_state().values():
+            param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
 def factor_leaves(adapter: factnet.Adapter) -> dict[str, dict[str, torch.Tensor]]:
     """Detached leaf copies of every group's factors (requires_grad) for the differentiable oracle."""
     return {

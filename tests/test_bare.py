@@ -1,7 +1,7 @@
 """The model holds factnet's machinery (stand-ins, adapted classes, hooks) only while an adapter can act.
 
-On every family of the zoo: merged for serving (eval mode), with no adapter active, or inside
-``disable()``, the model's modules are the base model's own, of the same types and with the same
+On every family of the zoo: merged for serving (eval mode) or with no adapter active, the model's
+modules are the base model's own, of the same types and with the same
 hooks, and it computes what the merged weights or the base weights give; in training mode, unmerged,
 or with an adapter active again, the machinery is back and the adapter acts as before. Parameters
 replaced while one side is in the model reach the other. The increments a forward looks up are the
@@ -49,8 +49,8 @@ def test_merged_in_eval_disabled_or_idle_the_model_is_the_base_model(family):
         run(model, args, kwargs).sum().backward()
     model.eval()
     assert _structure(model) == base_structure
-    with model.factnet.disable():  # unmerged meanwhile, and nothing acts
-        assert _structure(model) == base_structure
+    with model.factnet.disable():  # unmerged meanwhile: the adapter acts, but not in this thread's forwards
+        assert _structure(model) != base_structure
         assert_close(run(model, args, kwargs), base_out, 1e-12, f"{family} disabled")  # (unmerge rounds)
     adapter.unmerge()
     assert _structure(model) != base_structure

@@ -56,7 +56,7 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     adapter.save(path)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
-    assert spec["factnet_format_version"] == factnet.io.FORMAT_VERSION == 2
+    assert spec["factnet_format_version"] == 2 and factnet.io.FORMAT_VERSION == 3  # (3: low-bit files)
     assert (spec["format"], spec["rank"], spec["scale"], spec["dropout"]) == ("tt", 3, 10.0, 0.1)
     assert spec["head"] == ["head"] and spec["dtype"] is None
     # the base model: a fingerprint of every nn.Linear outside the head, with its weight's shape (d_out, d_in),

@@ -234,7 +234,7 @@ def test_not_a_module(saved):
 
 # ---- crafted specs (valid checksum) ----------------------------------------------------------------------
 @pytest.mark.parametrize("edit, match", [
-    (lambda s: s.update(factnet_format_version=3), "factnet_format_version 3.*upgrade factnet"),
+    (lambda s: s.update(factnet_format_version=4), "factnet_format_version 4.*upgrade factnet"),
     (lambda s: s.update(factnet_format_version="2"), "malformed factnet spec"),
     (lambda s: s.update(factnet_format_version=1), "malformed factnet spec"),
     (lambda s: s.update(format="block-term"), "'block-term' is not registered"),

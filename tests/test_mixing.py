@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BUILTIN_FORMATS, randomize_factors
+from conftest import BUILTIN_FORMATS, perturb_head, randomize_factors
 from zoo import FAMILIES, inputs, prototype, run
 
 import factnet
@@ -43,10 +43,7 @@ def _two_adapters(family: str, fmt: str, train_head: bool = True) -> torch.nn.Mo
         rank = min([RANK, *(factnet.get_format(fmt, RANK).max_rank(*s) for s in tensorizer.group_shapes().values())])
         adapter = tensorizer.decompose(fmt, rank=rank, scale=1.5, name=name, train_head=train_head)
         randomize_factors(adapter, seed=seed)
-        generator = torch.Generator().manual_seed(10 + seed)
-        with torch.no_grad():
-            for param in adapter.head_state().values():
-                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        perturb_head(adapter, 10 + seed)
     return model
 
 
@@ -132,7 +129,8 @@ def test_unknown_names_and_wrong_batch_are_errors_before_anything_runs():
             model.factnet.per_sample(NAMES):
         pass
     assert calls == [] and model.factnet.mix is None
-    assert "forward" not in vars(model.head)  # the split wrappers are gone
+    model.factnet.activate(None)  # nothing acts: the model is bare, factnet's forward on the head is gone
+    assert "forward" not in vars(model.head)
 
 
 def test_merged_adapter_is_an_error_and_nothing_changes():
@@ -166,6 +164,10 @@ def test_gradients_reach_each_samples_adapter():
     out[0].sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.factnet["a"].parameters())
     assert all(p.grad is None or not p.grad.any() for p in model.factnet["b"].parameters())
+    model.factnet.activate("a")  # the active adapter's samples train the model's head, which it holds
+    with model.factnet.per_sample(NAMES):
+        model(x)[0].sum().backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
 
 
 def test_many_adapters_switch_in_constant_time():

@@ -1,4 +1,4 @@
-"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table, frontier.
+"""The ``factnet`` command line: train, sweep, info, export, merge, bench-table, frontier, serve.
 
     factnet train --data vtab/cifar --model vit_base_patch16_224 --checkpoint vit_b16_in21k.safetensors \\
                   --preset vtab1k/cifar --split train800val200 --out runs/cifar
@@ -6,6 +6,7 @@
     factnet info vit_base_patch16_224 --format tt --rank 4
     factnet export runs/cifar/adapter.safetensors --model ... --checkpoint ... --out lora/cifar
     factnet merge runs/cifar/adapter.safetensors --model ... --checkpoint ... --out cifar_merged.safetensors
+    factnet serve --model vit_base_patch16_224 --checkpoint vit_b16_in21k.safetensors --adapters users/
 
 Errors (bad paths, unknown names, bad numbers) print one line on stderr and exit with status 2.
 Nothing is ever downloaded: pretrained weights come from ``--checkpoint FILE`` only.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ from factnet import (
     parse_budget,
     write_atomically,
 )
+from factnet.app.arguments import finite_float, float_list, int_list, nonnegative_float, nonnegative_int, positive_int
 from factnet.app.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
+from factnet.app.serve_cli import add_serve_command
 
 __all__ = ["main"]
 
@@ -47,53 +49,6 @@ class UsageError(FactnetError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would print usage and exit; we raise instead
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-# ---- argument types (a bad value is an argparse error: one line, exit status 2) ----------------------
-def _number(text: str, kind: type, minimum: float | None = None) -> int | float:
-    """``text`` as a finite ``kind`` (int or float), at least ``minimum``."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or (minimum is not None and value < minimum):
-        what = "an integer" if kind is int else "a finite number"
-        bound = f" >= {minimum:g}" if minimum is not None else ""
-        raise argparse.ArgumentTypeError(f"expected {what}{bound}, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _number(text, int, 1)
-
-
-def _nonnegative_int(text: str) -> int:
-    return _number(text, int, 0)
-
-
-def _nonnegative_float(text: str) -> float:
-    return _number(text, float, 0)
-
-
-def _finite_float(text: str) -> float:
-    return _number(text, float)
-
-
-def _int_list(text: str) -> list[int]:
-    """``"2,4,8"`` -> ``[2, 4, 8]`` (positive integers)."""
-    return [_positive_int(item) for item in _items(text)]
-
-
-def _float_list(text: str) -> list[float]:
-    """``"0.1,1,10"`` -> ``[0.1, 1.0, 10.0]`` (finite numbers)."""
-    return [_finite_float(item) for item in _items(text)]
-
-
-def _items(text: str) -> list[str]:
-    items = [item.strip() for item in text.split(",")]
-    if not all(items):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list such as 2,4,8, got {text!r}")
-    return items
 
 
 def _model_kwargs(text: str) -> dict[str, Any]:
@@ -143,28 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
                               "repeatable); default: the paper's attention and MLP matrices")
     training = _Parser(add_help=False)
     training.add_argument("--data", type=Path, help="VTAB-1K task folder (train800.txt, ...) or ImageFolder tree")
-    for flag, kind, text in [("--epochs", _positive_int, "100"), ("--batch-size", _positive_int, "64"),
-                             ("--lr", _nonnegative_float, "1e-3"), ("--weight-decay", _nonnegative_float, "1e-4"),
-                             ("--warmup-epochs", _nonnegative_int, "10"),
-                             ("--warmup-lr", _nonnegative_float, "1e-6"), ("--min-lr", _nonnegative_float, "1e-5"),
-                             ("--dropout", _nonnegative_float, "0.1, in factor space"),
-                             ("--drop-path", _nonnegative_float, "0.1, on the backbone")]:
+    for flag, kind, text in [("--epochs", positive_int, "100"), ("--batch-size", positive_int, "64"),
+                             ("--lr", nonnegative_float, "1e-3"), ("--weight-decay", nonnegative_float, "1e-4"),
+                             ("--warmup-epochs", nonnegative_int, "10"),
+                             ("--warmup-lr", nonnegative_float, "1e-6"), ("--min-lr", nonnegative_float, "1e-5"),
+                             ("--dropout", nonnegative_float, "0.1, in factor space"),
+                             ("--drop-path", nonnegative_float, "0.1, on the backbone")]:
         training.add_argument(flag, type=kind, help=f"default: the paper's {text}")
     training.add_argument("--seed", type=int, default=0, help="seeds the factors, shuffling and dropout (default 0)")
     training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    training.add_argument("--workers", type=_nonnegative_int, default=4, help="data loader processes (default 4)")
+    training.add_argument("--workers", type=nonnegative_int, default=4, help="data loader processes (default 4)")
     training.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     train = commands.add_parser("train", parents=[model, adapter, training], help="train an adapter on a data set",
                                 description="Train an adapter with the paper's recipe. Without --data, run the "
                                             "built-in demo.")
-    train.add_argument("--rank", type=_positive_int, help="default 8, or the preset's")
-    train.add_argument("--scale", type=_finite_float, help="default 10, or the preset's")
+    train.add_argument("--rank", type=positive_int, help="default 8, or the preset's")
+    train.add_argument("--scale", type=finite_float, help="default 10, or the preset's")
     train.add_argument("--preset", help="vtab1k/<task>: the paper's rank and scale for that task and --format")
     train.add_argument("--split", choices=["train800", "train800val200"], default="train800",
                        help="train800: train there, evaluate on val200 (default); train800val200: the final run, "
                             "evaluated on test")
-    train.add_argument("--eval-every", type=_positive_int,
+    train.add_argument("--eval-every", type=positive_int,
                        help="evaluate every N epochs (default: every epoch on val200, only after the last on test)")
     train.add_argument("--out", type=Path, default=Path("factnet-run"), help="output directory (default factnet-run)")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -173,18 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", parents=[model, adapter, training], help="rank x scale grid search",
                                 description="Train every rank x scale on train800 and evaluate on val200; retrain "
                                             "the best (by val accuracy) on train800val200, evaluate it on test once.")
-    sweep.add_argument("--ranks", type=_int_list, required=True, metavar="R,...", help="e.g. 2,4,8")
-    sweep.add_argument("--scales", type=_float_list, required=True, metavar="S,...", help="e.g. 0.1,1,10")
+    sweep.add_argument("--ranks", type=int_list, required=True, metavar="R,...", help="e.g. 2,4,8")
+    sweep.add_argument("--scales", type=float_list, required=True, metavar="S,...", help="e.g. 0.1,1,10")
     sweep.add_argument("--out", type=Path, required=True, help="output directory")
     sweep.add_argument("--resume", action="store_true", help="keep finished settings, continue the interrupted one")
     sweep.set_defaults(handler=command_sweep)
 
     info = commands.add_parser("info", parents=[adapter], help="dry run: what an adapter would train")
     info.add_argument("model_name", metavar="MODEL", help="timm model name")
-    info.add_argument("--rank", type=_positive_int, default=8, help="default 8")
+    info.add_argument("--rank", type=positive_int, default=8, help="default 8")
     info.add_argument("--budget", help="instead: for every format, the largest rank whose exact count fits this many "
                                        "parameters ('10k') or bytes ('40KB')")
-    info.add_argument("--num-classes", type=_positive_int, help="head size (default: the model's)")
+    info.add_argument("--num-classes", type=positive_int, help="head size (default: the model's)")
     info.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...")
     info.set_defaults(handler=command_info)
 
@@ -192,16 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("merge", "write the merged model's weights", "output .safetensors file")]:
         command = commands.add_parser(name, parents=[model], help=text, description=text)
         command.add_argument("adapter", type=Path, metavar="ADAPTER", help="adapter.safetensors")
-        command.add_argument("--num-classes", type=_positive_int,
+        command.add_argument("--num-classes", type=positive_int,
                              help="head size (default: read from the adapter's saved head)")
         command.add_argument("--out", type=Path, required=True, help=out_help)
         command.add_argument("--overwrite", action="store_true", help="replace an existing output")
         command.set_defaults(handler=command_export if name == "export" else command_merge)
-    commands.choices["export"].add_argument("--max-rank", type=_positive_int,
+    commands.choices["export"].add_argument("--max-rank", type=positive_int,
                                             help="cap the LoRA rank (truncated SVD above it)")
 
     bench = commands.add_parser("bench-table", help="the built-in demo's benchmark table (markdown)")
-    bench.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting (default 3)")
+    bench.add_argument("--seeds", type=positive_int, default=3, help="seeds per setting (default 3)")
     bench.add_argument("--no-progress", dest="progress", action="store_false")
     bench.set_defaults(handler=command_bench_table)
 
@@ -212,13 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "frontier.md, frontier.png and runs.jsonl to --out. Finished runs are kept in runs.jsonl: "
                     "rerun the same command to continue an interrupted one.")
     frontier.add_argument("--out", type=Path, default=Path("frontier"), help="output directory (default frontier)")
-    frontier.add_argument("--seeds", type=_positive_int, help="seeds per budget (default 3)")
-    frontier.add_argument("--jobs", type=_positive_int, default=1,
+    frontier.add_argument("--seeds", type=positive_int, help="seeds per budget (default 3)")
+    frontier.add_argument("--jobs", type=positive_int, default=1,
                           help="training runs side by side, one torch thread each (default 1)")
     frontier.add_argument("--smoke", action="store_true",
                           help="a tiny backbone and recipe (seconds): checks the pipeline, measures nothing")
     frontier.add_argument("--no-progress", dest="progress", action="store_false")
     frontier.set_defaults(handler=command_frontier)
+
+    add_serve_command(commands, model)
     return parser
 
 
