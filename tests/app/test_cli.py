@@ -372,7 +372,6 @@ def test_demo_and_bench_table_wiring(tmp_path, capsys, monkeypatch) -> None:
     (["train", "--data", "{vtab}", "--model", MODEL, "--epochs", "5"], "--warmup-epochs"),
     (["sweep", "--data", "{vtab}", "--model", MODEL, "--ranks", "2,x", "--scales", "1", "--out", "{tmp}"], "--ranks"),
     (["sweep", "--data", "{vtab}", "--model", MODEL, "--ranks", "2", "--scales", "nan", "--out", "{tmp}"], "--scales"),
-    (["info", "vit_base_patch16_224", "--rank", "900"], "rank"),
     (["export", "{tmp}/none.safetensors", "--model", MODEL, "--out", "{tmp}/lora"], "does not exist"),
     (["frobnicate"], "invalid choice"),
 ])
