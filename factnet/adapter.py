@@ -103,7 +103,8 @@ class GroupFactors(nn.Module):
 
     def extra_repr(self) -> str:
         n, d_in, d_out = self.shape
-        return f"{self.format.name} rank {self.format.rank}, {n}x{d_in}x{d_out}"
+        capped = ", ".join(f"{c}={size}" for c, size in self.format.capped(*self.shape).items())
+        return f"{self.format.name} rank {self.format.rank}{f' (capped: {capped})' if capped else ''}, {n}x{d_in}x{d_out}"
 
 
 @dataclass

@@ -236,8 +236,10 @@ _DECOMPOSERS: dict[str, Callable[[Tensor, Format, _Options], Any]] = {
 
 
 def _fit_to_rank(fmt: Format, factors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Zero-pad each rank axis of ``factors`` up to ``fmt.rank`` (tensorly caps ranks at the
-    sizes a decomposition can reach; padding with zeros leaves the tensor unchanged)."""
+    """Zero-pad each rank axis of ``factors`` up to its size in ``fmt`` (the rank, capped per mode;
+    tensorly caps ranks at the sizes a decomposition can reach; zero padding leaves the tensor unchanged)."""
+    modes = {c: size for name, letters in fmt.factors.items() for c, size in zip(letters, factors[name].shape)}
+    target = fmt.sizes(modes["i"], modes["j"], modes["k"])
     fitted = {}
     for name, letters in fmt.factors.items():
         tensor = factors[name]
@@ -246,9 +248,9 @@ def _fit_to_rank(fmt: Format, factors: dict[str, Tensor]) -> dict[str, Tensor]:
             if letter in "ijk":
                 pads += [0, 0]
                 continue
-            if size > fmt.rank:
-                raise FactnetError(f"decomposition factor {name!r} has rank {size} > {fmt.rank} on axis {letter!r}")
-            pads += [0, fmt.rank - size]
+            if size > target[letter]:
+                raise FactnetError(f"decomposition factor {name!r} has rank {size} > {target[letter]} on axis {letter!r}")
+            pads += [0, target[letter] - size]
         fitted[name] = torch.nn.functional.pad(tensor, pads)
     return fitted
 

@@ -165,10 +165,6 @@ def _check_settings(model: nn.Module, spec: dict[str, Any], fmt: Format, tensori
         raise FactnetError(f"scale must be a finite number, got {scale!r}")
     if not 0.0 <= dropout < 1.0:
         raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
-    for group, shape in tensorizer.group_shapes().items():
-        limit = fmt.max_rank(*shape)
-        if fmt.rank > limit:
-            raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {group!r}")
     keys = [_key(group) for group in tensorizer.groups]
     if len(set(keys)) != len(keys):
         raise FactnetError(f"group names {list(tensorizer.groups)} collide once dots become underscores; rename them")

@@ -20,7 +20,9 @@ from factnet.grouping import GroupBy, make_groups
 from factnet.quant import check_bits
 from factnet.slices import Slice, classifier_names, select_slices
 
-__all__ = ["Tensorizer"]
+__all__ = ["STABLE_GAIN", "Tensorizer"]
+
+STABLE_GAIN = 1.0  # decompose's default gain g of the rank-stable scale s = g·ρ (docs/scale/README.md)
 
 _HEAD_NAMES = ("head", "heads", "classifier", "fc", "lm_head")
 
@@ -55,27 +57,59 @@ class Tensorizer:
         return {name: (len(m), m[0].d_in, m[0].d_out) for name, m in self.groups.items()}
 
     def num_parameters(self, format: str | Format, rank: int | None = None) -> int:
-        """Factor parameters ``decompose(format, rank)`` would train (dry run, exact)."""
+        """Factor parameters ``decompose(format, rank)`` would train (dry run, exact: the factors' shapes)."""
         fmt = get_format(format, rank)
-        return sum(fmt.num_parameters(*shape) for shape in self.group_shapes().values())
+        return sum(math.prod(size) for shape in self.group_shapes().values() for size in fmt.shapes(*shape).values())
 
     def rank_for_budget(self, format: str, budget: int | str) -> int:
         """The largest rank whose exact factor count (the format's `num_parameters`) fits ``budget``.
 
         ``budget``: parameters (``10_000``, ``"10k"``, ``"1.5M"``) or bytes with a unit (``"40KB"``,
-        ``"40KiB"``; 4 bytes a float32 factor, 8 a float64 one). Every rank up to the format's limit
-        for these groups is tried, so a format need not count monotonically.
+        ``"40KiB"``; 4 bytes a float32 factor, 8 a float64 one). Every rank up to the groups' largest size is
+        tried, so a format need not count monotonically; of ranks with equal counts (modes capped), the smallest.
         """
         if isinstance(format, Format):
             raise FactnetError("rank_for_budget takes a format name (it builds the format at each rank)")
-        limit = min(get_format(format, 1).max_rank(*shape) for shape in self.group_shapes().values())
+        limit = max(max(d_in, d_out, n) for n, d_in, d_out in self.group_shapes().values())  # no size grows past it
         itemsize = torch.empty((), dtype=_factor_dtype(self.model)).element_size()
         allowed = parse_budget(budget, itemsize)
-        fitting = [r for r in range(1, limit + 1) if self.num_parameters(format, r) <= allowed]
+        counts = {r: self.num_parameters(format, r) for r in range(1, limit + 1)}
+        fitting = [r for r, count in counts.items() if count <= allowed]
         if not fitting:
             raise FactnetError(f"no rank of {format!r} fits a budget of {allowed:,} parameters here: rank 1 needs "
-                               f"{self.num_parameters(format, 1):,}; raise the budget or target fewer matrices")
-        return fitting[-1]
+                               f"{counts[1]:,}; raise the budget or target fewer matrices")
+        most = max(counts[r] for r in fitting)
+        return min(r for r in fitting if counts[r] == most)  # past it, every group is capped: nothing grows
+
+    def stable_scale(self, format: str | Format, rank: int | None = None) -> float:
+        """The rank-stable scale ``ρ`` (`Format.stable_scale`) of these groups: the geometric mean of
+        each group's (equal for every group except in formats whose init depends on the group's size,
+        such as Tucker's Xavier-initialized slice factor). ``decompose(gain=g)`` trains ``s = g·ρ``."""
+        fmt = get_format(format, rank)
+        shapes = list(self.group_shapes().values())
+        return math.exp(sum(math.log(fmt.stable_scale(*shape)) for shape in shapes) / len(shapes))
+
+    def capped_ranks(self, format: str | Format, rank: int | None = None) -> dict[str, dict[str, int]]:
+        """``{group: {rank letter: size}}`` for the groups too small for ``rank`` in some mode."""
+        fmt = get_format(format, rank)
+        found = {group: fmt.capped(*shape) for group, shape in self.group_shapes().items()}
+        return {group: letters for group, letters in found.items() if letters}
+
+    def rank_report(self, format: str | Format, rank: int | None = None) -> str:
+        """One message naming every group too small for ``rank`` and the sizes it gets ("" if none)."""
+        fmt = get_format(format, rank)
+        capped = self.capped_ranks(fmt)
+        if not capped:
+            return ""
+        shapes = self.group_shapes()
+        parts = []
+        for group, letters in capped.items():
+            sizes = ", ".join(f"{c}={size}" for c, size in letters.items())
+            parts.append(f"{group!r} ({'x'.join(map(str, shapes[group]))}): {sizes} "
+                         f"({fmt.num_parameters(*shapes[group]):,} parameters)")
+        return (f"{fmt.name} rank {fmt.rank} is more than {len(capped)} of {len(shapes)} group(s) allow, so each gets "
+                f"the largest rank it has in those modes ({' · '.join(fmt.factors.values())}): " + "; ".join(parts)
+                + f"; {self.num_parameters(fmt):,} parameters in all")
 
     def decompose(
         self,
@@ -83,7 +117,8 @@ class Tensorizer:
         rank: int | None = None,
         *,
         budget: int | str | None = None,
-        scale: float = 1.0,
+        scale: float | None = None,
+        gain: float | None = None,
         dropout: float = 0.0,
         train_head: bool = True,
         head: Sequence[str] | None = None,
@@ -94,7 +129,11 @@ class Tensorizer:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
         and return the `Adapter` holding its factors.
 
-        ``budget`` instead of ``rank`` picks the largest rank that fits (see `rank_for_budget`).
+        ``rank`` is at most that in each mode: a group too small for it gets the largest rank it allows,
+        said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
+        fits (see `rank_for_budget`). The scale: by default rank-stable, ``s = g·ρ`` with ``ρ`` from
+        `stable_scale` and gain ``g = gain`` (default `STABLE_GAIN`), so one learning rate serves every
+        rank; ``scale=`` is the paper's ``s`` itself (the presets' values), as saved in the file.
         ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
         (found automatically on timm models and for modules named head/classifier/fc); it stays
         trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
@@ -109,18 +148,21 @@ class Tensorizer:
             rank = self.rank_for_budget(format, budget)
         fmt = get_format(format, rank)
         AdapterSet.check_addable(self.model, name)
+        if scale is not None and gain is not None:
+            raise FactnetError("pass scale= (the paper's s) or gain= (of the rank-stable scale), not both")
+        if scale is None:
+            if not (isinstance(gain, (int, float, type(None))) and math.isfinite(gain or 0.0)):
+                raise FactnetError(f"gain must be a finite number, got {gain!r}")
+            scale = (STABLE_GAIN if gain is None else gain) * self.stable_scale(fmt)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
             raise FactnetError(f"scale must be a finite number, got {scale!r}")
         if bits is not None:
             check_bits(bits)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
-        for group, shape in self.group_shapes().items():
-            limit = fmt.max_rank(*shape)
-            if fmt.rank > limit:
-                n, d_in, d_out = shape
-                raise FactnetError(f"rank {fmt.rank} exceeds the {fmt.name} limit {limit} of group {group!r} "
-                                   f"({n}x{d_in}x{d_out}); use rank <= {limit}")
+        capped = self.rank_report(fmt)
+        if capped:
+            warnings.warn(capped, stacklevel=2)
         keys = [_key(group) for group in self.groups]
         if len(set(keys)) != len(keys):
             raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")

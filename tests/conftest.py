@@ -36,9 +36,6 @@ class UserTT(factnet.Format, name="user-tt"):
     factors = {"sigma": "iab", "u": "ja", "v": "kb"}
     zero = "v"
 
-    def num_parameters(self, n, d_in, d_out):
-        return n * self.rank**2 + (d_in + d_out) * self.rank
-
     def reference(self, factors):
         return torch.einsum("iab,ja,kb->ijk", factors["sigma"], factors["u"], factors["v"])
 
@@ -48,9 +45,6 @@ class UserOutPerSlice(factnet.Format, name="user-out-per-slice"):
 
     factors = {"u": "ja", "g": "iab", "v": "ikb"}
     zero = "v"
-
-    def num_parameters(self, n, d_in, d_out):
-        return d_in * self.rank + n * self.rank**2 + n * d_out * self.rank
 
     def reference(self, factors):
         u, g, v = factors["u"], factors["g"], factors["v"]
@@ -62,9 +56,6 @@ class UserInPerSlice(factnet.Format, name="user-in-per-slice"):
 
     factors = {"u": "ija", "g": "ab", "v": "kb"}
     zero = "v"
-
-    def num_parameters(self, n, d_in, d_out):
-        return n * d_in * self.rank + self.rank**2 + d_out * self.rank
 
     def reference(self, factors):
         u, g, v = factors["u"], factors["g"], factors["v"]
@@ -80,9 +71,6 @@ class UserBlockTerm(factnet.Format, name="user-block-term"):
 
     def sizes(self, n, d_in, d_out):
         return {**super().sizes(n, d_in, d_out), **self.own_sizes}
-
-    def num_parameters(self, n, d_in, d_out):
-        return 2 * (self.rank**3 + (n + d_in + d_out) * self.rank)
 
     def reference(self, factors):
         with tl.backend_context("pytorch"):

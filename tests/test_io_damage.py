@@ -4,6 +4,7 @@ or crafted files and the wrong model rejected (without unpickling), the model un
 from __future__ import annotations
 
 import copy
+import re
 import os
 import pathlib
 import pickle
@@ -277,7 +278,8 @@ def test_crafted_spec_with_a_stale_checksum(saved):
     tensors = safetensors.torch.load_file(str(path))
     _, header = read_header(path)
     metadata = dict(header["__metadata__"])
-    metadata["factnet"] = metadata["factnet"].replace('"scale":1.0', '"scale":2.0')
+    metadata["factnet"], replaced = re.subn(r'"scale":[-+0-9.eE]+', '"scale":2.0', metadata["factnet"], count=1)
+    assert replaced == 1
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
     rejected(copy.deepcopy(base), path, "SHA-256 does not match")
 

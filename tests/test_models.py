@@ -224,7 +224,7 @@ def test_transformer_encoder_inference_uses_the_increment():
     so the fused path runs even with grad enabled."""
     spec, model, inputs = make("transformer-encoder")
     base = copy.deepcopy(model)
-    adapter = factnet.Tensorizer(model, ["layers.*.linear1", "layers.*.linear2"]).decompose("tucker", rank=2)
+    adapter = factnet.Tensorizer(model, ["layers.*.linear1", "layers.*.linear2"]).decompose("tucker", rank=2, scale=1.0)
     randomize_factors(adapter, seed=5)
     model.eval()
     base.eval()

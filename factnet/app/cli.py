@@ -230,7 +230,9 @@ def command_info(args: argparse.Namespace) -> int:
     print(f"\nformat {adapter.format.name}, rank {args.rank}, grouped by {args.group}")
     for name, count in adapter.num_parameters_by_group().items():
         n, d_in, d_out = adapter.group_shapes()[name]
-        print(f"  group {name}: {n}x{d_in}x{d_out} -> {count:,} parameters")
+        capped = adapter.format.capped(n, d_in, d_out)
+        note = f" (rank capped: {', '.join(f'{c}={size}' for c, size in capped.items())})" if capped else ""
+        print(f"  group {name}: {n}x{d_in}x{d_out} -> {count:,} parameters{note}")
     print(f"trainable factor parameters: {factors:,}")
     print(f"head parameters: {head:,}")
     print(f"adapter bytes: {4 * (factors + head):,} (factors {4 * factors:,} + head {4 * head:,}; an estimate of the "

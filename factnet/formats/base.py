@@ -3,8 +3,9 @@
 A group tensor ``ΔW`` has three modes: ``i`` (slice), ``j`` (input), ``k`` (output), so
 ``ΔW[i]`` is the ``d_in × d_out`` increment of slice ``i`` (applied as ``x @ ΔW[i]``).
 A format names its factors with einsum letters (``{"sigma": "iab", "u": "ja", "v": "kb"}``
-is FacT-TT); every other letter is a rank index of size ``rank``. From that alone the base
-class derives the shapes, the dense reconstruction and the *normal form* every kernel uses:
+is FacT-TT); every other letter is a rank index of size at most ``rank`` (see `Format.sizes`).
+From that alone the base class derives the shapes, the parameter count, the rank-stable scale
+(`Format.stable_scale`), the dense reconstruction and the *normal form* every kernel uses:
 
     ΔW[i] = P_in[i] @ core[i] @ P_out[i]ᵀ,   P_in: (d_in, a), core: (a, b), P_out: (d_out, b)
 
@@ -52,7 +53,7 @@ class Format:
 
     Subclasses set ``factors`` (name → einsum letters over ``i, j, k`` and rank letters) and
     ``zero`` (the factor that starts at zero, on the output side so ``ΔW = 0`` at step 0),
-    and implement `num_parameters` (the exact formula) and `to_tensorly`/`reference`.
+    and implement `to_tensorly`/`reference`.
     """
 
     name: ClassVar[str]
@@ -77,11 +78,12 @@ class Format:
 
     # ---- declared by each format -------------------------------------------------------
     def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
-        """Exact number of parameters for a ``(n, d_in, d_out)`` group (the paper's formula)."""
-        raise NotImplementedError
+        """Exact number of parameters for a ``(n, d_in, d_out)`` group: the factors' elements."""
+        return sum(math.prod(shape) for shape in self.shapes(n, d_in, d_out).values())
 
     def max_rank(self, n: int, d_in: int, d_out: int) -> int:
-        """Largest meaningful rank for a ``(n, d_in, d_out)`` group."""
+        """Largest meaningful size of a rank letter held by three or more factors (CP's ``r``); a letter
+        linking two factors is capped by the factors themselves (see `sizes`)."""
         return min(d_in, d_out)
 
     def to_tensorly(self, factors: dict[str, Tensor]) -> Any:
@@ -106,19 +108,69 @@ class Format:
         """Fill factors in place: uniform ``±1/√fan`` (``fan`` the factor's largest non-slice
         size, as ``nn.Linear`` does), then `zero` set to zeros. Formats may override."""
         for name, tensor in factors.items():
-            dims = [size for letter, size in zip(self.factors[name], tensor.shape) if letter != "i"]
-            bound = 1.0 / math.sqrt(max(dims, default=1))
-            _uniform(tensor, bound, generator)
+            _uniform(tensor, 1.0 / math.sqrt(_fan(self.factors[name], tensor.shape)), generator)
         with torch.no_grad():
             factors[self.zero].zero_()
 
+    def second_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
+        """``E[f²]`` of each factor's entries as `initialize` draws them (the zero factor's is 0).
+
+        Exact for the base init (uniform ``±1/√fan``: ``1/(3·fan)``); a format that overrides
+        `initialize` without overriding this gets a deterministic estimate (seeded draws)."""
+        if type(self).initialize is Format.initialize:
+            return self._uniform_moments(n, d_in, d_out)
+        return _sampled_second_moments(self, self.shapes(n, d_in, d_out))
+
+    def _uniform_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
+        """`second_moments` of the base init (for formats that redraw only some factors)."""
+        return {name: 0.0 if name == self.zero else 1.0 / (3 * _fan(self.factors[name], shape))
+                for name, shape in self.shapes(n, d_in, d_out).items()}
+
+    def stable_scale(self, n: int, d_in: int, d_out: int) -> float:
+        """The rank-stable scale ``ρ`` of a ``(n, d_in, d_out)`` group: ``s = g·ρ`` makes one Adam step of
+        size ``lr`` from the init change the increment's output by ``≈ g·lr`` per unit input, whatever the
+        rank, width or slice count (docs/scale/README.md has the derivation).
+
+        At step 0 only the zero factor ``Z`` has a gradient; Adam moves each of its entries by ``±lr``
+        along the gradient, so the output moves by ``s·lr·R_Z·σ_h``: ``R_Z`` terms (the product of the sizes
+        of ``Z``'s summed letters), each a coefficient ``h`` (the input contracted with the other factors) of
+        RMS ``σ_h = √(N_h·Π E[f²])`` for ``N_h`` summed terms. Hence ``ρ = 1 / (R_Z·σ_h)``."""
+        sizes = self.sizes(n, d_in, d_out)
+        moments = self.second_moments(n, d_in, d_out)
+        summed = (set("".join(self.factors.values())) | {"j"}) - {"i", "k"}  # j is summed against the input
+        on_zero = summed & set(self.factors[self.zero])
+        r_zero = math.prod(sizes[c] for c in on_zero)
+        n_h = math.prod(sizes[c] for c in summed - on_zero)
+        variance = n_h * math.prod(moments[name] for name in self.factors if name != self.zero)
+        return 1.0 / (r_zero * math.sqrt(variance))
+
     # ---- derived from the declaration --------------------------------------------------
     def sizes(self, n: int, d_in: int, d_out: int) -> dict[str, int]:
-        """Size of every einsum letter: the three modes and each rank letter."""
+        """Size of every einsum letter: the three modes and each rank letter, ``rank`` capped per letter.
+
+        A letter linking two factors is at most the product of the other sizes of each (the rank of
+        that factor unfolded; mode ``i`` does not count where several factors hold it, as it is a
+        batch index there): Tucker's ``a`` (with ``p: i×a``) is at most ``n``, TT's ``a`` at most
+        ``d_in``. A letter held by three or more factors is at most `max_rank`. Caps are applied until
+        none changes, so ``rank`` means "at most ``rank`` in each mode"."""
         sizes = {"i": n, "j": d_in, "k": d_out}
-        for letters in self.factors.values():
-            sizes.update({c: self.rank for c in letters if c not in MODES})
-        return sizes
+        links = _links(type(self))
+        ranks = {c: self.rank if c in links else min(self.rank, self.max_rank(n, d_in, d_out))
+                 for letters in self.factors.values() for c in letters if c not in MODES}
+        batch = {"i"} if sum("i" in letters for letters in self.factors.values()) > 1 else set()
+        changed = True
+        while changed:
+            changed = False
+            for c, holders in links.items():
+                for letters in holders:
+                    cap = math.prod({**sizes, **ranks}[x] for x in letters if x != c and x not in batch)
+                    if ranks[c] > cap:
+                        ranks[c], changed = cap, True
+        return {**sizes, **ranks}
+
+    def capped(self, n: int, d_in: int, d_out: int) -> dict[str, int]:
+        """The rank letters a ``(n, d_in, d_out)`` group caps below ``rank``, with their sizes."""
+        return {c: size for c, size in self.sizes(n, d_in, d_out).items() if c not in MODES and size < self.rank}
 
     def shapes(self, n: int, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
         """Shape of each factor for a ``(n, d_in, d_out)`` group."""
@@ -199,6 +251,32 @@ def _normal_plan(cls: type[Format]) -> _NormalPlan:
     equation = ",".join(inputs) + "->" + output
     trivial = len(inputs) == 1 and inputs[0] == output
     return _NormalPlan(in_factor, out_factor, rest, tuple(renamed), None if trivial else equation, output)
+
+
+@functools.cache
+def _links(cls: type[Format]) -> dict[str, tuple[str, ...]]:
+    """Rank letters held by exactly two factors, with the letters of those two factors."""
+    held = [letters for letters in cls.factors.values()]
+    counts = {c: sum(c in letters for letters in held) for letters in held for c in letters if c not in MODES}
+    return {c: tuple(letters for letters in held if c in letters) for c, count in counts.items() if count == 2}
+
+
+def _fan(letters: str, shape: tuple[int, ...]) -> int:
+    """The base init's fan: the factor's largest size outside mode ``i`` (as ``nn.Linear``'s fan-in)."""
+    return max((size for letter, size in zip(letters, shape) if letter != "i"), default=1)
+
+
+def _sampled_second_moments(fmt: Format, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """``E[f²]`` per factor from seeded draws of ``fmt.initialize`` (at least 2¹⁶ values or 1024 draws each)."""
+    generator = torch.Generator().manual_seed(0)
+    draws = min(1024, max(1, -(-(1 << 16) // min(math.prod(s) or 1 for s in shapes.values()))))
+    totals = dict.fromkeys(shapes, 0.0)
+    for _ in range(draws):
+        factors = {name: torch.empty(shape, dtype=torch.float64) for name, shape in shapes.items()}
+        fmt.initialize(factors, generator)
+        for name, tensor in factors.items():
+            totals[name] += tensor.square().mean().item() / draws
+    return totals
 
 
 def _projection(factor: Tensor, letters: str, mode: str) -> Tensor:

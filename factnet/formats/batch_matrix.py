@@ -20,9 +20,6 @@ class BatchMatrix(Format, name="batch-matrix"):
     factors = {"u": "ijr", "v": "ikr"}
     zero = "v"
 
-    def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
-        return n * (d_in + d_out) * self.rank
-
     def to_tensorly(self, factors: dict[str, Tensor]) -> CPTensor:
         """The same tensor as a CP of rank ``n·r`` whose slice factor is block-indicator."""
         u, v = factors["u"], factors["v"]

@@ -18,9 +18,6 @@ class TensorRing(Format, name="tensor-ring"):
     factors = {"slices": "aib", "u": "jbc", "v": "kca"}
     zero = "v"
 
-    def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
-        return self.rank**2 * (n + d_in + d_out)
-
     def to_tensorly(self, factors: dict[str, Tensor]) -> TRTensor:
         """Cores ``(r, n, r), (r, d_in, r), (r, d_out, r)`` in tensorly's ring layout."""
         return TRTensor([factors["slices"], factors["u"].permute(1, 0, 2), factors["v"].permute(1, 0, 2)])

@@ -19,9 +19,6 @@ class TensorTrain(Format, name="tt"):
     factors = {"sigma": "iab", "u": "ja", "v": "kb"}
     zero = "v"
 
-    def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
-        return (d_in + d_out) * self.rank + n * self.rank**2
-
     def to_tensorly(self, factors: dict[str, Tensor]) -> TTTensor:
         """Cores ``(1, d_in, r), (r, n, r), (r, d_out, 1)``: a TT over modes (j, i, k)."""
         u, sigma, v = factors["u"], factors["sigma"], factors["v"]

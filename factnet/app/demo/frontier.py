@@ -8,23 +8,22 @@ pretrained on the digits 0–4 with the default backbone's recipe and cached the
 ``$FACTNET_CACHE``) to the digits 5–9 with the demo's recipe (`factnet.app.demo.DemoConfig`: AdamW,
 warmup/cosine, 100 epochs, batch 32, dropout 0.1, drop-path 0.1). Its patches are 4×4 (4 tokens
 and the class token), not the default's 2×2: at width 192 a 2×2-patch step costs four times as
-much (a full fine-tuning step 167 ms against 42 ms on one core), which would put the ~80 training
-runs of the frontier at hours on a 2-core machine; the parameter counts, which are what the wider
+much (a full fine-tuning step 167 ms against 42 ms on one core), which would put the training runs
+of the frontier at many hours on a 2-core machine; the parameter counts, which are what the wider
 backbone is for, do not depend on the patch size. The families and their budgets:
 
 - linear probe and full fine-tuning, the two ends;
-- PEFT LoRA at ranks 1, 2, 4, 8 (alpha = r);
+- PEFT LoRA at ranks 1 to 16 (alpha = r);
 - PEFT VeRA, VB-LoRA and TinyLoRA at two budgets each;
-- FacT-TT, FacT-TK and CP (factnet's ``tt``, ``tucker``, ``cp``) at several ranks.
+- FacT-TT (ranks 1 to 32), FacT-TK (2 to 32) and CP (factnet's ``tt``, ``tucker``, ``cp``).
 
 All PEFT tuners adapt the matrices FacT adapts: ``qkv``, ``proj``, ``fc1`` and ``fc2`` of every
 block (`factnet.app.demo.methods.BLOCK_MATRICES`).
 
 Protocol (nothing is chosen on test). A family's hyper-parameter (the learning rate; for FacT,
-the scale at the demo's FacT learning rate) is chosen once per family, at its reference budget:
-each candidate trains with seed 0 and the best validation accuracy wins (ties: the first
-listed). Every budget of the family then trains with that setting and seeds 0..n-1 (the
-reference's seed-0 run is reused); the table gives test accuracy, mean ± sample std over seeds.
+the paper's scale at the demo's FacT learning rate) is chosen at every budget: each candidate
+trains with seed 0 and the best validation accuracy wins (ties: the first listed); the winner then
+trains with seeds 1..n-1 too. The table gives test accuracy, mean ± sample std over seeds.
 
 Counts exclude the new head every method trains. File bytes: the file each method would ship
 without the head, in its smallest form that reloads: factnet's adapter file (tensors plus its
@@ -166,34 +165,25 @@ class _Pending:
 
 
 def _points(config: FrontierConfig, runner: _Runner, order: list[Family]) -> list[Point]:
-    """Choose every family's setting, then train all its budgets (candidates of all families first,
-    so that parallel jobs always have work)."""
-    seeds = config.seeds
-    tried = {f.name: [runner.submit(replace(f.points[f.reference][1], **dict(c)), 0, f.name,
-                                    f.points[f.reference][0]) for c in f.candidates] for f in order}
-    chosen: dict[str, Method] = {}
-    later: dict[str, list[list]] = {}
-    for family in order:  # submit each family's remaining runs as soon as its choice is known
-        results = [t.result() for t in tried[family.name]]
-        best = max(range(len(results)), key=lambda i: results[i].val_accuracy)  # first of equals
-        setting = dict(family.candidates[best])
-        chosen[family.name] = replace(family.points[family.reference][1], **setting)
-        later[family.name] = []
-        for index, (budget, method) in enumerate(family.points):
-            method = replace(method, **setting)
-            start = 1 if index == family.reference else 0
-            later[family.name].append([runner.submit(method, s, family.name, budget) for s in range(start, seeds)])
+    """At every budget of every family: each candidate setting with seed 0, the best on validation (the
+    first of equals), then that setting with the other seeds (all candidates first, so that parallel jobs
+    always have work)."""
+    tried = {(f.name, budget): [runner.submit(replace(method, **dict(c)), 0, f.name, budget) for c in f.candidates]
+             for f in order for budget, method in f.points}
+    chosen: dict[tuple[str, str], tuple[int, Method, list]] = {}
+    for family in order:
+        for budget, method in family.points:
+            results = [t.result() for t in tried[family.name, budget]]
+            best = max(range(len(results)), key=lambda i: results[i].val_accuracy)
+            method = replace(method, **dict(family.candidates[best]))
+            chosen[family.name, budget] = best, method, [runner.submit(method, s, family.name, budget)
+                                                         for s in range(1, config.seeds)]
     points = []
     for family in order:
-        best = max(range(len(family.candidates)),
-                   key=lambda i: tried[family.name][i].result().val_accuracy)
-        for index, (budget, method) in enumerate(family.points):
-            method = replace(method, **dict(family.candidates[best]))
-            results = [r.result() for r in later[family.name][index]]
-            if index == family.reference:
-                results = [tried[family.name][best].result()] + results
-            points.append(Point(family.name, budget, method, len(family.candidates), index == family.reference,
-                                results))
+        for budget, _ in family.points:
+            best, method, others = chosen[family.name, budget]
+            results = [tried[family.name, budget][best].result()] + [o.result() for o in others]
+            points.append(Point(family.name, budget, method, len(family.candidates), results))
     return points
 
 
@@ -213,7 +203,7 @@ def run(out_dir: Path, config: FrontierConfig | None = None, *, jobs: int = 1, p
     out_dir.mkdir(parents=True, exist_ok=True)
     demo = config.demo
     order = families(config)
-    total = sum(len(f.candidates) - 1 + len(f.points) * config.seeds for f in order)
+    total = sum(len(f.points) * (len(f.candidates) - 1 + config.seeds) for f in order)
     start = time.perf_counter()
     with threads(demo.threads):
         splits = load_splits(demo.pretrain.data)
@@ -255,12 +245,12 @@ def _write(path: Path, text: str) -> None:
 def _csv(points: Sequence[Point]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["family", "budget", "setting", "chosen_at_this_budget", "candidates", "trainable_params",
+    writer.writerow(["family", "budget", "setting", "candidates", "trainable_params",
                      "file_bytes", "test_acc", "test_mean", "test_std", "val_acc_seed0", "step_ms", "seeds",
                      "test_per_seed"])
     for p in points:
         mean, std = p.test()
-        writer.writerow([p.family, p.budget, p.method.settings, int(p.reference), p.candidates, p.params, p.bytes,
+        writer.writerow([p.family, p.budget, p.method.settings, p.candidates, p.params, p.bytes,
                          f"{mean:.1f} ± {std:.1f}", f"{mean:.2f}", f"{std:.2f}",
                          f"{p.results[0].val_accuracy:.1f}", f"{p.step_ms:.1f}", len(p.results),
                          " ".join(f"{r.test_accuracy:.2f}" for r in p.results)])
@@ -275,16 +265,16 @@ def _markdown(points: Sequence[Point], info: _Info) -> str:
         f"{pre.patch_size}x{pre.patch_size} patches of 8x8 images) pretrained on digits "
         f"{_digits(splits.pretrain_classes)} (val accuracy {info.backbone.val_accuracy:.1f}%). One recipe for all: "
         f"{demo.epochs} epochs, batch {demo.batch_size}, AdamW + warmup/cosine, weight decay {demo.weight_decay:g}, "
-        f"dropout {demo.dropout:g}, drop-path {demo.drop_path:g}. Each family's learning rate (FacT: scale, at lr "
-        f"{demo.lr:g}) chosen on val with seed 0 at one budget (marked *), then used at every budget; test "
-        f"accuracy mean ± std over {info.config.seeds} seed(s)."),
+        f"dropout {demo.dropout:g}, drop-path {demo.drop_path:g}. At every budget each family's learning rate (FacT: "
+        f"the paper's scale, at lr {demo.lr:g}) is chosen on val with seed 0 among its candidates; test "
+        f"accuracy mean ± std over {info.config.seeds} seed(s) of the chosen setting."),
         "",
         "| method | setting | trainable params | file bytes | test acc | step ms |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for p in points:
         mean, std = p.test()
-        mark = f" (* of {p.candidates})" if p.reference else ""
+        mark = f" (best of {p.candidates})" if p.candidates > 1 else ""
         lines.append(f"| {p.family} | {p.method.settings}{mark} | {p.params:,} | {p.bytes:,} | "
                      f"{mean:.1f} ± {std:.1f} | {p.step_ms:.1f} |")
     head = points[0].results[0].head_params
@@ -316,7 +306,7 @@ def title(config: FrontierConfig) -> str:
     pre, data = config.demo.pretrain, config.demo.pretrain.data
     down = tuple(d for d in range(10) if d not in data.pretrain_classes)
     return (f"Digits {_digits(down)}, ViT (width {pre.embed_dim}, depth {pre.depth}) pretrained on digits "
-            f"{_digits(tuple(sorted(data.pretrain_classes)))}: test accuracy vs trainable parameters")
+            f"{_digits(tuple(sorted(data.pretrain_classes)))}: test accuracy vs trainable parameters and file bytes")
 
 
 def replot(out_dir: Path, config: FrontierConfig | None = None) -> Path:

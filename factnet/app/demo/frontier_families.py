@@ -23,53 +23,46 @@ WIDE = PretrainConfig(embed_dim=192, depth=4, num_heads=3, patch_size=4)
 class FrontierConfig:
     """The backbone, the recipe (``demo``), every family's budgets and candidate settings.
 
-    Budgets are given as each family's own knobs; ``*_reference`` is the index of the budget
-    where the family's candidates are compared.
+    Budgets are given as each family's own knobs; every budget compares the family's candidates.
     """
 
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(pretrain=WIDE))  # backbone and recipe
     seeds: int = 3
     linear_lrs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
     full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
-    lora_ranks: tuple[int, ...] = (1, 2, 4, 8)
-    lora_reference: int = 2
+    lora_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
     lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     vera_ranks: tuple[int, ...] = (64, 1024)
-    vera_reference: int = 1
     vera_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1)
     vblora: tuple[tuple[int, int], ...] = ((2, 16), (4, 64))  # (rank, num_vectors)
     vblora_vector_length: int = 64  # divides every adapted matrix's sides (192, 576, 768)
     vblora_topk: int = 2
-    vblora_reference: int = 1
     vblora_lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     tinylora: tuple[tuple[int, int], ...] = ((2, 4), (8, 64))  # (SVD rank r, trainable u per module)
-    tinylora_reference: int = 1
     tinylora_lrs: tuple[float, ...] = (3e-3, 1e-2, 1e-1)
-    fact_ranks: tuple[tuple[str, tuple[int, ...]], ...] = (("tt", (2, 8, 32)), ("tucker", (4, 16)), ("cp", (16, 64)))
-    fact_scales: tuple[float, ...] = (0.1, 1.0, 10.0)  # at the demo's FacT learning rate
-    fact_reference: tuple[tuple[str, int], ...] = (("tt", 1), ("tucker", 1), ("cp", 1))
+    fact_ranks: tuple[tuple[str, tuple[int, ...]], ...] = (
+        ("tt", (1, 2, 4, 8, 16, 32)), ("tucker", (2, 4, 8, 16, 32)), ("cp", (4, 16, 64)))
+    fact_scales: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # the paper's s, at the demo's FacT learning rate
 
 
 # A configuration that runs in seconds (tests, and `factnet frontier --smoke` to check the pipeline).
 SMOKE = FrontierConfig(
     demo=DemoConfig(pretrain=PretrainConfig(embed_dim=16, depth=1, num_heads=2, epochs=2, lr=1e-2, augment=False),
                     epochs=2, warmup_epochs=1, lr=3e-2, augment=False, drop_path=0.0),
-    seeds=2, linear_lrs=(0.3,), full_lrs=(1e-3,), lora_ranks=(1, 2), lora_reference=0, lora_lrs=(1e-2,),
-    vera_ranks=(16,), vera_reference=0, vera_lrs=(3e-2,), vblora=((2, 4),), vblora_vector_length=16,
-    vblora_reference=0, vblora_lrs=(3e-2,), tinylora=((2, 4),), tinylora_reference=0, tinylora_lrs=(1e-1,),
-    fact_ranks=(("tt", (2, 4)), ("tucker", (2,)), ("cp", (4,))), fact_scales=(10.0,),
-    fact_reference=(("tt", 0), ("tucker", 0), ("cp", 0)))
+    seeds=2, linear_lrs=(0.3,), full_lrs=(1e-3,), lora_ranks=(1, 2), lora_lrs=(1e-2,),
+    vera_ranks=(16,), vera_lrs=(3e-2,), vblora=((2, 4),), vblora_vector_length=16,
+    vblora_lrs=(3e-2,), tinylora=((2, 4),), tinylora_lrs=(1e-1,),
+    fact_ranks=(("tt", (2, 4)), ("tucker", (2,)), ("cp", (4,))), fact_scales=(10.0,))
 
 
 @dataclass(frozen=True)
 class Family:
     """One line of the plot: methods that differ only in their budget, and the candidate settings
-    (keyword arguments of `dataclasses.replace` on a `Method`) compared at ``points[reference]``."""
+    (keyword arguments of `dataclasses.replace` on a `Method`) compared at every budget."""
 
     name: str
     points: tuple[tuple[str, Method], ...]  # (budget label, method without its chosen setting)
     candidates: tuple[tuple[tuple[str, float], ...], ...]  # each: (("lr", 1e-2),) or (("scale", 10.0),)
-    reference: int = 0
 
 
 @dataclass
@@ -79,8 +72,7 @@ class Point:
     family: str
     budget: str
     method: Method
-    candidates: int  # settings compared for the family (at its reference budget)
-    reference: bool  # this is the budget where they were compared
+    candidates: int  # settings compared on validation at this budget
     results: list[Result]
 
     def test(self) -> tuple[float, float]:
@@ -108,29 +100,24 @@ def families(config: FrontierConfig) -> list[Family]:
         Family("linear probe", (("", Method("linear", config.linear_lrs[0])),), lrs(config.linear_lrs)),
         Family("full fine-tuning", (("", Method("full", config.full_lrs[0])),), lrs(config.full_lrs)),
         Family("PEFT LoRA", tuple((f"r {r}", Method("peft", 0.0, "lora", r, float(r))) for r in config.lora_ranks),
-               lrs(config.lora_lrs), config.lora_reference),
+               lrs(config.lora_lrs)),
         Family("PEFT VeRA", tuple((f"r {r}", Method("peft", 0.0, "vera", r, options=(("save_projection", False),)))
-                                  for r in config.vera_ranks), lrs(config.vera_lrs), config.vera_reference),
+                                  for r in config.vera_ranks), lrs(config.vera_lrs)),
         Family("PEFT VB-LoRA", tuple(
             (f"r {r}, {n} vectors", Method("peft", 0.0, "vblora", r, options=(
                 ("num_vectors", n), ("vector_length", config.vblora_vector_length), ("topk", config.vblora_topk),
                 ("save_only_topk_weights", True))))
-            for r, n in config.vblora), lrs(config.vblora_lrs), config.vblora_reference),
+            for r, n in config.vblora), lrs(config.vblora_lrs)),
         Family("PEFT TinyLoRA", tuple(
             (f"r {r}, u {u}", Method("peft", 0.0, "tinylora", r, options=(("u", u), ("save_projection", False))))
-            for r, u in config.tinylora), lrs(config.tinylora_lrs), config.tinylora_reference),
+            for r, u in config.tinylora), lrs(config.tinylora_lrs)),
     ]
     out = [f for f in out if f.points[0][1].kind != "peft" or _in_peft(f.points[0][1].format)]
-    reference = dict(config.fact_reference)
     names = {"tt": "FacT-TT", "tucker": "FacT-TK", "cp": "CP"}
     for fmt, ranks in config.fact_ranks:
         out.append(Family(names.get(fmt, f"FacT-{fmt}"),
                           tuple((f"r {r}", Method("fact", demo.lr, fmt, r, config.fact_scales[0])) for r in ranks),
-                          tuple((("scale", s),) for s in config.fact_scales), reference.get(fmt, 0)))
-    for family in out:
-        if not 0 <= family.reference < len(family.points):
-            raise ValueError(f"{family.name}: reference {family.reference} is not one of its "
-                             f"{len(family.points)} budgets")
+                          tuple((("scale", s),) for s in config.fact_scales)))
     return out
 
 
