@@ -8,7 +8,8 @@
 Each family's learning rate is chosen on validation accuracy with seed 0 at its selection setting (LoRA r8, FacT
 rank 8); seeds 1 and 2 then run at the chosen lr, and the family's other ranks run seeds 0-2 at that lr (FacT's
 default rank-stable scale is meant to make one lr serve every rank). Finished runs are appended to runs.jsonl,
-keyed by method/rank/lr/seed, and skipped when the command is rerun.
+keyed by method/rank/lr/seed, and skipped when the command is rerun. EXTRA rows (Tucker at its runner-up lr) are
+a stability check, reported apart from the protocol's rows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ SELECT_RANK = {"probe": 0, "full": 0, "lora": 8, "tt": 8, "tucker": 8, "vera": 2
 # (method, rank): in priority order; a rank other than SELECT_RANK uses the lr chosen at SELECT_RANK
 PLAN = [("probe", 0), ("probe-random", 0), ("full", 0), ("lora", 8), ("tt", 8), ("vera", 256), ("tucker", 8),
         ("tt", 2), ("tucker", 2), ("lora", 1), ("tt", 32), ("tucker", 32), ("lora", 2)]
+# supplementary rows at a fixed lr, run after PLAN: Tucker at its runner-up lr, since some seeds collapsed at 1e-2
+EXTRA = [("tucker", 8, 3e-3), ("tucker", 2, 3e-3), ("tucker", 32, 3e-3)]
 NAMES = {"probe": "linear probe", "probe-random": "linear probe, random-init backbone", "full": "full fine-tuning",
          "lora": "PEFT LoRA", "vera": "PEFT VeRA", "tt": "FacT-TT", "tucker": "FacT-Tucker"}
 
@@ -75,6 +78,10 @@ def next_run(done: dict) -> tuple[str, int, float, int] | None:
                 return method, rank, lr, seed
             if done[key(method, rank, lr, seed)].get("error"):
                 break
+    for method, rank, lr in EXTRA:
+        for seed in (0, 1, 2):
+            if key(method, rank, lr, seed) not in done:
+                return method, rank, lr, seed
     return None
 
 
@@ -195,6 +202,20 @@ def report(args) -> None:
         lines.append(f"| {NAMES[method]} | {setting} | {r0['trainable_no_head']:,} | {r0['trainable']:,} | "
                      f"{r0['bytes']:,} | {_ms([r['val'] for r in rows])} | {_ms([r['test'] for r in rows])} | "
                      f"{statistics.mean(r['seconds'] for r in rows):.0f} ({len(rows)} seeds) |")
+    for method, rank, lr in EXTRA:
+        rows = [r for r in runs if r["method"] == method and r["rank"] == rank and r["lr"] == lr]
+        if rows and lr != chosen_lr(done, method):
+            r0 = rows[0]
+            lines.append(f"| {NAMES[method]}, supplementary (not chosen on val) | r{rank}, lr {lr:g} | "
+                         f"{r0['trainable_no_head']:,} | {r0['trainable']:,} | {r0['bytes']:,} | "
+                         f"{_ms([r['val'] for r in rows])} | {_ms([r['test'] for r in rows])} | "
+                         f"{statistics.mean(r['seconds'] for r in rows):.0f} ({len(rows)} seeds) |")
+    collapsed = [r["key"] for r in runs if r["val"] <= 10.0 and abs(r["final_loss"] - math.log(10)) < 0.01]
+    if collapsed:
+        lines += ["", f"Collapsed runs (final training loss ln 10 = {math.log(10):.4f}: every input gets the same "
+                  f"prediction; val and test at chance, 10.0): " + ", ".join(f"`{k}`" for k in collapsed) + "."]
+    lines += ["", "Seconds per run were measured while another benchmark shared the 2 cores (load average 0.4-3.2), "
+              "so they vary by up to ~1.7x between rows (LoRA r2 ran under the heaviest load): compare them loosely."]
     errors = [r for r in records() if "error" in r]
     if errors:
         lines += ["", "## Runs that failed", ""]
