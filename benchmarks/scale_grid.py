@@ -2,11 +2,15 @@
 
     nice -n 10 python benchmarks/scale_grid.py --format tt --scaling paper --seeds 0
     nice -n 10 python benchmarks/scale_grid.py --format tt --scaling stable --seeds 0
+    nice -n 10 python benchmarks/scale_grid.py --format tt --scaling balanced --values 1 --seeds 0,1,2
     python benchmarks/scale_grid.py --format tt --plot   # docs/scale/grid_tt.png and grid_tt.md from the runs so far
 
 ``--scaling paper``: the grid value is the paper's raw ``s`` (``decompose(scale=s)``, main's parametrization).
 ``--scaling stable``: the grid value is the gain ``g`` of the rank-stable scale (``decompose(gain=g)``, whose raw
-``s`` is ``g`` times `Tensorizer.stable_scale`). Each run trains through `factnet.app.demo.methods.adapt` with the
+``s`` is ``g`` times `Tensorizer.stable_scale`).
+``--scaling balanced``: the grid value is a gain ``g`` of `balanced_scale`, ``ρ·sqrt(R_Z / R_all)`` (the geometric
+mean of the first step's regime, where only the zero factor's rank letters add coherently, and the later one, where
+every rank letter does); benchmark only, not in the library. Each run trains through `factnet.app.demo.methods.adapt` with the
 raw ``s``, keyed as the frontier keys its runs, so a run the other grid already has (same raw ``s``) is reused,
 and finished runs are appended to ``docs/scale/runs.jsonl``: an interrupted grid resumes. (The frontier's own
 runs.jsonl is not reused: its runs came from earlier code, e.g. r8 s0.1 gave 76.0 there against the issue's 66.5.)
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -24,6 +29,8 @@ from pathlib import Path
 import torch
 
 from factnet import Tensorizer
+from factnet.formats import get_format
+from factnet.formats.base import MODES
 from factnet.app.demo.backbone import pretrained_backbone
 from factnet.app.demo.data import load_splits
 from factnet.app.demo.frontier import _key, _worker
@@ -44,9 +51,31 @@ def _cell(record: dict) -> str:
     return f"{record['key']}/{record['scaling']}/{record['grid_value']}"
 
 
+SCALINGS = {"paper": "paper's s (main)", "stable": "gain g of the rank-stable s = g·ρ",
+            "balanced": "gain g of the balanced s = g·ρ·√(R_Z/R_all)"}
+
+
+def balanced_scale(model: torch.nn.Module, fmt: str, rank: int) -> float:
+    """``ρ·sqrt(R_Z / R_all)`` per group (``R_all``: the product of the capped sizes of every rank letter,
+    ``R_Z``: of the zero factor's), the geometric mean over groups as `Tensorizer.stable_scale` takes it.
+    CP: unchanged (both are ``r``); TT: ``ρ/√r``; Tucker: about ``ρ/r``."""
+    format_ = get_format(fmt, rank)
+    logs = []
+    for shape in Tensorizer(model).group_shapes().values():
+        sizes = format_.sizes(*shape)
+        r_all = math.prod(size for c, size in sizes.items() if c not in MODES)
+        r_zero = math.prod(sizes[c] for c in set(format_.factors[format_.zero]) if c not in MODES)
+        logs.append(math.log(format_.stable_scale(*shape)) + 0.5 * math.log(r_zero / r_all))
+    return math.exp(sum(logs) / len(logs))
+
+
 def raw_scale(model: torch.nn.Module, fmt: str, rank: int, scaling: str, value: float) -> float:
     """The paper's ``s`` that the grid value ``value`` means under ``scaling``."""
-    return value if scaling == "paper" else value * Tensorizer(model).stable_scale(fmt, rank)
+    if scaling == "paper":
+        return value
+    if scaling == "balanced":
+        return value * balanced_scale(model, fmt, rank)
+    return value * Tensorizer(model).stable_scale(fmt, rank)
 
 
 def run(fmt: str, scaling: str, ranks: list[int], values: list[float], seeds: list[int]) -> None:
@@ -95,15 +124,15 @@ def table(records: list[dict], fmt: str, scaling: str) -> dict[tuple[int, float]
 
 
 def plot(fmt: str) -> Path:
-    """Validation accuracy vs the grid value, one line per rank: paper's ``s`` (left), rank-stable gain (right)."""
+    """Validation accuracy vs the grid value, one line per rank: paper's ``s``, rank-stable gain, balanced gain."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = _records(RUNS)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for axis, scaling, label in zip(axes, ("paper", "stable"), ("paper's s (main)", "gain g of the rank-stable s")):
+    fig, axes = plt.subplots(1, len(SCALINGS), figsize=(17, 4.5), sharey=True)
+    for axis, (scaling, label) in zip(axes, SCALINGS.items()):
         cells = table(records, fmt, scaling)
         for rank in sorted({r for r, _ in cells}):
             xs = sorted(v for r, v in cells if r == rank)
@@ -111,7 +140,7 @@ def plot(fmt: str) -> Path:
             axis.plot(xs, means, marker="o", label=f"r {rank}")
         axis.set_xscale("log")
         axis.set_xlabel(label)
-        axis.set_title(f"FacT-{fmt}: {label}")
+        axis.set_title(f"FacT-{fmt}: {scaling}")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy % (mean over seeds)")
     for axis in axes:
@@ -124,10 +153,10 @@ def plot(fmt: str) -> Path:
 
 
 def markdown(fmt: str) -> Path:
-    """Tables of validation accuracy (mean ± std over seeds, seed count) per rank and grid value, both scalings."""
+    """Tables of validation accuracy (mean ± std over seeds, seed count) per rank and grid value, each scaling."""
     records = _records(RUNS)
     lines = [f"# FacT-{fmt}: validation accuracy % by rank and scale (mean ± std over seeds, [seeds])", ""]
-    for scaling, label in (("paper", "paper's s (main)"), ("stable", "gain g of the rank-stable s = g·ρ")):
+    for scaling, label in SCALINGS.items():
         cells = table(records, fmt, scaling)
         values = sorted({v for _, v in cells})
         if not cells:
@@ -155,7 +184,7 @@ def markdown(fmt: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--format", default="tt")
-    parser.add_argument("--scaling", choices=("paper", "stable"), default="paper")
+    parser.add_argument("--scaling", choices=tuple(SCALINGS), default="paper")
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)))
     parser.add_argument("--values", default=",".join(map(str, GRID)), help="grid values (s or gain)")
     parser.add_argument("--seeds", default="0")
