@@ -57,9 +57,10 @@ class Tensorizer:
         return {name: (len(m), m[0].d_in, m[0].d_out) for name, m in self.groups.items()}
 
     def num_parameters(self, format: str | Format, rank: int | None = None) -> int:
-        """Factor parameters ``decompose(format, rank)`` would train (dry run, exact: the factors' shapes)."""
+        """Factor parameters ``decompose(format, rank)`` would train (dry run, exact: the format's count of
+        its capped shapes, `Format.num_parameters`)."""
         fmt = get_format(format, rank)
-        return sum(math.prod(size) for shape in self.group_shapes().values() for size in fmt.shapes(*shape).values())
+        return sum(fmt.num_parameters(*shape) for shape in self.group_shapes().values())
 
     def rank_for_budget(self, format: str, budget: int | str) -> int:
         """The largest rank whose exact factor count (the format's `num_parameters`) fits ``budget``.
