@@ -14,14 +14,14 @@ backbone is for, do not depend on the patch size. The families and their budgets
 
 - linear probe and full fine-tuning, the two ends;
 - PEFT LoRA at ranks 1 to 16 (alpha = r);
-- PEFT VeRA, VB-LoRA and TinyLoRA at two budgets each;
-- FacT-TT (ranks 1 to 32), FacT-TK (2 to 32) and CP (factnet's ``tt``, ``tucker``, ``cp``).
+- PEFT VeRA at ranks 16 to 1024, VB-LoRA and TinyLoRA at two budgets each;
+- FacT-TT, FacT-TK and CP (factnet's ``tt``, ``tucker``, ``cp``) at ranks 1 to 64.
 
 All PEFT tuners adapt the matrices FacT adapts: ``qkv``, ``proj``, ``fc1`` and ``fc2`` of every
 block (`factnet.app.demo.methods.BLOCK_MATRICES`).
 
 Protocol (nothing is chosen on test). A family's hyper-parameter (the learning rate; for FacT,
-the paper's scale at the demo's FacT learning rate) is chosen at every budget: each candidate
+the paper's scale grid at the demo's FacT learning rate) is chosen at every budget: each candidate
 trains with seed 0 and the best validation accuracy wins (ties: the first listed); the winner then
 trains with seeds 1..n-1 too. The table gives test accuracy, mean ± sample std over seeds.
 
@@ -166,18 +166,36 @@ class _Pending:
 
 def _points(config: FrontierConfig, runner: _Runner, order: list[Family]) -> list[Point]:
     """At every budget of every family: each candidate setting with seed 0, the best on validation (the
-    first of equals), then that setting with the other seeds (all candidates first, so that parallel jobs
-    always have work)."""
-    tried = {(f.name, budget): [runner.submit(replace(method, **dict(c)), 0, f.name, budget) for c in f.candidates]
-             for f in order for budget, method in f.points}
+    first of equals), then that setting with the other seeds. FacT's families run first (the cheapest
+    runs, and the subject). Inline, each family finishes before the next starts, so an interrupted run
+    leaves whole families in ``runs.jsonl``; with parallel jobs all candidates are queued first, so that
+    the jobs always have work."""
+    tried: dict[tuple[str, str], list] = {}
     chosen: dict[tuple[str, str], tuple[int, Method, list]] = {}
-    for family in order:
+
+    def try_candidates(family: Family) -> None:
+        for budget, method in family.points:
+            tried[family.name, budget] = [runner.submit(replace(method, **dict(c)), 0, family.name, budget)
+                                          for c in family.candidates]
+
+    def choose(family: Family) -> None:
         for budget, method in family.points:
             results = [t.result() for t in tried[family.name, budget]]
             best = max(range(len(results)), key=lambda i: results[i].val_accuracy)
             method = replace(method, **dict(family.candidates[best]))
             chosen[family.name, budget] = best, method, [runner.submit(method, s, family.name, budget)
                                                          for s in range(1, config.seeds)]
+
+    run_order = sorted(order, key=lambda f: f.points[0][1].kind != "fact")
+    if runner.pool is None:
+        for family in run_order:
+            try_candidates(family)
+            choose(family)
+    else:
+        for family in run_order:
+            try_candidates(family)
+        for family in run_order:
+            choose(family)
     points = []
     for family in order:
         for budget, _ in family.points:

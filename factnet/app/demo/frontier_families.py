@@ -17,6 +17,7 @@ __all__ = ["SMOKE", "WIDE", "Family", "FrontierConfig", "Point", "families", "le
 # The wide backbone: ViT-Ti's width (192, 3 heads of 64) at the demo's depth and pretraining recipe, on 4x4
 # patches (4 tokens and the class token: a third of the compute of 2x2 patches, see the module docstring).
 WIDE = PretrainConfig(embed_dim=192, depth=4, num_heads=3, patch_size=4)
+RANKS = (1, 2, 4, 8, 16, 32, 64)  # every FacT family's budgets
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FrontierConfig:
     full_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
     lora_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
     lora_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    vera_ranks: tuple[int, ...] = (64, 1024)
+    vera_ranks: tuple[int, ...] = (16, 64, 256, 1024)
     vera_lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1, 3e-1)
     vblora: tuple[tuple[int, int], ...] = ((2, 16), (4, 64))  # (rank, num_vectors)
     vblora_vector_length: int = 64  # divides every adapted matrix's sides (192, 576, 768)
@@ -41,8 +42,8 @@ class FrontierConfig:
     tinylora: tuple[tuple[int, int], ...] = ((2, 4), (8, 64))  # (SVD rank r, trainable u per module)
     tinylora_lrs: tuple[float, ...] = (3e-3, 1e-2, 1e-1)
     fact_ranks: tuple[tuple[str, tuple[int, ...]], ...] = (
-        ("tt", (1, 2, 4, 8, 16, 32)), ("tucker", (2, 4, 8, 16, 32)), ("cp", (4, 16, 64)))
-    fact_scales: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # the paper's s, at the demo's FacT learning rate
+        ("tt", RANKS), ("tucker", RANKS), ("cp", RANKS))
+    fact_scales: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # the paper's s grid, at the demo's FacT lr
 
 
 # A configuration that runs in seconds (tests, and `factnet frontier --smoke` to check the pipeline).
