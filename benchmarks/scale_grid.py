@@ -51,8 +51,9 @@ def _cell(record: dict) -> str:
     return f"{record['key']}/{record['scaling']}/{record['grid_value']}"
 
 
-SCALINGS = {"paper": "paper's s (main)", "stable": "gain g of the rank-stable s = g·ρ",
-            "balanced": "gain g of the balanced s = g·ρ·√(R_Z/R_all)"}
+SCALINGS = {"paper": "paper's s", "stable": "gain g of s = g·ρ (first step only)",
+            "balanced": "gain g of the balanced s = g·ρ·√(R_Z/R_all)",
+            "default": "gain g of decompose's default (s = g·ρ, factor multipliers)"}
 
 
 def balanced_scale(model: torch.nn.Module, fmt: str, rank: int) -> float:
@@ -92,7 +93,8 @@ def run(fmt: str, scaling: str, ranks: list[int], values: list[float], seeds: li
         for rank in ranks:
             for value in values:
                 s = raw_scale(probe, fmt, rank, scaling, value)
-                method = Method("fact", demo.lr, format=fmt, rank=rank, scale=s)
+                method = Method("fact", demo.lr, format=fmt, rank=rank, gain=value) if scaling == "default" else \
+                    Method("fact", demo.lr, format=fmt, rank=rank, scale=s)
                 key = _key(backbone, demo, method, seed)
                 tag = {"format": fmt, "rank": rank, "scaling": scaling, "grid_value": value, "raw_scale": s}
                 if _cell({"key": key, **tag}) in done:

@@ -32,7 +32,8 @@ class GroupFactors(nn.Module):
     """The factors of one group tensor ``(n, d_in, d_out)`` in one format."""
 
     def __init__(self, fmt: Format, slices: tuple[Slice, ...], dtype: torch.dtype, device: torch.device,
-                 generator: torch.Generator | None = None, bits: int | None = None, group: int = 64) -> None:
+                 generator: torch.Generator | None = None, bits: int | None = None, group: int = 64,
+                 stable: bool = False) -> None:
         super().__init__()
         self.format, self.slices, self.bits, self.quant_group = fmt, slices, bits, group
         self.shape = (len(slices), slices[0].d_in, slices[0].d_out)
@@ -40,7 +41,11 @@ class GroupFactors(nn.Module):
         self.factors = nn.ParameterDict(
             {name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for name, shape in shapes.items()}
         )
-        fmt.initialize(dict(self.factors.items()), generator)
+        # stable: each factor is used as c_F·(stored), c_F = Format.multipliers (powers of two); else all 1
+        self.multipliers = {n: c for n, c in fmt.multipliers(*self.shape).items() if c != 1.0} if stable else {}
+        initial = dict(self.factors.items())
+        fmt.initialize(initial, generator)
+        self.assign(initial)
         self._cache: dict[bool, tuple[list, NormalForm]] = {}  # by grad mode
 
     def normal_form(self) -> NormalForm:
@@ -60,12 +65,23 @@ class GroupFactors(nn.Module):
             cached = self._cache[grad] = (key, form)
         return cached[1]
 
-    def values(self) -> dict[str, Tensor]:
-        """The factors as the increment uses them: as they are, or, trained low-bit (``bits``), the values a
-        ``bits``-bit file stores (`factnet.quant.fake_quantize`: straight-through gradient)."""
-        if self.bits is None:
-            return dict(self.factors.items())
-        return {name: fake_quantize(p, self.bits, self.quant_group) for name, p in self.factors.items()}
+    def values(self, quantized: bool = True) -> dict[str, Tensor]:
+        """The factors as the increment uses them and files store them: the parameters times their
+        `multipliers`, and, trained low-bit (``bits``) unless ``quantized=False``, as a ``bits``-bit file
+        stores them (`factnet.quant.fake_quantize`: straight-through gradient)."""
+        used = {name: p * self.multipliers[name] if name in self.multipliers else p
+                for name, p in self.factors.items()}
+        if self.bits is None or not quantized:
+            return used
+        return {name: fake_quantize(p, self.bits, self.quant_group) for name, p in used.items()}
+
+    @torch.no_grad()
+    def assign(self, values: Mapping[str, Tensor]) -> None:
+        """Set the factors so that `values` (before low-bit rounding) gives ``values`` (exactly: the
+        multipliers are powers of two); a tensor in another dtype is cast."""
+        for name, value in values.items():
+            factor = self.factors[name]
+            factor.copy_(value / self.multipliers[name] if name in self.multipliers else value)
 
     def _invalidate(self, grad: Tensor) -> None:
         self._cache.pop(True, None)
@@ -85,7 +101,7 @@ class GroupFactors(nn.Module):
         from tensorly.tucker_tensor import TuckerTensor
 
         try:
-            found = self.format.to_tensorly({n: p.detach().clone() for n, p in self.factors.items()})
+            found = self.format.to_tensorly({n: p.detach().clone() for n, p in self.values().items()})
         except NotImplementedError:
             found = None
         if isinstance(found, TTTensor):
@@ -104,7 +120,9 @@ class GroupFactors(nn.Module):
     def extra_repr(self) -> str:
         n, d_in, d_out = self.shape
         capped = ", ".join(f"{c}={size}" for c, size in self.format.capped(*self.shape).items())
-        return f"{self.format.name} rank {self.format.rank}{f' (capped: {capped})' if capped else ''}, {n}x{d_in}x{d_out}"
+        times = ", ".join(f"{f}×{c:g}" for f, c in self.multipliers.items())
+        return (f"{self.format.name} rank {self.format.rank}{f' (capped: {capped})' if capped else ''}, "
+                f"{n}x{d_in}x{d_out}{f', multipliers {times}' if times else ''}")
 
 
 @dataclass
@@ -116,6 +134,7 @@ class Settings:
     path: str = "auto"
     bits: int | None = None  # factors trained as stored in a ``bits``-bit file (`GroupFactors.values`)
     group: int = 64  # values per low-bit scale
+    stable: bool = False  # the rank-stable parametrization: factors used times `Format.multipliers`
 
 
 class Adapter(nn.Module):
@@ -129,16 +148,16 @@ class Adapter(nn.Module):
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
                  dropout: float, head: list[str], name: str = "default",
                  generator: torch.Generator | None = None, register: bool = True, bits: int | None = None,
-                 group: int = 64) -> None:
+                 group: int = 64, stable: bool = False) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
         self.name = name
         self.format = fmt
-        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group)
+        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group, stable=stable)
         self.group_names = list(groups)
         self.groups = nn.ModuleDict(
-            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group)
+            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable)
              for g, members in groups.items()}
         )
         self.matrices: dict[str, Matrix] = {}

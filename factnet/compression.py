@@ -112,8 +112,7 @@ def compress(
                     continue
                 with tl.backend_context("pytorch"):
                     found = _fit_to_rank(fmt, fmt.from_tensorly(decomposer(delta / scale, fmt, options)))
-                for key, factor in factors.items():
-                    factor.copy_(found[key])
+                adapter.group(group).assign(found)
                 rebuilt = adapter.group(group).reconstruct().to(torch.float64) * scale
                 errors[group] = (torch.linalg.vector_norm(delta - rebuilt) / torch.linalg.vector_norm(delta)).item()
     except BaseException:

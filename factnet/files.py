@@ -67,8 +67,9 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     model = getattr(adapter, "model", None)
     if model is None:
         raise FactnetError("adapter was detached, so the model it fits is no longer known; save before detach()")
-    tensors = {f"factors.{name}.{factor}": value
-               for name in adapter.group_names for factor, value in adapter.group(name).factors.items()}
+    with torch.no_grad():  # the parameters times their multipliers, before low-bit rounding
+        tensors = {f"factors.{name}.{factor}": value for name in adapter.group_names
+                   for factor, value in adapter.group(name).values(quantized=False).items()}
     head = adapter.head_state() if include_head else {}  # an inactive adapter keeps its head values apart
     tensors.update({f"head.{name}": value for name, value in head.items()})
     sharded = any(_is_sharded(t) for t in tensors.values())

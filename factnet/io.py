@@ -225,11 +225,11 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
     adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"], list(spec["head"]),
                       name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
-                      bits=low_bit["factors"], group=low_bit["group"])
-    with torch.no_grad():
-        for group in adapter.group_names:
-            for key, factor in adapter.group(group).factors.items():
-                factor.copy_(tensors[f"factors.{group}.{key}"])  # casts a file saved with a storage dtype
+                      bits=low_bit["factors"], group=low_bit["group"],
+                      stable="base_rank" in spec)
+    for group in adapter.group_names:
+        adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
+                                     for key in adapter.group(group).factors})
     if loaded.head_parameters:
         adapter._head_state = {}
         for p in loaded.head_parameters:

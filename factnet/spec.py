@@ -13,7 +13,10 @@ A ViT-B FacT-TT rank 8 file has a header under 1 KiB. Files of version 1 (the sp
 matrix of the base model and every slice) still load, unchanged. A low-bit file (version 3) adds
 ``bits``: ``{"factors": b | null, "head": b | null, "group": values per scale, "shapes": {tensor: shape}}``,
 and holds each low-bit tensor as ``<name>.codes`` (uint8), ``<name>.scale`` and, above 1 bit,
-``<name>.offset`` (float16) (`factnet.quant`).
+``<name>.offset`` (float16) (`factnet.quant`). An adapter trained in the rank-stable parametrization
+(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (versions 2 and 3; absent: the paper's
+parametrization), so that a loaded adapter trains on as it was trained; the tensors are the values the
+increment uses.
 """
 
 from __future__ import annotations
@@ -48,8 +51,13 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 _SHOWN = 5  # mismatches listed in an error
 MAX_SPEC_CHARACTERS = 1 << 22  # a spec longer than this is refused unparsed (ViT-B's is under 1 KiB)
 
-# The spec's JSON layout: a type, a tuple of alternatives, [item layout], {key: layout} (exactly these keys)
-# or {str: layout}.
+@dataclass(frozen=True)
+class _Optional:
+    layout: Any  # a key of a {key: layout} that may be absent
+
+
+# The spec's JSON layout: a type, a tuple of alternatives, [item layout], {key: layout} (exactly these keys,
+# those marked `_Optional` may be absent) or {str: layout}.
 _COMMON_LAYOUT: dict[Any, Any] = {
     "factnet_format_version": int, "factnet_version": str, "format": str, "rank": int, "factors": {str: str},
     "scale": float, "dropout": float,
@@ -62,6 +70,7 @@ _SPEC_LAYOUTS: dict[int, dict[Any, Any]] = {
         "base": {"sha256": str, "matrices": int},
         "groups": {str: {"shape": [int], "slices": [str]}}},
 }
+_SPEC_LAYOUTS[2]["base_rank"] = _Optional(int)  # the rank-stable parametrization's base (1); absent: the paper's
 _SPEC_LAYOUTS[3] = {**_SPEC_LAYOUTS[2], "bits": {"factors": (int, type(None)), "head": (int, type(None)), "group": int,
                                                  "shapes": {str: [int]}}}
 _MAX_QUANTIZED = 1 << 40  # values of one low-bit tensor a spec may claim (its codes must hold them too)
@@ -229,7 +238,7 @@ def _spec(adapter: Adapter, dtype: torch.dtype | None, bits: dict[str, Any] | No
         "base": _base(_matrices(adapter.model, adapter.head)),
         "groups": {name: {"shape": [len(members), members[0].d_in, members[0].d_out],
                           "slices": _templates(members)} for name, members in groups.items()},
-    } | ({} if bits is None else {"bits": bits})
+    } | ({} if bits is None else {"bits": bits}) | ({"base_rank": 1} if settings.stable else {})
 
 
 def _fits(value: Any, layout: Any) -> bool:
@@ -246,7 +255,9 @@ def _fits(value: Any, layout: Any) -> bool:
         return False
     if list(layout) == [str]:
         return all(_fits(v, layout[str]) for v in value.values())
-    return value.keys() == layout.keys() and all(_fits(value[k], sub) for k, sub in layout.items())
+    required = {k for k, sub in layout.items() if not isinstance(sub, _Optional)}
+    return required <= value.keys() <= layout.keys() and all(
+        _fits(value[k], sub.layout if isinstance(sub, _Optional) else sub) for k, sub in layout.items() if k in value)
 
 
 def _malformed(path: str, problem: str) -> FactnetError:
@@ -275,6 +286,8 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
         if unlisted:
             raise _malformed(path, f"its groups use matrices {sorted(unlisted)[:_SHOWN]} it does not list")
         return spec
+    if spec.get("base_rank", 1) != 1:
+        raise _malformed(path, f"its base_rank is {spec['base_rank']!r}; the rank-stable parametrization's is 1")
     if spec["dtype"] is not None and spec["dtype"] not in STORAGE_DTYPES:
         raise _malformed(path, f"storage dtype {spec['dtype']!r} is not one of {list(STORAGE_DTYPES)}")
     if not re.fullmatch(f"[0-9a-f]{{{FINGERPRINT_DIGITS}}}", spec["base"]["sha256"]):

@@ -132,9 +132,10 @@ class Tensorizer:
 
         ``rank`` is at most that in each mode: a group too small for it gets the largest rank it allows,
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
-        fits (see `rank_for_budget`). The scale: by default rank-stable, ``s = g·ρ`` with ``ρ`` from
-        `stable_scale` and gain ``g = gain`` (default `STABLE_GAIN`), so one learning rate serves every
-        rank; ``scale=`` is the paper's ``s`` itself (the presets' values), as saved in the file.
+        fits (see `rank_for_budget`). By default the parametrization is rank-stable, so one learning rate
+        serves every rank: ``s = g·ρ`` with ``ρ`` from `stable_scale` and gain ``g = gain`` (default
+        `STABLE_GAIN`), and each factor used times its `Format.multipliers` (docs/scale/README.md);
+        ``scale=`` is the paper's parametrization, its ``s`` itself (the presets' values), as saved.
         ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
         (found automatically on timm models and for modules named head/classifier/fc); it stays
         trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
@@ -151,7 +152,8 @@ class Tensorizer:
         AdapterSet.check_addable(self.model, name)
         if scale is not None and gain is not None:
             raise FactnetError("pass scale= (the paper's s) or gain= (of the rank-stable scale), not both")
-        if scale is None:
+        stable = scale is None
+        if stable:
             if not (isinstance(gain, (int, float, type(None))) and math.isfinite(gain or 0.0)):
                 raise FactnetError(f"gain must be a finite number, got {gain!r}")
             scale = (STABLE_GAIN if gain is None else gain) * self.stable_scale(fmt)
@@ -172,7 +174,8 @@ class Tensorizer:
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits)
+        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits,
+                       stable=stable)
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())

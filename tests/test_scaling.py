@@ -144,3 +144,100 @@ def test_adapter_output_step_through_the_kernel():
     """The same property end to end: decompose's default scale, the kernel, AdamW, the model's output."""
     low, high = (statistics.mean(kernel_step_decrease(rank, seed) for seed in SEEDS) for rank in (2, 32))
     assert low > 0 and 1 / 1.25 < high / low < 1.25
+
+
+# ---- later steps: the per-factor multipliers -------------------------------------------------------
+def factor_step_decrease(name: str, rank: int, factor: str, seed: int, multiplied: bool = True,
+                         n: int = 6, d_in: int = 96, d_out: int = 80) -> float:
+    """Decrease of ``L = Σ G·(x s ΔW)`` per lr after one Adam step of ``factor`` alone, from a state where
+    every factor is non-zero (the zero factor drawn at unit second moment, as `Format.multipliers` counts
+    it), the factors used as ``c_F·F`` (`Format.multipliers`; all 1 with ``multiplied=False``)."""
+    fmt = factnet.get_format(name, rank)
+    generator = torch.Generator().manual_seed(seed)
+    factors = {k: torch.empty(shape, dtype=torch.float64) for k, shape in fmt.shapes(n, d_in, d_out).items()}
+    fmt.initialize(factors, generator)
+    factors[fmt.zero].uniform_(-math.sqrt(3), math.sqrt(3), generator=generator)
+    c = fmt.multipliers(n, d_in, d_out) if multiplied else dict.fromkeys(factors, 1.0)
+    params = {k: nn.Parameter(v / c[k]) for k, v in factors.items()}
+    x = torch.randn(16, n, d_in, generator=generator, dtype=torch.float64)
+    target = torch.randn(16, n, d_out, generator=generator, dtype=torch.float64)
+    scale = fmt.stable_scale(n, d_in, d_out)
+
+    def loss() -> torch.Tensor:
+        used = {k: c[k] * p for k, p in params.items()}
+        return (torch.einsum("bij,ijk->bik", x, scale * fmt.reconstruct(used)) * target).sum()
+
+    optimizer = torch.optim.Adam([params[factor]], lr=1e-3)
+    before = loss()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        return (before - loss()).item() / 1e-3
+
+
+def factor_steps(name: str, rank: int, multiplied: bool = True) -> dict[str, float]:
+    factors = factnet.get_format(name, rank).factors
+    return {f: statistics.mean(factor_step_decrease(name, rank, f, seed, multiplied) for seed in SEEDS[:3])
+            for f in factors}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_factors_step_is_the_same_at_every_rank(name):
+    """With the multipliers, each factor's own Adam step moves the output as much at rank 64 as at rank 4
+    (within 2.5x: the multipliers are rounded to powers of two, up to √2 each way; without them the steps
+    grow up to 1,000x over these ranks)."""
+    steps = [factor_steps(name, rank) for rank in (4, 16, 64)]
+    for factor in steps[0]:
+        values = [s[factor] for s in steps]
+        assert min(values) > 0 and max(values) / min(values) < 2.5, (factor, values)
+
+
+@pytest.mark.parametrize("name", ["tt", "tucker"])
+def test_without_the_multipliers_a_core_step_grows_with_the_rank(name):
+    """The check above can fail: without them TT's sigma (Tucker's core) step grows 8x or more from rank 4
+    to 64 (r²-term sums, against the zero factor's r)."""
+    core = {"tt": "sigma", "tucker": "core"}[name]
+    low, high = (factor_steps(name, rank, multiplied=False)[core] for rank in (4, 64))
+    assert high > 8 * low, (low, high)
+
+
+def test_multipliers_are_powers_of_two_that_follow_the_closed_forms():
+    """TT's sigma 1/r, Tucker's core ~1/r² (n large enough not to cap a), CP's p 1/√r; the zero factor 1."""
+    n, d_in, d_out = 4096, 96, 80
+    for rank in (1, 4, 16, 64):
+        tt, tucker, cp = (factnet.get_format(f, rank).multipliers(n, d_in, d_out) for f in ("tt", "tucker", "cp"))
+        assert tt == {"sigma": 1 / rank, "u": 1.0, "v": 1.0}
+        assert cp == {"weights": 1.0, "p": 2.0 ** round(math.log2(rank ** -0.5)), "u": 1.0, "v": 1.0}
+        assert tucker["v"] == 1.0 and tucker["core"] == 2.0 ** round(math.log2(rank ** -2 * math.sqrt(
+            (rank + n) / (1 + n))))
+    for name in FORMATS:
+        for value in factnet.get_format(name, 8).multipliers(6, 96, 80).values():
+            assert value > 0 and math.log2(value) == round(math.log2(value))
+
+
+def test_the_stable_parametrization_trains_saves_and_loads_exactly(tmp_path):
+    """decompose's default uses the multipliers (repr shows them), files hold the values the increment uses,
+    and a loaded adapter has the same parametrization and the same stored parameters, bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    adapter = factnet.Tensorizer(model, ["0", "2"]).decompose("tt", rank=4, seed=0, train_head=False)
+    group = adapter.group(adapter.group_names[0])
+    assert group.multipliers == {"sigma": 0.25} and "sigma×0.25" in repr(adapter)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    expected = model(x)
+    adapter.save(tmp_path / "a.safetensors")
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("factnet")}, strict=False)
+    loaded = factnet.load(fresh, tmp_path / "a.safetensors")
+    assert loaded.settings.stable
+    for name in adapter.group_names:
+        for key, value in adapter.group(name).factors.items():
+            assert torch.equal(loaded.group(name).factors[key], value), key
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    paper = factnet.Tensorizer(nn.Sequential(nn.Linear(16, 16)), ["0"]).decompose("tt", rank=4, scale=1.0)
+    assert not paper.settings.stable and all(not g.multipliers for g in paper.groups.values())

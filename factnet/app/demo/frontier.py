@@ -76,8 +76,9 @@ CSV_FILE, TABLE_FILE, FIGURE_FILE, RUNS_FILE = "frontier.csv", "frontier.md", "f
 
 # ---- running --------------------------------------------------------------------------------------
 def _key(backbone: Backbone, demo, method: Method, seed: int) -> str:
+    described = repr(method).replace(", gain=None)", ")")  # (keys from before Method had a gain stay valid)
     text = json.dumps({"backbone": backbone.config.key(), "recipe": asdict(demo.recipe()), "augment": demo.augment,
-                       "method": repr(method), "seed": seed}, sort_keys=True, default=str)
+                       "method": described, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

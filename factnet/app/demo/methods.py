@@ -58,6 +58,7 @@ class Method:
     scale: float | None = None
     targets: tuple[str, ...] | None = None  # FacT: Tensorizer targets (None: the paper's); peft: one regex
     options: tuple[tuple[str, object], ...] = ()  # peft: more config options, e.g. (("num_vectors", 64),)
+    gain: float | None = None  # fact without a scale: decompose's rank-stable default with this gain
 
     @property
     def name(self) -> str:
@@ -73,7 +74,7 @@ class Method:
         if self.kind == "lora":
             text = f"r {self.rank}, alpha {self.scale:g}, " + text
         elif self.kind == "fact":
-            text = f"r {self.rank}, s {self.scale:g}, " + text
+            text = f"r {self.rank}, " + (f"s {self.scale:g}, " if self.gain is None else f"gain {self.gain:g}, ") + text
         elif self.kind == "peft":
             text = ", ".join([f"r {self.rank}"] + [f"{k} {v}" for k, v in self.options if k in _SHOWN] + [text])
         return text
@@ -159,7 +160,7 @@ def _prepare(model: nn.Module, method: Method, recipe: Recipe, seed: int):
 
         targets = list(method.targets) if method.targets else None
         adapter = Tensorizer(model, targets).decompose(method.format, rank=method.rank, scale=method.scale,
-                                              dropout=recipe.dropout, seed=seed)
+                                                       gain=method.gain, dropout=recipe.dropout, seed=seed)
 
         def measure() -> int:
             with tempfile.TemporaryDirectory() as folder:
