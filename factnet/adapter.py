@@ -119,7 +119,7 @@ class GroupFactors(nn.Module):
 
     def extra_repr(self) -> str:
         n, d_in, d_out = self.shape
-        capped = ", ".join(f"{c}={size}" for c, size in self.format.capped(*self.shape).items())
+        capped = self.format.capped_text(*self.shape)
         times = ", ".join(f"{f}×{c:g}" for f, c in self.multipliers.items())
         return (f"{self.format.name} rank {self.format.rank}{f' (capped: {capped})' if capped else ''}, "
                 f"{n}x{d_in}x{d_out}{f', multipliers {times}' if times else ''}")

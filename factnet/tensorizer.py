@@ -104,9 +104,8 @@ class Tensorizer:
             return ""
         shapes = self.group_shapes()
         parts = []
-        for group, letters in capped.items():
-            sizes = ", ".join(f"{c}={size}" for c, size in letters.items())
-            parts.append(f"{group!r} ({'x'.join(map(str, shapes[group]))}): {sizes} "
+        for group in capped:
+            parts.append(f"{group!r} ({'x'.join(map(str, shapes[group]))}): {fmt.capped_text(*shapes[group])} "
                          f"({fmt.num_parameters(*shapes[group]):,} parameters)")
         return (f"{fmt.name} rank {fmt.rank} is more than {len(capped)} of {len(shapes)} group(s) allow, so each gets "
                 f"the largest rank it has in those modes ({' · '.join(fmt.factors.values())}): " + "; ".join(parts)

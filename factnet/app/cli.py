@@ -230,8 +230,8 @@ def command_info(args: argparse.Namespace) -> int:
     print(f"\nformat {adapter.format.name}, rank {args.rank}, grouped by {args.group}")
     for name, count in adapter.num_parameters_by_group().items():
         n, d_in, d_out = adapter.group_shapes()[name]
-        capped = adapter.format.capped(n, d_in, d_out)
-        note = f" (rank capped: {', '.join(f'{c}={size}' for c, size in capped.items())})" if capped else ""
+        capped = adapter.format.capped_text(n, d_in, d_out)
+        note = f" (rank capped: {capped})" if capped else ""
         print(f"  group {name}: {n}x{d_in}x{d_out} -> {count:,} parameters{note}")
     print(f"trainable factor parameters: {factors:,}")
     print(f"head parameters: {head:,}")

@@ -195,6 +195,10 @@ class Format:
         """The rank letters a ``(n, d_in, d_out)`` group caps below ``rank``, with their sizes."""
         return {c: size for c, size in self.sizes(n, d_in, d_out).items() if c not in MODES and size < self.rank}
 
+    def capped_text(self, n: int, d_in: int, d_out: int) -> str:
+        """`capped` as the messages say it: ``"a=1, b=4"`` ("" if no letter is capped)."""
+        return ", ".join(f"{c}={size}" for c, size in self.capped(n, d_in, d_out).items())
+
     def shapes(self, n: int, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
         """Shape of each factor for a ``(n, d_in, d_out)`` group."""
         sizes = self.sizes(n, d_in, d_out)
