@@ -272,3 +272,50 @@ def test_bfloat16_model_float32_factors():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
     adapter.detach()
     assert torch.equal(model(x), base(x))
+
+
+FUSED_KERNELS = ("_native_multi_head_attention", "_transformer_encoder_layer_fwd")
+
+
+def _fused_calls(model: nn.Module, x: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, int]:
+    """``model(x)`` (eval, no grad) and how many times it called torch's fused attention kernels."""
+    count = [0]
+    for name in FUSED_KERNELS:
+        original = getattr(torch, name)
+
+        def spy(*args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    with torch.no_grad():
+        y = model(x)
+    monkeypatch.undo()
+    return y, count[0]
+
+
+@pytest.mark.parametrize("build, shape", [(tiny_torchvision_vit, (4, 3, 32, 32)),
+                                          (tiny_transformer_encoder, (4, 5, 16))])
+def test_an_unmerged_adapter_keeps_torchs_fused_attention(build, shape, monkeypatch):
+    """nn.MultiheadAttention and nn.TransformerEncoderLayer have fused inference kernels (eval, no grad).
+    An unmerged adapter keeps them (they read the effective weights through the attributes) from the second
+    forward on, as many calls as the bare model makes, with the output at init bit for bit the base's
+    (float32). The first forward of a newly adapted matrix runs torch's unfused path: the first-forward
+    guard is a TorchFunctionMode, which torch's fast-path checks refuse."""
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():  # torchvision's zero head would hide every difference
+                parameter.normal_()
+    x = torch.randn(*shape)
+    base, base_calls = _fused_calls(model, x, monkeypatch)
+    assert base_calls > 0  # the check can fail: the bare model does take the fused path
+    adapter = factnet.Tensorizer(model).decompose("tt", rank=2, train_head=False, seed=0)
+    with torch.no_grad():
+        model(x)  # the guarded first forward
+    y, calls = _fused_calls(model, x, monkeypatch)
+    assert calls == base_calls and torch.equal(y, base)
+    randomize_factors(adapter, std=0.3, seed=1)
+    y, calls = _fused_calls(model, x, monkeypatch)
+    assert calls == base_calls and not torch.equal(y, base)
