@@ -4,6 +4,7 @@
     nice -n 10 python benchmarks/scale_grid.py --format tt --scaling stable --seeds 0
     nice -n 10 python benchmarks/scale_grid.py --format tt --scaling balanced --values 1 --seeds 0,1,2
     python benchmarks/scale_grid.py --format tt --plot   # docs/scale/grid_tt.png and grid_tt.md from the runs so far
+    python benchmarks/scale_grid.py --format tucker --import-frontier --seeds 0,1,2   # the frontier's paper-grid runs
 
 ``--scaling paper``: the grid value is the paper's raw ``s`` (``decompose(scale=s)``, main's parametrization).
 ``--scaling stable``: the grid value is the gain ``g`` of the rank-stable scale (``decompose(gain=g)``, whose raw
@@ -12,8 +13,9 @@
 mean of the first step's regime, where only the zero factor's rank letters add coherently, and the later one, where
 every rank letter does); benchmark only, not in the library. Each run trains through `factnet.app.demo.methods.adapt` with the
 raw ``s``, keyed as the frontier keys its runs, so a run the other grid already has (same raw ``s``) is reused,
-and finished runs are appended to ``docs/scale/runs.jsonl``: an interrupted grid resumes. (The frontier's own
-runs.jsonl is not reused: its runs came from earlier code, e.g. r8 s0.1 gave 76.0 there against the issue's 66.5.)
+and finished runs are appended to ``docs/scale/runs.jsonl``: an interrupted grid resumes. Runs the frontier
+finished (``docs/frontier/runs.jsonl``: the paper's grid at seed 0, the chosen ``s`` at seeds 1 and 2) are
+reused the same way, by key.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from factnet.app.demo.methods import Method, downstream_model
 
 OUT = Path("docs/scale")
 RUNS = OUT / "runs.jsonl"
+FRONTIER_RUNS = Path("docs/frontier/runs.jsonl")  # same keys (`_key`): a paper-grid cell the frontier ran
 GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # the paper's s grid
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -87,7 +90,7 @@ def run(fmt: str, scaling: str, ranks: list[int], values: list[float], seeds: li
     backbone = pretrained_backbone(demo.pretrain, progress=False, splits=splits)
     probe = downstream_model(backbone, len(splits.downstream_classes), demo.drop_path)
     done = {_cell(r): r for r in _records(RUNS)}
-    trained = {r["key"]: r for r in _records(RUNS)}  # any run of the same key
+    trained = {r["key"]: r for r in _records(FRONTIER_RUNS) + _records(RUNS)}  # any run of the same key
     OUT.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for rank in ranks:
@@ -114,6 +117,32 @@ def run(fmt: str, scaling: str, ranks: list[int], values: list[float], seeds: li
                 done[_cell(record)] = trained[key] = record
                 print(f"{fmt} r{rank} {scaling} {value:g} (s {s:.4g}) seed {seed}: val {record['val_accuracy']:.1f} "
                       f"test {record['test_accuracy']:.1f} ({record['seconds']:.0f} s)", flush=True)
+
+
+def import_frontier(fmt: str, ranks: list[int], seeds: list[int]) -> int:
+    """Append to ``runs.jsonl`` the paper-grid cells of ``fmt`` that the frontier finished and this grid lacks
+    (matched by key, so only runs of exactly this recipe and backbone); how many."""
+    config = FrontierConfig()
+    demo = config.demo
+    backbone = pretrained_backbone(demo.pretrain, progress=False, splits=load_splits(demo.pretrain.data))
+    frontier = {r["key"]: r for r in _records(FRONTIER_RUNS)}
+    done = {_cell(r) for r in _records(RUNS)}
+    added = 0
+    with open(RUNS, "a", encoding="utf-8") as handle:
+        for seed in seeds:
+            for rank in ranks:
+                for value in GRID:
+                    key = _key(backbone, demo, Method("fact", demo.lr, format=fmt, rank=rank, scale=value), seed)
+                    tag = {"format": fmt, "rank": rank, "scaling": "paper", "grid_value": value, "raw_scale": value}
+                    if key not in frontier or _cell({"key": key, **tag}) in done:
+                        continue
+                    old = frontier[key]
+                    record = {"key": key, **tag, **{k: old[k] for k in ("seed", "val_accuracy", "test_accuracy", "params",
+                                                                         "bytes", "epoch_losses", "seconds")},
+                              "from": "frontier"}
+                    handle.write(json.dumps(record) + "\n")
+                    added += 1
+    return added
 
 
 def table(records: list[dict], fmt: str, scaling: str) -> dict[tuple[int, float], list[float]]:
@@ -154,10 +183,43 @@ def plot(fmt: str) -> Path:
     return path
 
 
+def _stats(runs: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (0 for one seed)."""
+    return statistics.mean(runs), statistics.stdev(runs) / math.sqrt(len(runs)) if len(runs) > 1 else 0.0
+
+
+def comparison(records: list[dict], fmt: str, gain: float) -> list[str]:
+    """Must-have 2's check, one row per rank: decompose's default (``gain``, no sweep) against the paper grid's
+    best ``s`` (the highest mean among the cells with the most seeds), validation accuracy; within means
+    within 1 point or within the best cell's standard error; a run collapsed if its last epoch's training
+    loss is not below its first's."""
+    paper, default = table(records, fmt, "paper"), table(records, fmt, "default")
+    losses = {(r["rank"], r["seed"]): r["epoch_losses"] for r in records
+              if r["format"] == fmt and r["scaling"] == "default" and r["grid_value"] == gain}
+    lines = [f"## decompose's default (gain {gain:g}, no sweep) against the paper grid's best s", "",
+             "| rank | paper's best s | its val | default val | default - best | within | collapsed runs |",
+             "|---:|---:|---:|---:|---:|:---:|---:|"]
+    for rank in sorted({r for r, _ in default if (r, gain) in default}):
+        cells = {v: runs for (r, v), runs in paper.items() if r == rank}
+        if not cells:
+            continue
+        most = max(len(runs) for runs in cells.values())
+        best = max((v for v, runs in cells.items() if len(runs) == most), key=lambda v: statistics.mean(cells[v]))
+        (b_mean, b_se), (d_mean, d_se) = _stats(cells[best]), _stats(default[rank, gain])
+        within = d_mean >= b_mean - max(1.0, b_se)
+        collapsed = sum(1 for (r, _), loss in losses.items() if r == rank and loss[-1] >= loss[0])
+        lines.append(f"| {rank} | {best:g} | {b_mean:.1f} ± {b_se:.1f} [{len(cells[best])}] | {d_mean:.1f} ± {d_se:.1f} "
+                     f"[{len(default[rank, gain])}] | {d_mean - b_mean:+.1f} | {'yes' if within else '**no**'} | "
+                     f"{collapsed} |")
+    return lines + ["", "(± standard error over seeds, [seeds])", ""]
+
+
 def markdown(fmt: str) -> Path:
     """Tables of validation accuracy (mean ± std over seeds, seed count) per rank and grid value, each scaling."""
     records = _records(RUNS)
-    lines = [f"# FacT-{fmt}: validation accuracy % by rank and scale (mean ± std over seeds, [seeds])", ""]
+    gain = get_format(fmt, 1).default_gain
+    lines = [f"# FacT-{fmt}: validation accuracy % by rank and scale", ""] + comparison(records, fmt, gain)
+    lines += ["Each scaling's grid: mean ± std over seeds, [seeds].", ""]
     for scaling, label in SCALINGS.items():
         cells = table(records, fmt, scaling)
         values = sorted({v for _, v in cells})
@@ -191,7 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--values", default=",".join(map(str, GRID)), help="grid values (s or gain)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--plot", action="store_true", help="only draw the figure from the runs so far")
+    parser.add_argument("--import-frontier", action="store_true",
+                        help="only copy the paper-grid runs the frontier finished into runs.jsonl")
     args = parser.parse_args(argv)
+    if args.import_frontier:
+        print(import_frontier(args.format, [int(r) for r in args.ranks.split(",")],
+                              [int(s) for s in args.seeds.split(",")]), "runs imported")
+        return
     if args.plot:
         print(plot(args.format), markdown(args.format))
         return
