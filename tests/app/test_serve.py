@@ -1,6 +1,7 @@
 """``factnet serve`` end to end: Ray Serve on the demo (random ViT, random adapters) on loopback, concurrent
 requests from several users, each answer checked against that user's single-adapter forward computed here;
-adapter files added, deleted and corrupted while it runs. Started once for the module, shut down at the end."""
+adapter files added, deleted and corrupted while it runs. Started once for the module with two replicas (each
+answer comes from either; each replica follows the directory on its own), shut down at the end."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import factnet
 from factnet.app.cli import main
 from factnet.app.serve import ServeSettings, build_backbone, write_demo, write_random_adapters
 
-pytest.importorskip("ray.serve")
+serve = pytest.importorskip("ray.serve")
 from factnet.app import serve_ray  # noqa: E402
 
 USERS = 4
 REQUEST_TIMEOUT_S = 30
 WAIT_FOR_DIRECTORY_S = 30
+REPLICAS = 2
+STEADY = 8  # consecutive answers that must agree before a directory change counts as seen by every replica
 
 
 def _free_port() -> int:
@@ -55,7 +58,7 @@ def _health(url: str) -> dict:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     settings = replace(write_demo(tmp_path_factory.mktemp("serve"), users=USERS), max_batch_size=8,
                        batch_wait_s=0.02, poll_s=0.2)
-    url = serve_ray.start(settings, port=_free_port(), timeout_s=180)
+    url = serve_ray.start(settings, port=_free_port(), replicas=REPLICAS, timeout_s=180)
     try:
         yield url, settings
     finally:
@@ -85,6 +88,8 @@ def test_health(server: Any) -> None:
     url, _ = server
     health = _health(url)
     assert health["status"] == "ok" and health["adapters"] >= USERS and health["input_shape"] == [1, 8, 8]
+    deployments = serve.status().applications[serve_ray.APP_NAME].deployments.values()
+    assert sum(d.replica_states.get("RUNNING", 0) for d in deployments) == REPLICAS
 
 
 def test_concurrent_users_each_get_their_adapter(server: Any) -> None:
@@ -117,10 +122,13 @@ def test_bad_requests_are_refused_with_a_reason(server: Any) -> None:
 
 
 def _wait_until(condition: Any) -> None:
-    deadline = time.monotonic() + WAIT_FOR_DIRECTORY_S
-    while not condition():
+    """Until ``condition()`` holds `STEADY` times in a row (requests reach either replica)."""
+    deadline, streak = time.monotonic() + WAIT_FOR_DIRECTORY_S, 0
+    while streak < STEADY:
         assert time.monotonic() < deadline, "the server did not follow the adapter directory in time"
-        time.sleep(0.2)
+        streak = streak + 1 if condition() else 0
+        if not streak:
+            time.sleep(0.2)
 
 
 def test_adapters_come_and_go_while_serving(server: Any) -> None:
