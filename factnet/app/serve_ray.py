@@ -144,15 +144,15 @@ def serve_until_interrupted(settings: ServeSettings | None, *, host: str, port: 
         if settings is None:
             settings = replace(write_demo(Path(scratch), users=demo_users), **(demo_options or {}))
             print(f"demo: a random 8x8-image ViT and {demo_users} random adapters (user0 ...) in {settings.adapters}")
-        url = start(settings, host=host, port=port, replicas=replicas)
-        example = [[[0] * 8] * 8] if settings.model is None else "[...]"
-        query = json.dumps({"user": "user0", "input": example}, separators=(",", ":"))
-        print(f"factnet serve: {url} ({replicas} replica(s), batches of up to {settings.max_batch_size}, "
-              f"{settings.batch_wait_s * 1000:g} ms wait); adapters follow {settings.adapters}\n"
-              f"  curl {url}/health\n"
-              f"  curl -X POST {url}/predict -d '{query}'\n"
-              "Ctrl-C stops it.", flush=True)
-        try:
+        try:  # (Ctrl-C while starting shuts down as cleanly as once it runs)
+            url = start(settings, host=host, port=port, replicas=replicas)
+            example = [[[0] * 8] * 8] if settings.model is None else "[...]"
+            query = json.dumps({"user": "user0", "input": example}, separators=(",", ":"))
+            print(f"factnet serve: {url} ({replicas} replica(s), batches of up to {settings.max_batch_size}, "
+                  f"{settings.batch_wait_s * 1000:g} ms wait); adapters follow {settings.adapters}\n"
+                  f"  curl {url}/health\n"
+                  f"  curl -X POST {url}/predict -d '{query}'\n"
+                  "Ctrl-C stops it.", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
