@@ -4,6 +4,7 @@
     nice -n 10 python benchmarks/real_model.py                 # every run not yet in docs/real_model/runs.jsonl
     nice -n 10 python benchmarks/real_model.py --stop-at 09:40 # launch no run after 09:40 UTC (resume later)
     python benchmarks/real_model.py --report                   # docs/real_model/README.md from the runs so far
+    nice -n 10 python benchmarks/real_model.py --methods tt,tucker --out docs/real_model/multipliers  # FacT only
 
 Each family's learning rate is chosen on validation accuracy with seed 0 at its selection setting (LoRA r8, FacT
 rank 8); seeds 1 and 2 then run at the chosen lr, and the family's other ranks run seeds 0-2 at that lr (FacT's
@@ -63,8 +64,10 @@ def chosen_lr(done: dict, method: str) -> float | None:
     return max(ok, key=lambda r: r["val"])["lr"] if ok else None
 
 
-def next_run(done: dict) -> tuple[str, int, float, int] | None:
+def next_run(done: dict, methods: set[str] | None = None) -> tuple[str, int, float, int] | None:
     for method, rank in PLAN:
+        if methods is not None and method not in methods:
+            continue
         base = "probe" if method == "probe-random" else method
         if rank == SELECT_RANK[base] and method == base:
             for lr in LR[base]:
@@ -79,6 +82,8 @@ def next_run(done: dict) -> tuple[str, int, float, int] | None:
             if done[key(method, rank, lr, seed)].get("error"):
                 break
     for method, rank, lr in EXTRA:
+        if methods is not None and method not in methods:
+            continue
         for seed in (0, 1, 2):
             if key(method, rank, lr, seed) not in done:
                 return method, rank, lr, seed
@@ -131,7 +136,8 @@ def main_runs(args) -> None:
     print(f"features: pretrained {feats['pretrained_s']:.1f}s, random {feats['random_s']:.1f}s", flush=True)
     from tqdm import tqdm
     bar = tqdm(desc="runs", unit="run")
-    while (nxt := next_run(done)) is not None:
+    methods = set(args.methods.split(",")) if args.methods else None
+    while (nxt := next_run(done, methods)) is not None:
         if args.stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= args.stop_at:
             print(f"stop-at {args.stop_at} UTC reached; next would be {key(*nxt)}: rerun to resume")
             break
@@ -238,6 +244,7 @@ def main() -> None:
     parser.add_argument("--stop-at", default=None, help="HH:MM UTC: launch no run at or after it")
     parser.add_argument("--out", default="docs/real_model", help="folder of runs.jsonl and README.md")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--methods", default=None, help="only these methods' runs, e.g. tt,tucker (default: all)")
     args = parser.parse_args()
     global OUT, RUNS
     OUT = Path(args.out)
