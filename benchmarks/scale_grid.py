@@ -216,9 +216,10 @@ def comparison(records: list[dict], fmt: str, gain: float) -> list[str]:
 
 def markdown(fmt: str) -> Path:
     """Tables of validation accuracy (mean ± std over seeds, seed count) per rank and grid value, each scaling."""
+    from factnet.tensorizer import DEFAULT_GAIN
+
     records = _records(RUNS)
-    gain = get_format(fmt, 1).default_gain
-    lines = [f"# FacT-{fmt}: validation accuracy % by rank and scale", ""] + comparison(records, fmt, gain)
+    lines = [f"# FacT-{fmt}: validation accuracy % by rank and scale", ""] + comparison(records, fmt, DEFAULT_GAIN)
     lines += ["Each scaling's grid: mean ± std over seeds, [seeds].", ""]
     for scaling, label in SCALINGS.items():
         cells = table(records, fmt, scaling)

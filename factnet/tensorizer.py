@@ -20,7 +20,12 @@ from factnet.grouping import GroupBy, make_groups
 from factnet.quant import check_bits
 from factnet.slices import Slice, classifier_names, select_slices
 
-__all__ = ["Tensorizer"]
+__all__ = ["DEFAULT_GAIN", "Tensorizer"]
+
+# decompose's default gain g of s = g·ρ: the parametrization fixes how the step scales with the rank, not
+# this O(1) constant, whose best value depends on the model (docs/scale/README.md: 3 is best on the demo's
+# wide backbone at lr 1e-2, but 2 already collapses EfficientNet-Lite0 there; 1 is safe on both)
+DEFAULT_GAIN = 1.0
 
 
 _HEAD_NAMES = ("head", "heads", "classifier", "fc", "lm_head")
@@ -132,7 +137,7 @@ class Tensorizer:
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
         fits (see `rank_for_budget`). By default the parametrization is rank-stable, so one learning rate
         serves every rank: ``s = g·ρ`` with ``ρ`` from `stable_scale` and gain ``g = gain`` (default
-        the format's `default_gain`), and each factor used times its `Format.multipliers` (docs/scale/README.md);
+        `DEFAULT_GAIN`), and each factor used times its `Format.multipliers` (docs/scale/README.md);
         ``scale=`` is the paper's parametrization, its ``s`` itself (the presets' values), as saved.
         ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
         (found automatically on timm models and for modules named head/classifier/fc); it stays
@@ -154,7 +159,7 @@ class Tensorizer:
         if stable:
             if not (isinstance(gain, (int, float, type(None))) and math.isfinite(gain or 0.0)):
                 raise FactnetError(f"gain must be a finite number, got {gain!r}")
-            scale = (fmt.default_gain if gain is None else gain) * self.stable_scale(fmt)
+            scale = (DEFAULT_GAIN if gain is None else gain) * self.stable_scale(fmt)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
             raise FactnetError(f"scale must be a finite number, got {scale!r}")
         if bits is not None:

@@ -20,6 +20,7 @@ from torch import nn
 
 import factnet
 from conftest import BUILTIN_FORMATS, USER_FORMATS
+from factnet.tensorizer import DEFAULT_GAIN
 
 
 class TwoCores(factnet.Format, name="test-two-cores"):
@@ -118,7 +119,7 @@ def test_decompose_defaults_to_the_stable_scale_and_keeps_the_papers():
         model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
         return factnet.Tensorizer(model, ["0", "2"]).decompose("tt", rank=4, **options).settings.scale
 
-    assert decompose() == pytest.approx(factnet.get_format("tt", 4).default_gain * 3 / 4)  # TT: ρ = 3/r
+    assert decompose() == pytest.approx(DEFAULT_GAIN * 3 / 4)  # TT: ρ = 3/r
     assert decompose(gain=2.0) == pytest.approx(2.0 * 3 / 4)
     assert decompose(scale=10.0) == 10.0  # the paper's s, as is
     with pytest.raises(factnet.FactnetError, match="not both"):
@@ -241,20 +242,3 @@ def test_the_stable_parametrization_trains_saves_and_loads_exactly(tmp_path):
     paper = factnet.Tensorizer(nn.Sequential(nn.Linear(16, 16)), ["0"]).decompose("tt", rank=4, scale=1.0)
     assert not paper.settings.stable and all(not g.multipliers for g in paper.groups.values())
 
-
-def test_a_format_declares_its_default_gain():
-    """decompose's default s is the format's default_gain times ρ; gain= overrides it; a bad one is refused."""
-
-    class Gained(factnet.Format, name="test-gained-tt"):
-        factors = {"sigma": "iab", "u": "ja", "v": "kb"}
-        zero = "v"
-        default_gain = 5.0
-
-    model = nn.Sequential(nn.Linear(32, 32))
-    adapter = factnet.Tensorizer(model, ["0"]).decompose("test-gained-tt", rank=4)
-    assert adapter.settings.scale == pytest.approx(5.0 * 3 / 4)
-    with pytest.raises(factnet.FactnetError, match="default_gain"):
-        class Negative(factnet.Format, name="test-negative-gain"):
-            factors = {"sigma": "iab", "u": "ja", "v": "kb"}
-            zero = "v"
-            default_gain = -1.0

@@ -59,9 +59,6 @@ class Format:
     name: ClassVar[str]
     factors: ClassVar[dict[str, str]]
     zero: ClassVar[str]
-    # g of decompose's default s = g·ρ: the rank-stable parametrization fixes how the step scales with the
-    # rank, not its O(1) constant; measured per format on the wide backbone (docs/scale/README.md)
-    default_gain: ClassVar[float] = 1.0
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -350,8 +347,6 @@ def _check_declaration(cls: type[Format], name: str) -> None:
             problem = "factor letters must be lowercase a-z"
         elif getattr(cls, "zero", None) not in factors:
             problem = "`zero` must name one of the factors"
-        elif not (isinstance(cls.default_gain, (int, float)) and 0 < cls.default_gain < math.inf):
-            problem = f"`default_gain` must be a positive number, got {cls.default_gain!r}"
         else:
             counts = {c: letters_all.count(c) for c in set(letters_all) if c not in MODES}
             lonely = sorted(c for c, count in counts.items() if count < 2)

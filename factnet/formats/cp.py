@@ -19,7 +19,6 @@ class CP(Format, name="cp"):
 
     factors = {"weights": "r", "p": "ir", "u": "jr", "v": "kr"}
     zero = "v"
-    default_gain = 3.0  # measured: docs/scale/README.md
 
     def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
         super().initialize(factors, generator)

@@ -18,7 +18,6 @@ class TensorTrain(Format, name="tt"):
 
     factors = {"sigma": "iab", "u": "ja", "v": "kb"}
     zero = "v"
-    default_gain = 3.0  # measured: docs/scale/README.md
 
     def to_tensorly(self, factors: dict[str, Tensor]) -> TTTensor:
         """Cores ``(1, d_in, r), (r, n, r), (r, d_out, 1)``: a TT over modes (j, i, k)."""
