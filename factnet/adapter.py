@@ -33,18 +33,23 @@ class GroupFactors(nn.Module):
 
     def __init__(self, fmt: Format, slices: tuple[Slice, ...], dtype: torch.dtype, device: torch.device,
                  generator: torch.Generator | None = None, bits: int | None = None, group: int = 64,
-                 stable: bool = False) -> None:
+                 stable: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.format, self.slices, self.bits, self.quant_group = fmt, slices, bits, group
         self.shape = (len(slices), slices[0].d_in, slices[0].d_out)
         shapes = fmt.shapes(*self.shape)
-        self.factors = nn.ParameterDict(
-            {name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device)) for name, shape in shapes.items()}
-        )
+        self.factors = nn.ParameterDict({name: nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+                                         for name, shape in shapes.items() if name not in fmt.seeded})
+        # seeded factors (`Format.seeded`): frozen buffers, regenerated from ``seed``, never saved
+        self.seed = seed
+        self.seeded = nn.Module()
+        for name, value in fmt.seeded_values(*self.shape, seed).items():
+            self.seeded.register_buffer(name, value.to(device=device, dtype=dtype), persistent=False)
         # stable: each factor is used as c_F·(stored), c_F = Format.multipliers (powers of two); else all 1
-        self.multipliers = {n: c for n, c in fmt.multipliers(*self.shape).items() if c != 1.0} if stable else {}
+        self.multipliers = {n: c for n, c in fmt.multipliers(*self.shape).items()
+                            if c != 1.0 and n not in fmt.seeded} if stable else {}
         initial = dict(self.factors.items())
-        fmt.initialize(initial, generator)
+        fmt.initialize(initial | {n: torch.empty(shapes[n], dtype=dtype) for n in fmt.seeded}, generator)
         self.assign(initial)
         self._cache: dict[bool, tuple[list, NormalForm]] = {}  # by grad mode
 
@@ -71,15 +76,22 @@ class GroupFactors(nn.Module):
         stores them (`factnet.quant.fake_quantize`: straight-through gradient)."""
         used = {name: p * self.multipliers[name] if name in self.multipliers else p
                 for name, p in self.factors.items()}
-        if self.bits is None or not quantized:
-            return used
-        return {name: fake_quantize(p, self.bits, self.quant_group) for name, p in used.items()}
+        if self.bits is not None and quantized:
+            used = {name: fake_quantize(p, self.bits, self.quant_group) for name, p in used.items()}
+        return used | dict(self.seeded.named_buffers())
+
+    def trained_values(self, quantized: bool = True) -> dict[str, Tensor]:
+        """`values` without the seeded factors: what files store."""
+        return {name: value for name, value in self.values(quantized).items() if name in self.factors}
 
     @torch.no_grad()
     def assign(self, values: Mapping[str, Tensor]) -> None:
         """Set the factors so that `values` (before low-bit rounding) gives ``values`` (exactly: the
         multipliers are powers of two); a tensor in another dtype is cast."""
         for name, value in values.items():
+            if name in self.format.seeded:
+                raise FactnetError(f"factor {name!r} of format {self.format.name!r} is seeded: regenerated from the "
+                                   f"seed ({self.seed}), never trained or assigned")
             factor = self.factors[name]
             factor.copy_(value / self.multipliers[name] if name in self.multipliers else value)
 
@@ -148,7 +160,7 @@ class Adapter(nn.Module):
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
                  dropout: float, head: list[str], name: str = "default",
                  generator: torch.Generator | None = None, register: bool = True, bits: int | None = None,
-                 group: int = 64, stable: bool = False) -> None:
+                 group: int = 64, stable: bool = False, seed: int = 0) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
@@ -156,9 +168,10 @@ class Adapter(nn.Module):
         self.format = fmt
         self.settings = Settings(float(scale), float(dropout), bits=bits, group=group, stable=stable)
         self.group_names = list(groups)
+        self.seed = seed  # group number g's seeded factors (`Format.seeded`) are drawn from seed + g
         self.groups = nn.ModuleDict(
-            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable)
-             for g, members in groups.items()}
+            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable, seed + number)
+             for number, (g, members) in enumerate(groups.items())}
         )
         self.matrices: dict[str, Matrix] = {}
         self.placements: dict[str, list[Placement]] = {}

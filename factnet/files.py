@@ -69,7 +69,7 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
         raise FactnetError("adapter was detached, so the model it fits is no longer known; save before detach()")
     with torch.no_grad():  # the parameters times their multipliers, before low-bit rounding
         tensors = {f"factors.{name}.{factor}": value for name in adapter.group_names
-                   for factor, value in adapter.group(name).values(quantized=False).items()}
+                   for factor, value in adapter.group(name).trained_values(quantized=False).items()}
     head = adapter.head_state() if include_head else {}  # an inactive adapter keeps its head values apart
     tensors.update({f"head.{name}": value for name, value in head.items()})
     sharded = any(_is_sharded(t) for t in tensors.values())

@@ -117,7 +117,12 @@ def _check_tensors(head: Mapping[str, nn.Parameter], spec: dict[str, Any], fmt: 
     """The file holds exactly the factors the format needs and the model's head parameters (``head``), of
     their shapes."""
     expected = {f"factors.{group}.{factor}": shape for group, dims in tensorizer.group_shapes().items()
-                for factor, shape in fmt.shapes(*dims).items()}
+                for factor, shape in fmt.shapes(*dims).items() if factor not in fmt.seeded}
+    seeded = [key for key in tensors if key.startswith("factors.") and key.split(".")[-1] in fmt.seeded]
+    if seeded:
+        raise FactnetError(f"{path} stores values for seeded factors {_listing(seeded)} of format {fmt.name!r}: they "
+                           "are regenerated from the spec's seed, never trained or stored; this file was not written "
+                           "by adapter.save()")
     if head_parameters:
         if sorted(head) != sorted(head_parameters):
             raise FactnetError(f"the model's head {spec['head']} has parameters {sorted(head)[:_SHOWN]}, but {path} "

@@ -226,7 +226,7 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"], list(spec["head"]),
                       name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
                       bits=low_bit["factors"], group=low_bit["group"],
-                      stable="base_rank" in spec)
+                      stable="base_rank" in spec, seed=spec.get("seed", 0))
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})

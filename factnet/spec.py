@@ -71,6 +71,7 @@ _SPEC_LAYOUTS: dict[int, dict[Any, Any]] = {
         "groups": {str: {"shape": [int], "slices": [str]}}},
 }
 _SPEC_LAYOUTS[2]["base_rank"] = _Optional(int)  # the rank-stable parametrization's base (1); absent: the paper's
+_SPEC_LAYOUTS[2]["seed"] = _Optional(int)  # seeded factors (`Format.seeded`): group number g's are drawn from seed + g
 _SPEC_LAYOUTS[3] = {**_SPEC_LAYOUTS[2], "bits": {"factors": (int, type(None)), "head": (int, type(None)), "group": int,
                                                  "shapes": {str: [int]}}}
 _MAX_QUANTIZED = 1 << 40  # values of one low-bit tensor a spec may claim (its codes must hold them too)
@@ -238,7 +239,8 @@ def _spec(adapter: Adapter, dtype: torch.dtype | None, bits: dict[str, Any] | No
         "base": _base(_matrices(adapter.model, adapter.head)),
         "groups": {name: {"shape": [len(members), members[0].d_in, members[0].d_out],
                           "slices": _templates(members)} for name, members in groups.items()},
-    } | ({} if bits is None else {"bits": bits}) | ({"base_rank": 1} if settings.stable else {})
+    } | ({} if bits is None else {"bits": bits}) | ({"base_rank": 1} if settings.stable else {}) \
+        | ({"seed": adapter.seed} if fmt.seeded else {})
 
 
 def _fits(value: Any, layout: Any) -> bool:

@@ -178,7 +178,7 @@ class Tensorizer:
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits,
-                       stable=stable)
+                       stable=stable, seed=seed or 0)
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())

@@ -293,7 +293,8 @@ def effective_params(base: nn.Module, adapter: factnet.Adapter, scale: float,
     back = {}
     for key, group in adapter.groups.items():
         values = factors[key] if factors is not None else {n: p.detach() for n, p in group.factors.items()}
-        dense = reference(group.format, values)
+        dtype = next(iter(values.values())).dtype  # seeded factors (`Format.seeded`), in the given factors' dtype
+        dense = reference(group.format, values | {k: b.to(dtype) for k, b in group.seeded.named_buffers()})
         assert dense.shape == (len(group.slices), group.slices[0].d_in, group.slices[0].d_out)
         for i, piece in enumerate(group.slices):
             name, to_linear, from_linear = weight_param(base, piece.module)

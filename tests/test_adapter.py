@@ -340,7 +340,7 @@ class _SubGroup:
         import dataclasses
 
         self.format = _Sliced(group.format, keep)
-        self.factors = group.factors
+        self.factors, self.seeded = group.factors, group.seeded
         self.slices = [dataclasses.replace(group.slices[i], matrix=dataclasses.replace(
             group.slices[i].matrix, name=group.slices[i].module[len(prefix):])) for i in keep]
 

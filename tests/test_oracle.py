@@ -32,7 +32,7 @@ def dense_copy(base: torch.nn.Module, adapter: factnet.Adapter, scale: float) ->
     edited = copy.deepcopy(base)
     with torch.no_grad():
         for group in adapter.groups.values():
-            dense = group.format.reference(dict(group.factors.items()))
+            dense = group.format.reference(dict(group.factors.items()) | dict(group.seeded.named_buffers()))
             for i, piece in enumerate(group.slices):
                 weight = edited.get_submodule(piece.module).weight
                 rows = slice(piece.index * piece.d_out, (piece.index + 1) * piece.d_out)

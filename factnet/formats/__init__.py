@@ -1,6 +1,6 @@
 """Decomposition formats, registered by name. A new format is one subclass of `Format`."""
 
-from factnet.formats import batch_matrix, cp, tensor_ring, tt, tucker  # noqa: F401  (registers)
+from factnet.formats import batch_matrix, cp, seeded, tensor_ring, tt, tucker  # noqa: F401  (registers)
 from factnet.formats.base import Format, NormalForm, available_formats, get_format
 
 __all__ = ["Format", "NormalForm", "available_formats", "get_format"]

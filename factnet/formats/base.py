@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import opt_einsum
@@ -53,12 +54,14 @@ class Format:
 
     Subclasses set ``factors`` (name → einsum letters over ``i, j, k`` and rank letters) and
     ``zero`` (the factor that starts at zero, on the output side so ``ΔW = 0`` at step 0),
-    and implement `to_tensorly`/`reference`.
+    and implement `to_tensorly`/`reference`. Factors named in ``seeded`` are frozen: never trained nor
+    stored, regenerated from the seed in the file's spec (`seeded_values`); VeRA's ``A``, ``B`` are.
     """
 
     name: ClassVar[str]
     factors: ClassVar[dict[str, str]]
     zero: ClassVar[str]
+    seeded: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -78,8 +81,18 @@ class Format:
 
     # ---- declared by each format -------------------------------------------------------
     def num_parameters(self, n: int, d_in: int, d_out: int) -> int:
-        """Exact number of parameters for a ``(n, d_in, d_out)`` group: the factors' elements."""
-        return sum(math.prod(shape) for shape in self.shapes(n, d_in, d_out).values())
+        """Exact number of trained parameters for a ``(n, d_in, d_out)`` group: the elements of the factors
+        not `seeded` (those cost nothing: regenerated from the seed)."""
+        return sum(math.prod(shape) for name, shape in self.shapes(n, d_in, d_out).items() if name not in self.seeded)
+
+    def seeded_values(self, n: int, d_in: int, d_out: int, seed: int) -> dict[str, Tensor]:
+        """The `seeded` factors of a ``(n, d_in, d_out)`` group, float32 on the CPU, bit for bit the same in
+        every process: `initialize` draws all factors with ``torch.Generator().manual_seed(seed)`` (CPU) and the
+        seeded ones are kept (the caller moves and casts them)."""
+        generator = torch.Generator().manual_seed(seed)
+        drawn = {name: torch.empty(shape) for name, shape in self.shapes(n, d_in, d_out).items()}
+        self.initialize(drawn, generator)
+        return {name: drawn[name] for name in self.seeded}
 
     def max_rank(self, n: int, d_in: int, d_out: int) -> int:
         """Largest meaningful size of a rank letter held by three or more factors (CP's ``r``); a letter
@@ -213,7 +226,7 @@ class Format:
     def projections_per_slice(self) -> tuple[bool, bool]:
         """Whether ``P_in`` / ``P_out`` differ per slice (their factor holds mode ``i``)."""
         plan = _normal_plan(type(self))
-        return "i" in self.factors[plan.in_factor], "i" in self.factors[plan.out_factor]
+        return "i" in plan.in_letters, "i" in plan.out_letters
 
     def reconstruct(self, factors: dict[str, Tensor]) -> Tensor:
         """Dense ``(n, d_in, d_out)`` tensor by the format's own einsum."""
@@ -224,11 +237,11 @@ class Format:
         """``(P_in, core, P_out)`` with ``ΔW[i] = P_in[i] core[i] P_out[i]ᵀ``; see module doc."""
         plan = _normal_plan(type(self))
         n = _mode_size(self.factors, factors, "i")
-        p_in_t = _projection(factors[plan.in_factor], self.factors[plan.in_factor], "j")
-        p_out_t = _projection(factors[plan.out_factor], self.factors[plan.out_factor], "k")
+        p_in = _side(factors, self.factors, plan.in_factors, plan.in_letters)
+        p_out = _side(factors, self.factors, plan.out_factors, plan.out_letters)
+        p_in_t, p_out_t = _projection(p_in, plan.in_letters, "j"), _projection(p_out, plan.out_letters, "k")
         operands = [factors[name] for name in plan.rest]
-        in_letters = self.factors[plan.in_factor]
-        operands += [torch.eye(factors[plan.in_factor].shape[in_letters.index(c)], dtype=p_in_t.dtype,
+        operands += [torch.eye(p_in.shape[plan.in_letters.index(c)], dtype=p_in_t.dtype,
                                device=p_in_t.device) for c in plan.shared]
         if plan.core_equation is None:  # the core is a single factor already in (i, a, b) order
             core = operands[0]
@@ -253,8 +266,10 @@ class Format:
 
 @dataclass(frozen=True)
 class _NormalPlan:
-    in_factor: str
-    out_factor: str
+    in_factors: tuple[str, ...]  # the factors holding j (VeRA: ``A``), their product the input projection
+    out_factors: tuple[str, ...]  # the factors holding k (VeRA: ``b[i,k]·B[k,a]``)
+    in_letters: str  # the letters of the input projection (their product)
+    out_letters: str
     rest: tuple[str, ...]
     shared: tuple[str, ...]  # rank letters of both projections: an identity each in the core
     core_equation: str | None
@@ -265,11 +280,12 @@ class _NormalPlan:
 def _normal_plan(cls: type[Format]) -> _NormalPlan:
     """How `Format.normal_form` contracts the factors of ``cls`` (derived once per class)."""
     factors = cls.factors
-    in_factor = next(name for name, letters in factors.items() if "j" in letters)
-    out_factor = next(name for name, letters in factors.items() if "k" in letters)
-    in_ranks = [c for c in factors[in_factor] if c not in MODES]
-    out_ranks = [c for c in factors[out_factor] if c not in MODES]
-    rest = tuple(name for name in factors if name not in (in_factor, out_factor))
+    in_factors = tuple(name for name, letters in factors.items() if "j" in letters)
+    out_factors = tuple(name for name, letters in factors.items() if "k" in letters)
+    in_letters, out_letters = (_union(factors[name] for name in side) for side in (in_factors, out_factors))
+    in_ranks = [c for c in in_letters if c not in MODES]
+    out_ranks = [c for c in out_letters if c not in MODES]
+    rest = tuple(name for name in factors if name not in in_factors + out_factors)
     fresh = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "".join(factors.values()))
     renamed = {c: next(fresh) for c in out_ranks if c in in_ranks}
     inputs = [factors[name] for name in rest] + [c + renamed[c] for c in renamed]
@@ -277,7 +293,22 @@ def _normal_plan(cls: type[Format]) -> _NormalPlan:
     output = slice_letter + "".join(in_ranks) + "".join(renamed.get(c, c) for c in out_ranks)
     equation = ",".join(inputs) + "->" + output
     trivial = len(inputs) == 1 and inputs[0] == output
-    return _NormalPlan(in_factor, out_factor, rest, tuple(renamed), None if trivial else equation, output)
+    return _NormalPlan(in_factors, out_factors, in_letters, out_letters, rest, tuple(renamed),
+                       None if trivial else equation, output)
+
+
+def _union(letters: Iterable[str]) -> str:
+    """The letters of several factors, each once, in order of appearance."""
+    return "".join(dict.fromkeys("".join(letters)))
+
+
+def _side(factors: dict[str, Tensor], declared: dict[str, str], names: tuple[str, ...], letters: str) -> Tensor:
+    """The product of the factors ``names`` (those holding one mode) over ``letters``: the factor itself if one."""
+    if len(names) == 1:
+        return factors[names[0]]
+    operands = [factors[name] for name in names]
+    equation = ",".join(declared[name] for name in names) + "->" + letters
+    return planned(equation, *(tuple(t.shape) for t in operands))(*operands)
 
 
 @functools.cache
@@ -337,9 +368,9 @@ def _check_declaration(cls: type[Format], name: str) -> None:
     else:
         holders = {m: [f for f, letters in factors.items() if m in letters] for m in MODES}
         letters_all = "".join(factors.values())
-        if any(len(holders[m]) != 1 for m in "jk"):
-            problem = "modes 'j' (in) and 'k' (out) must each appear in exactly one factor"
-        elif holders["j"] == holders["k"]:
+        if any(not holders[m] for m in "jk"):
+            problem = "modes 'j' (in) and 'k' (out) must each appear in some factor"
+        elif set(holders["j"]) & set(holders["k"]):
             problem = "'j' and 'k' must sit in different factors (the input and output projections)"
         elif "i" not in letters_all:
             problem = "mode 'i' (slice) must appear in some factor"
@@ -347,6 +378,8 @@ def _check_declaration(cls: type[Format], name: str) -> None:
             problem = "factor letters must be lowercase a-z"
         elif getattr(cls, "zero", None) not in factors:
             problem = "`zero` must name one of the factors"
+        elif not set(cls.seeded) <= set(factors) or cls.zero in cls.seeded:
+            problem = "`seeded` must name factors other than `zero`"
         else:
             counts = {c: letters_all.count(c) for c in set(letters_all) if c not in MODES}
             lonely = sorted(c for c, count in counts.items() if count < 2)
