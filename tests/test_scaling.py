@@ -40,7 +40,7 @@ class TwoCores(factnet.Format, name="test-two-cores"):
             factors[self.zero].zero_()
 
 
-FORMATS = BUILTIN_FORMATS + USER_FORMATS + ["test-two-cores"]
+FORMATS = BUILTIN_FORMATS + USER_FORMATS + ["test-two-cores", "vera", "tt-seeded"]
 SEEDS = range(6)
 
 
