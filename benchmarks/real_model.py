@@ -237,6 +237,26 @@ def report(args) -> None:
     print("\n".join(lines))
 
 
+def compare(before: Path) -> str:
+    """FacT's rows of ``RUNS`` against the same (method, rank, lr) in ``before``'s runs.jsonl: val and test,
+    mean ± std over seeds [seeds], as a markdown table."""
+    def cells(rows: list[dict], method: str, rank: int, lr: float) -> str:
+        found = [r for r in rows if (r.get("method"), r.get("rank"), r.get("lr")) == (method, rank, lr) and "val" in r]
+        if not found:
+            return " | "
+        return " | ".join(f"{statistics.fmean(r[k] for r in found):.1f} ± "
+                          f"{statistics.stdev(r[k] for r in found) if len(found) > 1 else 0.0:.1f} [{len(found)}]"
+                          for k in ("val", "test"))
+    old = [json.loads(line) for line in (before / "runs.jsonl").read_text().splitlines() if line]
+    lines = ["| method | rank | lr | val, now | test, now | val, before | test, before |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for method in ("tt", "tucker"):
+        for rank in (2, 8, 32):
+            for lr in (3e-3, 1e-2):
+                lines.append(f"| {NAMES[method]} | {rank} | {lr:g} | {cells(records(), method, rank, lr)} | "
+                             f"{cells(old, method, rank, lr)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10)
@@ -245,10 +265,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs/real_model", help="folder of runs.jsonl and README.md")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--methods", default=None, help="only these methods' runs, e.g. tt,tucker (default: all)")
+    parser.add_argument("--compare", type=Path, default=None, help="print FacT's rows against this folder's runs")
     args = parser.parse_args()
     global OUT, RUNS
     OUT = Path(args.out)
     RUNS = OUT / "runs.jsonl"
+    if args.compare:
+        print(compare(args.compare))
+        return
     if args.report:
         from factnet import Tensorizer
         model = rm.build_model(False)
