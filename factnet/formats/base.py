@@ -148,7 +148,7 @@ class Format:
         along the gradient, so the output moves by ``s·lr·R_Z·σ_h``: ``R_Z`` terms (the product of the sizes
         of ``Z``'s summed letters), each a coefficient ``h`` (the input contracted with the other factors) of
         RMS ``σ_h = √(N_h·Π E[f²])`` for ``N_h`` summed terms. Hence ``ρ = 1 / (R_Z·σ_h)``."""
-        return 1.0 / self._step_gain(self.zero, n, d_in, d_out)
+        return 1.0 / self._step_gains(n, d_in, d_out)[self.zero]
 
     def multipliers(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
         """Each factor's multiplier ``c_F`` in the rank-stable parametrization: the increment uses
@@ -161,24 +161,23 @@ class Format:
         values convert exactly), keeps every factor's step in the proportion it has at rank 1: TT
         ``sigma`` ``1/r``, Tucker ``core`` about ``1/r²``, CP ``p`` about ``1/√r``; ``Z`` and factors whose
         step does not grow with the rank keep 1 (μP's base-shape rule, with rank 1 as the base)."""
-        base = type(self)(1)
-        out = {}
-        for name in self.factors:
-            ratio = (self._step_gain(self.zero, n, d_in, d_out) / self._step_gain(name, n, d_in, d_out)) / (
-                base._step_gain(base.zero, n, d_in, d_out) / base._step_gain(name, n, d_in, d_out))
-            out[name] = 2.0 ** round(math.log2(ratio))
-        return out
+        gains, base = self._step_gains(n, d_in, d_out), type(self)(1)._step_gains(n, d_in, d_out)
+        return {name: 2.0 ** round(math.log2((gains[self.zero] / gains[name]) / (base[self.zero] / base[name])))
+                for name in self.factors}
 
-    def _step_gain(self, name: str, n: int, d_in: int, d_out: int) -> float:
-        """``R_F·σ_h``: how far one Adam step of ``±1`` on every entry of factor ``name`` moves the output
-        per unit input and unit scale, with the zero factor counted at unit size (see `stable_scale`)."""
+    def _step_gains(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
+        """``R_F·σ_h`` of every factor ``F``: how far one Adam step of ``±1`` on each of its entries moves the
+        output per unit input and unit scale, with the zero factor counted at unit size (see `stable_scale`)."""
         sizes = self.sizes(n, d_in, d_out)
         moments = self.second_moments(n, d_in, d_out) | {self.zero: 1.0}
         summed = (set("".join(self.factors.values())) | {"j"}) - {"i", "k"}  # j is summed against the input
-        own = summed & set(self.factors[name])
-        terms = math.prod(sizes[c] for c in own)
-        n_h = math.prod(sizes[c] for c in summed - own)
-        return terms * math.sqrt(n_h * math.prod(moments[f] for f in self.factors if f != name))
+        gains = {}
+        for name, letters in self.factors.items():
+            own = summed & set(letters)
+            terms = math.prod(sizes[c] for c in own)
+            n_h = math.prod(sizes[c] for c in summed - own)
+            gains[name] = terms * math.sqrt(n_h * math.prod(moments[f] for f in self.factors if f != name))
+        return gains
 
     # ---- derived from the declaration --------------------------------------------------
     def sizes(self, n: int, d_in: int, d_out: int) -> dict[str, int]:
