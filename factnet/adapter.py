@@ -15,6 +15,7 @@ from factnet import attach as sites
 from factnet.adapter_set import AdapterSet, _in_head
 from factnet.errors import FactnetError
 from factnet.formats import Format, NormalForm
+from factnet.head_bits import HeadQuantizer, head_modules, quantized_head
 from factnet.kernel import Increment, delta_weight
 from factnet.placement import Placement, cut, shared_placement
 from factnet.quant import fake_quantize
@@ -147,6 +148,7 @@ class Settings:
     bits: int | None = None  # factors trained as stored in a ``bits``-bit file (`GroupFactors.values`)
     group: int = 64  # values per low-bit scale
     stable: bool = False  # the rank-stable parametrization: factors used times `Format.multipliers`
+    head_bits: int | None = None  # the head trained as stored in a ``head_bits``-bit file (`factnet.head_bits`)
 
 
 class Adapter(nn.Module):
@@ -160,13 +162,14 @@ class Adapter(nn.Module):
     def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
                  dropout: float, head: list[str], name: str = "default",
                  generator: torch.Generator | None = None, register: bool = True, bits: int | None = None,
-                 group: int = 64, stable: bool = False, seed: int = 0) -> None:
+                 group: int = 64, stable: bool = False, seed: int = 0, head_bits: int | None = None) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
         self.name = name
         self.format = fmt
-        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group, stable=stable)
+        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group, stable=stable,
+                                 head_bits=head_bits)
         self.group_names = list(groups)
         self.seed = seed  # group number g's seeded factors (`Format.seeded`) are drawn from seed + g
         self.groups = nn.ModuleDict(
@@ -191,6 +194,9 @@ class Adapter(nn.Module):
             for p in found:
                 self._by_group.setdefault(p.group, []).append((matrix_name, p))
         self.__dict__["model"] = model
+        self._head_quantizer = None if head_bits is None else HeadQuantizer(
+            head_modules(model, head), head_bits, self.settings.group, lambda: self.__dict__.get("model") is not None
+            and self._set.active == self.name)
         if register:  # (else the caller adds it once its values are in: `factnet.io`)
             AdapterSet.of(model).add(name, self)
 
@@ -357,6 +363,13 @@ class Adapter(nn.Module):
             raise FactnetError("adapter was detached, so its head is no longer known")
         return {n: p for n, p in self._set._backbone_parameters() if _in_head(n, self.head)}
 
+    def head_values(self) -> dict[str, Tensor]:
+        """The head as this adapter's forward uses it: `head_state`, detached, or for ``head_bits`` its
+        low-bit values (what a file stores)."""
+        values = {n: v.detach() for n, v in self.head_state().items()}
+        bits = self.settings.head_bits
+        return values if bits is None else quantized_head(self, values, bits, self.settings.group)
+
     # ---- views of the increment ----------------------------------------------------------
     def group(self, name: str) -> GroupFactors:
         """The factors of group ``name`` (as in `group_names`)."""
@@ -416,6 +429,7 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         s = self.settings
         bits = "" if s.bits is None else f"bits={s.bits}, "
+        bits += "" if s.head_bits is None else f"head_bits={s.head_bits}, "
         return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, {bits}"
                 f"parameters={self.num_parameters():,}")
 

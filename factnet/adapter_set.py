@@ -26,6 +26,7 @@ from factnet import calls
 from factnet.calls import Call, Traffic
 from factnet.errors import FactnetError
 from factnet.guard import WeightWatch
+from factnet.head_bits import quantized_head
 from factnet.kernel import Increment
 from factnet.mixing import Mix, check_batch
 
@@ -163,6 +164,8 @@ class AdapterSet(nn.Module):
                 self.active = None
             if adapter._head_state is not None:
                 adapter._head_state = adapter.head_state()  # whole: it can no longer fall back on the set's
+            if adapter._head_quantizer is not None:
+                adapter._head_quantizer.remove()
             del self.adapters[name]
             while traffic.using[adapter]:
                 traffic.released.wait()
@@ -381,12 +384,17 @@ class AdapterSet(nn.Module):
         if adapter is None:
             return dict(initial)  # (`add` may add to the set's own)
         if adapter._head_state is not None:
-            return {n: adapter._head_state.get(n, initial[n]) for n in initial}
-        live = {n: self.model.get_parameter(n) for n in initial}
-        key = [(id(p), p._version) for p in live.values()]
-        if self._live_head is None or self._live_head[0] != key:
-            self._live_head = key, {n: p.detach().clone() for n, p in live.items()}
-        return self._live_head[1]
+            values = {n: adapter._head_state.get(n, initial[n]) for n in initial}
+        else:
+            live = {n: self.model.get_parameter(n) for n in initial}
+            key = [(id(p), p._version) for p in live.values()]
+            if self._live_head is None or self._live_head[0] != key:
+                self._live_head = key, {n: p.detach().clone() for n, p in live.items()}
+            values = self._live_head[1]
+        if adapter.settings.head_bits is None:
+            return values
+        own = {n: v for n, v in values.items() if _in_head(n, adapter.head)}
+        return values | quantized_head(adapter, own, adapter.settings.head_bits, adapter.settings.group)
 
     @contextmanager
     def mixing(self, mix: Mix) -> Iterator[None]:

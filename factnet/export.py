@@ -182,7 +182,7 @@ def export_lora(
             squared_error += exported[name][1] ** 2 * norm2
 
     tensors, ranks = _peft_tensors(model, adapter.matrices, targets, factors)
-    own = adapter.head_state()  # an inactive adapter keeps its head values apart from the model's
+    own = adapter.head_values()  # apart from the model's while inactive; low-bit as trained with head_bits
     tensors.update({f"{_PREFIX}{h}.{key}": own.get(f"{h}.{key}", value) for h in head
                     for key, value in model.get_submodule(h).state_dict().items()})
     tensors = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}

@@ -40,12 +40,14 @@ __all__ = ["Saved", "load_spec", "read", "write", "write_atomically"]
 
 @dataclass(frozen=True)
 class Saved:
-    """What `factnet.io.save` wrote: the file, its size, and for each tensor stored low-bit the error of the
-    stored values, ``‖x̂ − x‖ / ‖x‖`` (0 for a factor trained low-bit: it is stored as trained)."""
+    """What `factnet.io.save` wrote: the file, its size (and the head's share of it), and for each tensor
+    stored low-bit the error of the stored values against those the forward uses, ``‖x̂ − x‖ / ‖x‖`` (0 for
+    factors or a head trained low-bit: they are stored as trained)."""
 
     path: str
     bytes: int
     errors: dict[str, float]
+    head_bytes: int = 0  # of ``bytes``, the head's tensors as stored (the file without it: ``bytes - head_bytes``)
 
 
 def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True, dtype: torch.dtype | None = None,
@@ -56,6 +58,8 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
                            f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")
     if bits is None and adapter.settings.bits is not None:  # trained low-bit: the file is the trained model
         bits, group = adapter.settings.bits, adapter.settings.group
+    if head_bits is None and adapter.settings.head_bits is not None and include_head:
+        head_bits, group = adapter.settings.head_bits, adapter.settings.group
     for value in (bits, head_bits):
         if value is not None:
             check_bits(value, group)
@@ -78,6 +82,7 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     low = {key: b for key, b in low.items() if b is not None}
     used_values = {f"factors.{name}.{factor}": value for name in adapter.group_names
                    for factor, value in adapter.group(name).values().items()} if low else {}
+    used_values |= {f"head.{name}": value for name, value in adapter.head_values().items()} if head_bits else {}
     stored, errors = {}, {}
     for key, value in tensors.items():
         if key not in low:
@@ -89,9 +94,10 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
         used = used_values.get(key, value).detach().cpu().double()  # what the adapter's forward uses
         norm = used.norm().item()
         errors[key] = (dequantize(q).double() - used).norm().item() / norm if norm else 0.0
+    head_bytes = sum(t.numel() * t.element_size() for key, t in stored.items() if key.startswith("head."))
     if sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
         torch.distributed.barrier()
-        return Saved(target, 0, errors)
+        return Saved(target, 0, errors, head_bytes)
     layout = None if not low else {"factors": bits, "head": head_bits, "group": group,
                                    "shapes": {key: list(tensors[key].shape) for key in low}}
     text = json.dumps(_spec(adapter, dtype, layout), separators=(",", ":"), allow_nan=False)
@@ -99,7 +105,7 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     write_atomically(target, lambda temp: save_file(stored, temp, metadata=metadata))
     if sharded:
         torch.distributed.barrier()  # the file exists for every rank once save returns
-    return Saved(target, os.path.getsize(target), errors)
+    return Saved(target, os.path.getsize(target), errors, head_bytes)
 
 
 def _is_sharded(tensor: Tensor) -> bool:

@@ -331,6 +331,8 @@ def _head_view(module: nn.Module, name: str, adapter: str | None, values: dict[s
 def _copy_holding(module: nn.Module, name: str, values: dict[str, Tensor]) -> nn.Module:
     view = copy.copy(module)
     view.__dict__.pop("forward", None)  # factnet's forward on the head (`factnet.attach`): the class's runs
+    for shadowed in module._parameters:  # a low-bit head's values inside its own forward (`factnet.head_bits`)
+        view.__dict__.pop(shadowed, None)
     view._parameters = {k: values.get(f"{name}.{k}", p) for k, p in module._parameters.items()}
     view._modules = {k: None if c is None else _copy_holding(c, f"{name}.{k}", values) for k, c in module._modules.items()}
     return view

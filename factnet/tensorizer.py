@@ -129,6 +129,7 @@ class Tensorizer:
         seed: int | None = None,
         name: str = "default",
         bits: int | None = None,
+        head_bits: int | None = None,
     ) -> Adapter:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
         and return the `Adapter` holding its factors.
@@ -145,7 +146,8 @@ class Tensorizer:
         ``name`` registers it in ``model.factnet`` (an `AdapterSet`) beside any adapters the model
         already has; the new one becomes the active one. ``bits`` (1, 2, 4, 8) trains the factors as a
         ``bits``-bit file stores them (quantized in the forward, straight-through gradient), so
-        ``adapter.save`` then writes exactly the trained model in ``bits`` bits.
+        ``adapter.save`` then writes exactly the trained model in ``bits`` bits; ``head_bits`` does the same
+        for the head (`factnet.head_bits`).
         """
         if budget is not None:
             if rank is not None:
@@ -173,12 +175,18 @@ class Tensorizer:
         if len(set(keys)) != len(keys):
             raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")
         heads = self._heads(head) if train_head else []
+        if head_bits is not None:
+            check_bits(head_bits)
+            if not heads:
+                raise FactnetError("head_bits trains the head low-bit, but there is no trainable head here ("
+                                   + ("train_head=False" if not train_head else "none found: name it with head=")
+                                   + "); drop head_bits, or train a head")
         if dropout > 0 and any(s.matrix.kind.startswith("mha") for s in self.slices):
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits,
-                       stable=stable, seed=seed or 0)
+                       stable=stable, seed=seed or 0, head_bits=head_bits)
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())
