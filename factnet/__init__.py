@@ -11,6 +11,7 @@ only this API. The map of modules: docs/ARCHITECTURE.md.
 
 from factnet.adapter import Adapter
 from factnet.adapter_set import AdapterSet
+from factnet.budget import read_budget
 from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
@@ -22,6 +23,6 @@ from factnet.version import __version__ as __version__
 
 __all__ = [
     "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
-    "compress", "export_lora", "get_format", "load", "load_many", "parse_budget", "rank_sweep", "save",
-    "write_atomically",
+    "compress", "export_lora", "get_format", "load", "load_many", "parse_budget", "rank_sweep", "read_budget",
+    "save", "write_atomically",
 ]

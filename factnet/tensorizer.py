@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Sequence
 
@@ -14,13 +13,14 @@ from factnet.adapter import Adapter, _key
 from factnet.adapter import factor_dtype as _factor_dtype
 from factnet.adapter_set import AdapterSet
 from factnet.attach import base_weight
+from factnet.budget import Choice, choose, parse_budget, read_budget
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
 from factnet.quant import check_bits
 from factnet.slices import Slice, classifier_names, select_slices
 
-__all__ = ["DEFAULT_GAIN", "Tensorizer"]
+__all__ = ["DEFAULT_GAIN", "Tensorizer", "parse_budget"]
 
 # decompose's default gain g of s = g·ρ: the parametrization fixes how the step scales with the rank, not
 # this O(1) constant, whose best value depends on the model (docs/scale/README.md: 3 is best on the demo's
@@ -66,25 +66,26 @@ class Tensorizer:
         fmt = get_format(format, rank)
         return sum(fmt.num_parameters(*shape) for shape in self.group_shapes().values())
 
-    def rank_for_budget(self, format: str, budget: int | str) -> int:
-        """The largest rank whose exact factor count (the format's `num_parameters`) fits ``budget``.
+    def rank_for_budget(self, format: str, budget: int | str, bits: int | None = None) -> int:
+        """The largest rank whose exact factor count (the format's `num_parameters`) fits ``budget``:
+        ``10_000``, ``"10k"``, ``"1.5M"`` parameters, or ``"40KB"``, ``"40KiB"`` bytes of the factors as stored
+        at ``bits`` (None: at their dtype, 4 bytes a float32 factor). Every rank up to the groups' largest size
+        is tried, so a format need not count monotonically; of ranks with equal counts (modes capped), the
+        smallest. See `factnet.budget`."""
+        return self.budget_choice(format, budget, bits).rank
 
-        ``budget``: parameters (``10_000``, ``"10k"``, ``"1.5M"``) or bytes with a unit (``"40KB"``,
-        ``"40KiB"``; 4 bytes a float32 factor, 8 a float64 one). Every rank up to the groups' largest size is
-        tried, so a format need not count monotonically; of ranks with equal counts (modes capped), the smallest.
-        """
+    def budget_choice(self, format: str, budget: int | str, bits: int | None | str = "auto") -> Choice:
+        """The rank ``decompose(format, budget=budget, bits=bits)`` takes, and with ``bits="auto"`` and a
+        budget in bytes the bits too (`factnet.budget.choose`), with its exact parameters and factor bytes."""
         if isinstance(format, Format):
-            raise FactnetError("rank_for_budget takes a format name (it builds the format at each rank)")
-        limit = max(max(d_in, d_out, n) for n, d_in, d_out in self.group_shapes().values())  # no size grows past it
+            raise FactnetError("a budget takes a format name (it builds the format at each rank)")
+        read = read_budget(budget)
         itemsize = torch.empty((), dtype=_factor_dtype(self.model)).element_size()
-        allowed = parse_budget(budget, itemsize)
-        counts = {r: self.num_parameters(format, r) for r in range(1, limit + 1)}
-        fitting = [r for r, count in counts.items() if count <= allowed]
-        if not fitting:
-            raise FactnetError(f"no rank of {format!r} fits a budget of {allowed:,} parameters here: rank 1 needs "
-                               f"{counts[1]:,}; raise the budget or target fewer matrices")
-        most = max(counts[r] for r in fitting)
-        return min(r for r in fitting if counts[r] == most)  # past it, every group is capped: nothing grows
+        auto = isinstance(bits, str) and bits == "auto"
+        if isinstance(bits, str) and not auto:
+            raise FactnetError(f"bits must be 1, 2, 4, 8, None (full precision) or 'auto', got {bits!r}")
+        return choose(format, list(self.group_shapes().values()), read, None if auto else bits, itemsize,
+                      auto and read.in_bytes)
 
     def stable_scale(self, format: str | Format, rank: int | None = None) -> float:
         """The rank-stable scale ``ρ`` (`Format.stable_scale`) of these groups: the geometric mean of
@@ -128,7 +129,7 @@ class Tensorizer:
         head: Sequence[str] | None = None,
         seed: int | None = None,
         name: str = "default",
-        bits: int | None = None,
+        bits: int | None | str = "auto",
         head_bits: int | None = None,
     ) -> Adapter:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
@@ -136,7 +137,8 @@ class Tensorizer:
 
         ``rank`` is at most that in each mode: a group too small for it gets the largest rank it allows,
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
-        fits (see `rank_for_budget`). By default the parametrization is rank-stable, so one learning rate
+        fits (see `rank_for_budget`); a budget in bytes picks the bits too unless ``bits`` is given (None: full
+        precision; see `budget_choice`). By default the parametrization is rank-stable, so one learning rate
         serves every rank: ``s = g·ρ`` with ``ρ`` from `stable_scale` and gain ``g = gain`` (default
         `DEFAULT_GAIN`), and each factor used times its `Format.multipliers` (docs/scale/README.md);
         ``scale=`` is the paper's parametrization, its ``s`` itself (the presets' values), as saved.
@@ -152,7 +154,9 @@ class Tensorizer:
         if budget is not None:
             if rank is not None:
                 raise FactnetError("pass rank= or budget=, not both")
-            rank = self.rank_for_budget(format, budget)
+            rank, bits = (choice := self.budget_choice(format, budget, bits)).rank, choice.bits
+        elif bits == "auto":
+            bits = None  # (a rank: full precision unless told)
         fmt = get_format(format, rank)
         AdapterSet.check_addable(self.model, name)
         if scale is not None and gain is not None:
@@ -232,26 +236,3 @@ def _labels(pieces: list[Slice]) -> str:
     if len(labels) > 8 and labels == [str(p.index) for p in pieces]:
         return f"{labels[0]}..{labels[-1]} ({len(labels)} blocks)"
     return ",".join(labels)
-
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-_BUDGET = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<prefix>[kmg]i?)?(?P<bytes>b)?\s*$", re.IGNORECASE)
-
-
-def parse_budget(budget: int | str, itemsize: int = 4) -> int:
-    """A budget as parameters: ``10_000`` or ``"10k"`` parameters, ``"40KB"`` / ``"40KiB"`` bytes at
-    ``itemsize`` bytes a parameter."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise FactnetError(f"budget must be a number of parameters or a string such as '10k' or '40KB', got {budget!r}")
-    if isinstance(budget, int):
-        count = budget
-    else:
-        parsed = _BUDGET.match(budget)
-        if parsed is None or (parsed["prefix"] or "").lower().endswith("i") and not parsed["bytes"]:
-            raise FactnetError(f"cannot read budget {budget!r}: use parameters ('10000', '10k', '1.5M') or bytes "
-                               "('40KB', '40KiB', '2MB')")
-        value = float(parsed["number"]) * _UNITS[(parsed["prefix"] or "").lower()]
-        count = int(value // itemsize) if parsed["bytes"] else int(value)
-    if count < 1:
-        raise FactnetError(f"budget {budget!r} allows no parameter at all")
-    return count

@@ -53,3 +53,46 @@ def test_vit_b_at_10k_is_the_paper_fact_tt_rank_4():
     timm = pytest.importorskip("timm")
     tz = factnet.Tensorizer(timm.create_model("vit_base_patch16_224", pretrained=False))
     assert tz.rank_for_budget("tt", "10k") == 4 and tz.num_parameters("tt", 4) == 8_448
+
+
+def _file_factor_bytes(path) -> int:
+    """Bytes of the factor tensors in a saved file (codes, scales and offsets, or dense values)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if k.startswith("factors."))
+
+
+@pytest.mark.parametrize("name", ["tt", "tucker", "cp", "vera", "tt-seeded"])
+@pytest.mark.parametrize("bits", [1, 4, None])
+def test_a_byte_budget_counts_the_factors_as_the_file_stores_them(name, bits, tmp_path):
+    import warnings
+
+    tz = factnet.Tensorizer(tiny_vit())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank caps
+        adapter = tz.decompose(name, budget="6KB", bits=bits, seed=0)
+        saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
+        stored = _file_factor_bytes(saved.path)
+        choice = tz.budget_choice(name, "6KB", bits)
+        assert (adapter.format.rank, adapter.settings.bits) == (choice.rank, bits) and stored == choice.bytes <= 6000
+        larger = [r for r in range(choice.rank + 1, 49) if tz.num_parameters(name, r) > choice.params]
+        if larger:  # the next rank that trains more parameters no longer fits, in its own file
+            bigger = factnet.Tensorizer(tiny_vit()).decompose(name, rank=larger[0], bits=bits, seed=0)
+            assert _file_factor_bytes(bigger.save(tmp_path / "b.safetensors", include_head=False).path) > 6000
+
+
+@pytest.mark.parametrize("name", ["tt", "tucker", "cp"])
+@pytest.mark.parametrize("budget", ["1KB", "3KB", "20KB"])
+def test_a_byte_budget_without_bits_takes_the_width_that_trains_the_most_parameters(name, budget):
+    tz = factnet.Tensorizer(tiny_vit())
+    widths = {}
+    for bits in (1, 2, 4, 8, None):  # each width alone, through rank_for_budget
+        try:
+            rank = tz.rank_for_budget(name, budget, bits=bits)
+        except FactnetError:
+            continue
+        widths[bits] = (tz.num_parameters(name, rank), 64 if bits is None else bits)
+    chosen = tz.budget_choice(name, budget)
+    assert (chosen.params, 64 if chosen.bits is None else chosen.bits) == max(widths.values())
+    assert tz.budget_choice(name, 12_000).bits is None  # a budget in parameters keeps the dtype

@@ -32,7 +32,7 @@ from factnet import (
     available_formats,
     export_lora,
     load,
-    parse_budget,
+    read_budget,
     write_atomically,
 )
 from factnet.app.arguments import finite_float, float_list, int_list, nonnegative_float, nonnegative_int, positive_int
@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_name", metavar="MODEL", help="timm model name")
     info.add_argument("--rank", type=positive_int, default=8, help="default 8")
     info.add_argument("--budget", help="instead: for every format, the largest rank whose exact count fits this many "
-                                       "parameters ('10k') or bytes ('40KB')")
+                                       "parameters ('10k'), or the rank and bits decompose takes for this many factor "
+                                       "bytes ('40KB')")
     info.add_argument("--num-classes", type=positive_int, help="head size (default: the model's)")
     info.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...")
     info.set_defaults(handler=command_info)
@@ -241,17 +242,20 @@ def command_info(args: argparse.Namespace) -> int:
 
 
 def _print_budget(tensorizer: Tensorizer, budget: str) -> int:
-    allowed = parse_budget(budget)
+    read = read_budget(budget)
     print(tensorizer)
-    print(f"\nbudget {budget}: {allowed:,} factor parameters (4 bytes each); grouped as above")
-    print(f"{'format':16} {'rank':>5} {'parameters':>12}")
+    how = "of factors as stored, at the bits decompose picks" if read.in_bytes else "of factors"
+    print(f"\nbudget {budget}: {read} {how}; grouped as above")
+    print(f"{'format':16} {'rank':>5} {'bits':>5} {'parameters':>12} {'bytes':>12}")
     for name in available_formats():
         try:
-            rank = tensorizer.rank_for_budget(name, allowed)
+            choice = tensorizer.budget_choice(name, budget)
         except FactnetError:
-            print(f"{name:16} {'-':>5} {'none fits':>12} (rank 1 needs {tensorizer.num_parameters(name, 1):,})")
+            print(f"{name:16} {'-':>5} {'-':>5} {'none fits':>12} (rank 1 needs {tensorizer.num_parameters(name, 1):,} "
+                  "parameters)")
             continue
-        print(f"{name:16} {rank:5d} {tensorizer.num_parameters(name, rank):12,}")
+        bits = "fp" if choice.bits is None else str(choice.bits)
+        print(f"{name:16} {choice.rank:5d} {bits:>5} {choice.params:12,} {choice.bytes:12,}")
     return 0
 
 

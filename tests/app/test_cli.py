@@ -290,8 +290,11 @@ def test_info_budget_prints_every_format_rank_and_exact_count(capsys) -> None:
     assert status == 0, err
     rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()[-len(factnet.available_formats()):]}
     assert set(rows) == set(factnet.available_formats())
-    assert rows["tt"] == ["4", "8,448"]  # the paper's FacT-TT rank 4 on ViT-B
-    assert rows["batch-matrix"][:3] == ["-", "none", "fits"]
+    assert rows["tt"] == ["4", "fp", "8,448", "33,792"]  # the paper's FacT-TT rank 4 on ViT-B, 4 bytes a parameter
+    assert rows["batch-matrix"][:4] == ["-", "-", "none", "fits"]
+    status, stdout, err = run(["info", "vit_base_patch16_224", "--budget", "10KB"], capsys)
+    rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()[-len(factnet.available_formats()):]}
+    assert rows["tt"] == ["16", "1", "61,440", "9,600"]  # 1 bit: 61,440 codes (7,680 B) + 960 float16 scales
     status, _, err = run(["info", "vit_base_patch16_224", "--budget", "lots"], capsys)
     assert status != 0 and "cannot read budget" in err
 

@@ -1,0 +1,128 @@
+"""Budgets: a number of trained parameters, or the bytes of the factors as a file stores them.
+
+A budget in parameters picks the largest rank whose exact count fits. A budget in bytes (``"10KB"``)
+counts each trained factor tensor as `factnet.quant.stored_bytes` stores it at ``bits`` (codes plus the
+float16 constants of each group of 64 values) or at the factors' dtype without ``bits``; seeded factors
+cost nothing. With ``bits="auto"`` (``decompose``'s default) a byte budget chooses the bits too
+(`choose`): at each width of `BUDGET_BITS` the largest rank that fits, and of those the one that trains
+the most parameters (`_better`). The header and the head are not counted (`factnet.files.Saved`
+reports the head's bytes apart).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from factnet.errors import FactnetError
+from factnet.formats import Format, get_format
+from factnet.quant import check_bits, stored_bytes
+
+__all__ = ["BUDGET_BITS", "Budget", "Choice", "choose", "factor_bytes", "parse_budget"]
+
+BUDGET_BITS: tuple[int | None, ...] = (1, 2, 4, 8, None)  # the widths a byte budget chooses from (None: dtype)
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+_BUDGET = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<prefix>[kmg]i?)?(?P<bytes>b)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``amount`` parameters, or bytes if ``in_bytes``."""
+
+    amount: int
+    in_bytes: bool
+
+    def __str__(self) -> str:
+        return f"{self.amount:,} {'bytes' if self.in_bytes else 'parameters'}"
+
+
+def read_budget(budget: int | str) -> Budget:
+    """``10_000`` or ``"10k"`` parameters, ``"40KB"`` / ``"40KiB"`` bytes."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise FactnetError(f"budget must be a number of parameters or a string such as '10k' or '40KB', got {budget!r}")
+    if isinstance(budget, int):
+        amount, in_bytes = budget, False
+    else:
+        parsed = _BUDGET.match(budget)
+        if parsed is None or (parsed["prefix"] or "").lower().endswith("i") and not parsed["bytes"]:
+            raise FactnetError(f"cannot read budget {budget!r}: use parameters ('10000', '10k', '1.5M') or bytes "
+                               "('40KB', '40KiB', '2MB')")
+        amount, in_bytes = int(float(parsed["number"]) * _UNITS[(parsed["prefix"] or "").lower()]), bool(parsed["bytes"])
+    if amount < 1:
+        raise FactnetError(f"budget {budget!r} allows no parameter at all")
+    return Budget(amount, in_bytes)
+
+
+def parse_budget(budget: int | str, itemsize: int = 4) -> int:
+    """A budget as parameters: ``10_000`` or ``"10k"`` parameters, ``"40KB"`` / ``"40KiB"`` bytes at
+    ``itemsize`` bytes a parameter."""
+    read = read_budget(budget)
+    count = read.amount // itemsize if read.in_bytes else read.amount
+    if count < 1:
+        raise FactnetError(f"budget {budget!r} allows no parameter at all")
+    return count
+
+
+def factor_bytes(fmt: Format, shapes: Iterable[tuple[int, int, int]], bits: int | None, itemsize: int,
+                 group: int = 64) -> int:
+    """Bytes of the trained factor tensors of groups of ``shapes`` as a file stores them: ``bits``-bit
+    codes and constants per tensor, or ``itemsize`` bytes a value (``bits=None``)."""
+    sizes = [_numel(shape) for n, d_in, d_out in shapes
+             for name, shape in fmt.shapes(n, d_in, d_out).items() if name not in fmt.seeded]
+    return sum(stored_bytes(size, bits, group) if bits is not None else size * itemsize for size in sizes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A rank and a width (``bits=None``: the factors' dtype) that fit a budget: ``params`` trained
+    parameters in ``bytes`` bytes."""
+
+    rank: int
+    bits: int | None
+    params: int
+    bytes: int
+
+
+def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits: int | None, itemsize: int,
+           choose_bits: bool) -> Choice:
+    """The largest rank of ``format`` that fits ``budget`` at ``bits`` (of ranks with equal counts, the
+    smallest); with ``choose_bits`` (a byte budget) at each width of `BUDGET_BITS`, the best by `_better`."""
+    if bits is not None:
+        check_bits(bits)
+    widths = BUDGET_BITS if choose_bits else (bits,)
+    limit = max(max(shape) for shape in shapes)  # no rank letter grows past the largest size
+    fitting: list[Choice] = []
+    smallest: dict[int | None, Choice] = {}
+    for width in widths:
+        best: Choice | None = None
+        for rank in range(1, limit + 1):
+            fmt = get_format(format, rank)
+            point = Choice(rank, width, sum(fmt.num_parameters(*s) for s in shapes),
+                           factor_bytes(fmt, shapes, width, itemsize))
+            smallest.setdefault(width, point)
+            cost = point.bytes if budget.in_bytes else point.params
+            if cost <= budget.amount and (best is None or point.params > best.params):
+                best = point
+        if best is not None:
+            fitting.append(best)
+    if not fitting:
+        need = min(smallest.values(), key=lambda c: c.bytes if budget.in_bytes else c.params)
+        cost = f"{need.bytes:,} bytes" if budget.in_bytes else f"{need.params:,} parameters"
+        at = "" if need.bits is None else f" at {need.bits} bits"
+        raise FactnetError(f"no rank of {format!r} fits a budget of {budget} here: rank 1 needs {cost}{at}; raise "
+                           "the budget or target fewer matrices")
+    return max(fitting, key=_better)
+
+
+def _better(choice: Choice) -> tuple:
+    """The order of widths at one byte budget: the most trained parameters, then the most bits."""
+    return choice.params, 64 if choice.bits is None else choice.bits
