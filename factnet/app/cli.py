@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapter = _Parser(add_help=False)
     adapter.add_argument("--format", default="tt", help="tt (default), tucker, cp, batch-matrix, tensor-ring")
     adapter.add_argument("--group", default="shape", help="shape (default), stage, or a regex naming the groups")
+    adapter.add_argument("--bits", type=int, choices=(1, 2, 4, 8),
+                         help="train the factors as a BITS-bit file stores them; the adapter file is then written so")
+    adapter.add_argument("--head-bits", type=int, choices=(1, 2, 4, 8),
+                         help="the same for the head (HEAD_BITS bits)")
     adapter.add_argument("--targets", action="append", metavar="PATTERN",
                          help="adapt these matrices (glob with block selection, e.g. 'blocks.*.attn.qkv[q,v]'; "
                               "repeatable); default: the paper's attention and MLP matrices")
@@ -189,7 +193,7 @@ def command_train(args: argparse.Namespace) -> int:
     """Train one adapter (or, without ``--data``, run the built-in demo)."""
     if args.data is None:
         given = [f"--{name.replace('_', '-')}" for name in _DATA_ONLY if getattr(args, name) not in (None, False)]
-        if given or args.model_kwargs or args.resume or args.group != "shape":
+        if given or args.model_kwargs or args.resume or args.group != "shape" or args.bits or args.head_bits:
             raise FactnetError(f"{', '.join(given) or 'these options'} need --data; without --data, factnet train "
                                "runs the built-in demo (options: --format, --rank, --scale, --seed, --out)")
         from factnet.app import demo
@@ -201,8 +205,9 @@ def command_train(args: argparse.Namespace) -> int:
     settings = RunSettings.from_args(args)
     result = train_setting(settings, args.split, args.out, resume=args.resume, eval_every=args.eval_every)
     print(f"{result.eval_split} accuracy {result.accuracy:.4f} after {settings.recipe.epochs} epochs "
-          f"({result.seconds:.1f}s); adapter {result.adapter_path} ({result.adapter_bytes:,} bytes: "
-          f"{result.parameters:,} factor parameters + {result.head_parameters:,} head parameters)")
+          f"({result.seconds:.1f}s); adapter {result.adapter_path} ({result.adapter_bytes:,} bytes, "
+          f"{result.adapter_bytes - result.head_bytes:,} without the head: {result.parameters:,} factor parameters + "
+          f"{result.head_parameters:,} head parameters)")
     return 0
 
 

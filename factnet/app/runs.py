@@ -56,6 +56,8 @@ class RunSettings:
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
     classes: int | None = None  # the preset's class count, when a preset was given
+    bits: int | None = None  # factors trained (and saved) low-bit
+    head_bits: int | None = None  # the head trained (and saved) low-bit
     device: str = "cpu"
     workers: int = 0
     progress: bool = True
@@ -79,7 +81,8 @@ class RunSettings:
                    format=args.format, rank=DEFAULT_RANK if rank is None else rank,
                    scale=DEFAULT_SCALE if scale is None else scale, group=args.group,
                    targets=tuple(args.targets) if args.targets else None, recipe=recipe, seed=args.seed,
-                   classes=classes, device=args.device, workers=args.workers, progress=args.progress)
+                   classes=classes, device=args.device, workers=args.workers, progress=args.progress,
+                   bits=getattr(args, "bits", None), head_bits=getattr(args, "head_bits", None))
 
     def run_config(self, split: str) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one (JSON-able)."""
@@ -87,7 +90,8 @@ class RunSettings:
                 "model_kwargs": {k: repr(v) for k, v in self.model_kwargs.items()},
                 "data": str(self.data.resolve()), "split": split, "format": self.format, "rank": self.rank,
                 "scale": self.scale, "group": self.group, "targets": list(self.targets or []),
-                "recipe": self.recipe.to_dict(), "seed": self.seed, "classes": self.classes}
+                "recipe": self.recipe.to_dict(), "seed": self.seed, "classes": self.classes} \
+            | {k: v for k, v in (("bits", self.bits), ("head_bits", self.head_bits)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class SettingResult:
     eval_split: str
     seconds: float  # training and evaluation, summed over epochs
     adapter_path: Path
+    head_bytes: int = 0  # the head's tensors in adapter.safetensors (without the head: adapter_bytes - head_bytes)
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -185,6 +190,14 @@ def adapter_classes(path: Path, model: str) -> int | None:
     return weights[0][0] if len(weights) == 1 else None
 
 
+def _head_bytes(path: Path) -> int:
+    """Bytes of the head's tensors (``head.*``, low-bit codes and constants included) in adapter file ``path``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as reader:
+        return sum(reader.get_tensor(key).nbytes for key in reader.keys() if key.startswith("head."))
+
+
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     from safetensors import SafetensorError, safe_open
 
@@ -210,7 +223,8 @@ def train_setting(settings: RunSettings, split: str, out_dir: Path, *, resume: b
     else:
         model = copy.deepcopy(base)
     adapter = Tensorizer(model, targets=settings.targets).group(settings.group).decompose(
-        settings.format, rank=settings.rank, scale=settings.scale, dropout=recipe.dropout, seed=settings.seed)
+        settings.format, rank=settings.rank, scale=settings.scale, dropout=recipe.dropout, seed=settings.seed,
+        bits=settings.bits, head_bits=settings.head_bits)
     transform = image_transform(model)
     train_loader = make_loader(task.train, transform, recipe.batch_size, shuffle=True, workers=settings.workers)
     eval_loader = make_loader(task.evaluation, transform, recipe.batch_size, shuffle=False, workers=settings.workers)
@@ -222,7 +236,7 @@ def train_setting(settings: RunSettings, split: str, out_dir: Path, *, resume: b
     path = out_dir / ADAPTER_FILE
     return SettingResult(settings.rank, settings.scale, adapter.num_parameters(), adapter.num_head_parameters(),
                          path.stat().st_size, history[-1].eval_acc, task.evaluation_split,
-                         sum(m.seconds for m in history), path)
+                         sum(m.seconds for m in history), path, _head_bytes(path))
 
 
 def _finished_setting(settings: RunSettings, out_dir: Path) -> SettingResult:
@@ -233,7 +247,7 @@ def _finished_setting(settings: RunSettings, out_dir: Path) -> SettingResult:
     head = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith("head."))
     history = read_metrics(out_dir)
     return SettingResult(settings.rank, settings.scale, parameters, head, path.stat().st_size, history[-1].eval_acc,
-                         history[-1].eval_split, sum(m.seconds for m in history), path)
+                         history[-1].eval_split, sum(m.seconds for m in history), path, _head_bytes(path))
 
 
 # ---- the sweep ------------------------------------------------------------------------------------

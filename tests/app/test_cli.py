@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import factnet
+from factnet.quant import stored_bytes
 import factnet.app.cli
 import factnet.app.runs
 import factnet.app.training
@@ -143,6 +144,23 @@ def test_train_learns_the_toy_task_and_leaves_adapter_and_metrics(toy, tmp_path,
     assert (adapter.format.rank, adapter.settings.scale) == (4, 10.0)
     assert evaluate(model, loader) == lines[-1]["eval_acc"]
     assert f"val200 accuracy {lines[-1]['eval_acc']:.4f}" in stdout
+
+
+def test_bits_train_the_factors_and_head_as_the_low_bit_file_stores_them(toy, tmp_path, capsys) -> None:
+    out = tmp_path / "low"
+    status, stdout, err = run(["train", "--data", toy.vtab, *model_flags(toy), "--rank", "4", "--scale", "10",
+                               "--bits", "2", "--head-bits", "4", *QUICK, "--out", out], capsys)
+    assert status == 0, err
+    assert factnet.io.load_spec(out / ADAPTER_FILE)["bits"] | {"shapes": None} == {"factors": 2, "head": 4, "group": 64,
+                                                                                "shapes": None}
+    model = build_model(MODEL, checkpoint=toy.checkpoint, num_classes=3, kwargs=KWARGS)
+    factnet.load(model, out / ADAPTER_FILE)
+    loader = make_loader(load_task(toy.vtab, "train800").evaluation, image_transform(model), 16, shuffle=False)
+    assert evaluate(model, loader) == read_metrics(out)[-1].eval_acc  # the file is the trained model
+    size, head = (out / ADAPTER_FILE).stat().st_size, sum(stored_bytes(p.numel(), 4) for p in model.head.parameters())
+    assert f"({size:,} bytes, {size - head:,} without the head" in stdout
+    status, _, err = run(["train", "--bits", "3"], capsys)
+    assert status == 2 and "invalid choice: 3" in err
 
 
 def test_final_split_on_an_image_folder_evaluates_test_once(toy, tmp_path, capsys) -> None:
