@@ -4,9 +4,9 @@ A budget in parameters picks the largest rank whose exact count fits. A budget i
 counts each trained factor tensor as `factnet.quant.stored_bytes` stores it at ``bits`` (codes plus the
 float16 constants of each group of 64 values) or at the factors' dtype without ``bits``; seeded factors
 cost nothing. With ``bits="auto"`` (``decompose``'s default) a byte budget chooses the bits too
-(`choose`): at each width of `BUDGET_BITS` the largest rank that fits, and of those the one that trains
-the most parameters (`_better`). The header and the head are not counted (`factnet.files.Saved`
-reports the head's bytes apart).
+(`choose`): at each width of `BUDGET_BITS` the largest rank that fits, and of those `PREFERRED_BITS`
+(measured), more bits where they train as many parameters, 1 bit where 2 fit no rank (`_pick`). The
+header and the head are not counted (`factnet.files.Saved` reports the head's bytes apart).
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.quant import check_bits, stored_bytes
 
-__all__ = ["BUDGET_BITS", "Budget", "Choice", "choose", "factor_bytes", "parse_budget"]
+__all__ = ["BUDGET_BITS", "PREFERRED_BITS", "Budget", "Choice", "choose", "factor_bytes", "parse_budget", "read_budget"]
 
 BUDGET_BITS: tuple[int | None, ...] = (1, 2, 4, 8, None)  # the widths a byte budget chooses from (None: dtype)
+# the width a byte budget takes (`_pick`): on the demo's wide backbone, FacT-TT and Tucker at 1, 2, 4 and 8 bits
+# and equal file bytes from 2 KB to 128 KB, 2 bits was best on average (docs/bytes/README.md); 1 bit levels
+# off past about 4 KB
+PREFERRED_BITS = 2
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 _BUDGET = re.compile(r"^\s*(?P<number>\d+(\.\d+)?)\s*(?P<prefix>[kmg]i?)?(?P<bytes>b)?\s*$", re.IGNORECASE)
@@ -117,12 +121,21 @@ def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits
     if not fitting:
         need = min(smallest.values(), key=lambda c: c.bytes if budget.in_bytes else c.params)
         cost = f"{need.bytes:,} bytes" if budget.in_bytes else f"{need.params:,} parameters"
-        at = "" if need.bits is None else f" at {need.bits} bits"
+        at = "" if need.bits is None else f" at {need.bits} bit{'s' if need.bits > 1 else ''}"
         raise FactnetError(f"no rank of {format!r} fits a budget of {budget} here: rank 1 needs {cost}{at}; raise "
                            "the budget or target fewer matrices")
-    return max(fitting, key=_better)
+    return _pick(fitting)
 
 
-def _better(choice: Choice) -> tuple:
-    """The order of widths at one byte budget: the most trained parameters, then the most bits."""
-    return choice.params, 64 if choice.bits is None else choice.bits
+def _pick(fitting: list[Choice]) -> Choice:
+    """Of the widths that fit one byte budget: `PREFERRED_BITS`, or more bits where they train as many
+    parameters (every rank letter capped, so more bits cost no rank); 1 bit where 2 bits fit no rank. (One
+    width alone: that one.)"""
+    preferred = next((c for c in fitting if c.bits == PREFERRED_BITS), None)
+    if preferred is None:
+        return max(fitting, key=lambda c: (c.params, _width(c)))
+    return max((c for c in fitting if c.params >= preferred.params), key=_width)
+
+
+def _width(choice: Choice) -> int:
+    return 64 if choice.bits is None else choice.bits

@@ -83,16 +83,24 @@ def test_a_byte_budget_counts_the_factors_as_the_file_stores_them(name, bits, tm
 
 
 @pytest.mark.parametrize("name", ["tt", "tucker", "cp"])
-@pytest.mark.parametrize("budget", ["1KB", "3KB", "20KB"])
-def test_a_byte_budget_without_bits_takes_the_width_that_trains_the_most_parameters(name, budget):
+@pytest.mark.parametrize("budget", ["1KB", "3KB", "20KB", "1MB"])
+def test_a_byte_budget_without_bits_takes_2_bits_or_more_where_they_cost_no_rank(name, budget):
+    from factnet.budget import PREFERRED_BITS
+
     tz = factnet.Tensorizer(tiny_vit())
     widths = {}
     for bits in (1, 2, 4, 8, None):  # each width alone, through rank_for_budget
         try:
-            rank = tz.rank_for_budget(name, budget, bits=bits)
+            widths[bits] = tz.num_parameters(name, tz.rank_for_budget(name, budget, bits=bits))
         except FactnetError:
             continue
-        widths[bits] = (tz.num_parameters(name, rank), 64 if bits is None else bits)
     chosen = tz.budget_choice(name, budget)
-    assert (chosen.params, 64 if chosen.bits is None else chosen.bits) == max(widths.values())
+    order = [1, 2, 4, 8, None]
+    if PREFERRED_BITS in widths:  # the widest width that trains as many parameters as 2 bits
+        expected = max((b for b in widths if widths[b] >= widths[PREFERRED_BITS]), key=order.index)
+    else:
+        expected = max(widths, key=lambda b: (widths[b], order.index(b)))
+    assert chosen.bits == expected and chosen.params == widths[expected]
+    if budget == "1MB":  # every rank capped at every width: nothing to gain from fewer bits
+        assert chosen.bits is None
     assert tz.budget_choice(name, 12_000).bits is None  # a budget in parameters keeps the dtype

@@ -312,7 +312,8 @@ def test_info_budget_prints_every_format_rank_and_exact_count(capsys) -> None:
     assert rows["batch-matrix"][:4] == ["-", "-", "none", "fits"]
     status, stdout, err = run(["info", "vit_base_patch16_224", "--budget", "10KB"], capsys)
     rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()[-len(factnet.available_formats()):]}
-    assert rows["tt"] == ["16", "1", "61,440", "9,600"]  # 1 bit: 61,440 codes (7,680 B) + 960 float16 scales
+    assert rows["tt"] == ["10", "2", "29,760", "9,300"]  # 2 bits: 29,760 codes (7,440 B) + 465 groups' scale, offset
+    assert rows["vera"][:4] == ["-", "-", "none", "fits"] and "rank 1 needs" in " ".join(rows["vera"])
     status, _, err = run(["info", "vit_base_patch16_224", "--budget", "lots"], capsys)
     assert status != 0 and "cannot read budget" in err
 
