@@ -87,8 +87,11 @@ def _panel(ax, rows: Sequence[dict[str, str]], column: str, label: str) -> None:
                                                                                     " (factnet)"))
         for xi, yi, vi, ei, text in zip(x, y, mean, std, budgets):
             text = text.replace(" vectors", "v")
-            if yi != vi:
-                text += f": {vi:.1f} ± {ei:.1f}, off the scale"
+            if yi != vi:  # on the floor: written upwards, so neighbours on the floor do not overlap
+                ax.annotate(f"{text}: {vi:.1f} ± {ei:.1f}, off the scale", (xi, yi), xytext=(0, 9),
+                            textcoords="offset points", fontsize=7, color=color, ha="center", va="bottom",
+                            rotation=90)
+                continue
             offset, align = ((6, -12), "left") if peft else ((-6, 7), "right")
             ax.annotate(text, (xi, yi), xytext=offset, textcoords="offset points", fontsize=7.5, color=color,
                         ha=align)
