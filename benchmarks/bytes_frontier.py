@@ -254,14 +254,16 @@ def run(seeds: list[int], only: str | None) -> None:
         train(spec, seed)
     later = [s for s in seeds if s != 0]
     if later:
-        seed_zero = own_settings([r for r in done.values() if (r["format"], r["rank"], r["gain"], r["bits"]) in by_spec])
+        ours = [r for r in done.values() if (r["format"], r["rank"], r["gain"], r["bits"]) in by_spec]
+        seed_zero = own_settings(ours)
         chosen = to_train(seed_zero)
         print(f"{len(chosen)} settings chosen at some budget (priority 0/1/2: "
               f"{[sum(1 for p, _ in chosen if p == k) for k in range(3)]}); seeds {later} for them", flush=True)
         bar.total += len(chosen) * len(later)
         bar.refresh()
         for _, setting in chosen:
-            spec = by_spec[(setting.extra["format"], setting.extra["rank"], setting.extra["gain"], setting.extra["bits"])]
+            extra = setting.extra
+            spec = by_spec[(extra["format"], extra["rank"], extra["gain"], extra["bits"])]
             for seed in later:
                 train(spec, seed)
     bar.close()
@@ -378,8 +380,9 @@ def tables(frontier_runs: Path) -> str:
         top = max(ours, key=lambda s: s.test()[0]) if ours else None
         top_text = f"{top.family} {top.label}: {top.test()[0]:.1f} (n={top.test()[2]})" if top else ""
         if best is None:
-            summary.append(f"| {b} KB | — | | | " + (f"{rival.family} {rival.label} | {rival.bytes:,} | "
-                                                         f"{rival.test()[0]:.1f} | |" if rival else "— | | | |") + " |")
+            peft_cells = (f"{rival.family} {rival.label} | {rival.bytes:,} | {rival.test()[0]:.1f} | |" if rival
+                          else "— | | | |")
+            summary.append(f"| {b} KB | — | | | {peft_cells} |")
             sentences.append(f"- **{b} KB**: no factnet file fits" + ("." if rival is None else
                              f"; PEFT's best is {rival.family}, {rival.label}, {rival.test()[0]:.1f}%."))
             continue
@@ -393,7 +396,8 @@ def tables(frontier_runs: Path) -> str:
         rm, rsd, rn = rival.test()
         diff = m - rm
         summary.append(f"| {b} KB | {best.family} {best.label} | {best.bytes:,} | {m:.1f} ± {sd:.1f} (n={n}) | "
-                       f"{rival.family} {rival.label} | {rival.bytes:,} | {rm:.1f} ± {rsd:.1f} (n={rn}) | {diff:+.1f} | "
+                       f"{rival.family} {rival.label} | {rival.bytes:,} | {rm:.1f} ± {rsd:.1f} (n={rn}) | "
+                       f"{diff:+.1f} | "
                        f"{top_text} |")
         verdict = "at or above every PEFT tuner's best" if diff >= 0 else "below the best PEFT tuner"
         sentences.append(f"- **{b} KB**: factnet's best ({best.family}, {best.label}, {m:.1f}%) is {verdict} "
@@ -408,10 +412,9 @@ def tables(frontier_runs: Path) -> str:
                   "| budget | FacT-TT | FacT-TK | TT or TK | TT or TK, fp32 allowed |", "|---:|---|---|---|---|"]
     for b in BUDGETS:
         cells = []
-        for column, pool in enumerate((own.get("FacT-TT low-bit (any bits)", []), own.get("FacT-TK low-bit (any bits)", []),
-                     own.get("FacT-TT low-bit (any bits)", []) + own.get("FacT-TK low-bit (any bits)", []),
-                     own.get("FacT-TT low-bit (any bits)", []) + own.get("FacT-TK low-bit (any bits)", [])
-                     + own.get(lowbit_family("tt", None), []) + own.get(lowbit_family("tucker", None), []))):
+        tt, tk = own.get("FacT-TT low-bit (any bits)", []), own.get("FacT-TK low-bit (any bits)", [])
+        fp32 = own.get(lowbit_family("tt", None), []) + own.get(lowbit_family("tucker", None), [])
+        for column, pool in enumerate((tt, tk, tt + tk, tt + tk + fp32)):
             s = choose(pool, b * KB)
             if s is None:
                 cells.append("—")
@@ -504,7 +507,8 @@ def readme(frontier_runs: Path) -> str:
         "(256 and 1024 are more than the 192x192 group allows, so skipped, and its largest rank, 192, trained "
         "instead); tt-seeded at ranks 8, 32, gains 1 and 10; float32 FacT-TT/TK at gain 1 (the bits reference, "
         "reused from `docs/scale/runs.jsonl`, same keys); from the frontier's runs (read at plot time from "
-        f"`{frontier_runs}`): PEFT LoRA, VeRA, VB-LoRA, TinyLoRA, float32 FacT-TT/TK/CP at the paper's s grid, "
+        f"`{frontier_runs}`, {len(_records(frontier_runs))} runs when this was written): PEFT LoRA, VeRA, "
+        "VB-LoRA, TinyLoRA, float32 FacT-TT/TK/CP at the paper's s grid, "
         "the linear probe and full fine-tuning.", "",
         "Protocol (nothing chosen on test): every setting trains with seed 0; a family's point at a byte budget is "
         "its setting with the best seed-0 validation accuracy among those whose file fits (the figure's lines are "
