@@ -76,7 +76,8 @@ CSV_FILE, TABLE_FILE, FIGURE_FILE, RUNS_FILE = "frontier.csv", "frontier.md", "f
 
 # ---- running --------------------------------------------------------------------------------------
 def _key(backbone: Backbone, demo, method: Method, seed: int) -> str:
-    described = repr(method).replace(", gain=None)", ")")  # (keys from before Method had a gain stay valid)
+    # keys from before Method had a gain, and then bits, stay valid: the repr without those fields when unset
+    described = repr(method).replace(", bits=None)", ")").replace(", gain=None)", ")")
     text = json.dumps({"backbone": backbone.config.key(), "recipe": asdict(demo.recipe()), "augment": demo.augment,
                        "method": described, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -59,6 +59,7 @@ class Method:
     targets: tuple[str, ...] | None = None  # FacT: Tensorizer targets (None: the paper's); peft: one regex
     options: tuple[tuple[str, object], ...] = ()  # peft: more config options, e.g. (("num_vectors", 64),)
     gain: float | None = None  # fact without a scale: decompose's rank-stable default with this gain
+    bits: int | None = None  # fact: factors trained quantized to this many bits (decompose's bits=), a bits-bit file
 
     @property
     def name(self) -> str:
@@ -75,6 +76,8 @@ class Method:
             text = f"r {self.rank}, alpha {self.scale:g}, " + text
         elif self.kind == "fact":
             text = f"r {self.rank}, " + (f"s {self.scale:g}, " if self.gain is None else f"gain {self.gain:g}, ") + text
+            if self.bits is not None:
+                text = f"bits {self.bits}, " + text
         elif self.kind == "peft":
             text = ", ".join([f"r {self.rank}"] + [f"{k} {v}" for k, v in self.options if k in _SHOWN] + [text])
         return text
@@ -160,7 +163,8 @@ def _prepare(model: nn.Module, method: Method, recipe: Recipe, seed: int):
 
         targets = list(method.targets) if method.targets else None
         adapter = Tensorizer(model, targets).decompose(method.format, rank=method.rank, scale=method.scale,
-                                                       gain=method.gain, dropout=recipe.dropout, seed=seed)
+                                                       gain=method.gain, dropout=recipe.dropout, seed=seed,
+                                                       bits=method.bits)
 
         def measure() -> int:
             with tempfile.TemporaryDirectory() as folder:
