@@ -390,7 +390,7 @@ def tables(frontier_runs: Path) -> str:
         if rival is None:
             summary.append(f"| {b} KB | {best.family} {best.label} | {best.bytes:,} | {m:.1f} ± {sd:.1f} (n={n}) | "
                            f"— | | | | {top_text} |")
-            sentences.append(f"- **{b} KB**: no PEFT tuner's file fits (among the PEFT runs finished); factnet's "
+            sentences.append(f"- **{b} KB**: no PEFT tuner's file fits (among the frontier runs read); factnet's "
                              f"best, {best.family} {best.label}, {m:.1f}%.")
             continue
         rm, rsd, rn = rival.test()
