@@ -187,20 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- commands -------------------------------------------------------------------------------------
 _DATA_ONLY = ("model", "checkpoint", "preset", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-              "warmup_lr", "min_lr", "dropout", "drop_path", "eval_every", "targets")
+              "warmup_lr", "min_lr", "dropout", "drop_path", "eval_every", "targets", "head_bits")
 
 
 def command_train(args: argparse.Namespace) -> int:
     """Train one adapter (or, without ``--data``, run the built-in demo)."""
     if args.data is None:
         given = [f"--{name.replace('_', '-')}" for name in _DATA_ONLY if getattr(args, name) not in (None, False)]
-        if given or args.model_kwargs or args.resume or args.group != "shape" or args.bits or args.head_bits:
+        if given or args.model_kwargs or args.resume or args.group != "shape":
             raise FactnetError(f"{', '.join(given) or 'these options'} need --data; without --data, factnet train "
-                               "runs the built-in demo (options: --format, --rank, --scale, --seed, --out)")
+                               "runs the built-in demo (options: --format, --rank, --scale, --bits, --seed, --out)")
         from factnet.app import demo
 
         results = demo.run(args.out, format=args.format, rank=args.rank, scale=args.scale, seed=args.seed,
-                           progress=args.progress)
+                           progress=args.progress, bits=args.bits)
         print(demo.summary(results, args.out, args.format))
         return 0
     settings = RunSettings.from_args(args)

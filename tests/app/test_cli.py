@@ -372,10 +372,11 @@ def test_demo_and_bench_table_wiring(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(factnet.app, "demo", fake, raising=False)
     status, stdout, _ = run(["train", "--out", tmp_path, "--format", "tucker", "--rank", "4", "--seed", "3"], capsys)
     assert status == 0 and stdout == f"summary of {{'test_acc': 0.75}} in {tmp_path} (tucker)\n"  # a summary, not JSON
-    assert calls["run"] == (tmp_path, dict(format="tucker", rank=4, scale=None, seed=3, progress=True))
+    assert calls["run"] == (tmp_path, dict(format="tucker", rank=4, scale=None, seed=3, progress=True, bits=None))
     status, stdout, _ = run(["bench-table", "--seeds", "2", "--no-progress"], capsys)
     assert status == 0 and stdout == "| a |\n|---|\n" and calls["bench"] == (2, False)
     assert_one_line_error(*run(["train", "--model", MODEL], capsys)[::2], "need --data")
+    assert_one_line_error(*run(["train", "--head-bits", "4"], capsys)[::2], "--head-bits need --data")
 
 
 # ---- errors ---------------------------------------------------------------------------------------

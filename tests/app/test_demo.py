@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from factnet.app.demo.backbone import PretrainConfig, pretrained_backbone
 from factnet.app.demo.data import DataConfig, load_splits
 from factnet.app.demo.methods import downstream_model
 from factnet.app.demo.train import threads
+from factnet.quant import stored_bytes
 
 TINY = PretrainConfig(embed_dim=32, depth=2, num_heads=2, epochs=12, lr=1e-2, augment=False)
 SMALL = demo.DemoConfig(pretrain=TINY, epochs=30, warmup_epochs=3, linear_lrs=(1e-1,), full_lrs=(1e-3,),
@@ -187,6 +189,24 @@ def test_run_takes_every_builtin_format_with_defaults(tiny_backbone, tmp_path, f
     fresh = downstream_model(tiny_backbone, 5, 0.0)
     assert metrics["params"] == factnet.Tensorizer(fresh).num_parameters(fmt, rank)
     assert json.loads((tmp_path / demo.METRICS_FILE).read_text())["rank"] == rank == metrics["rank"]
+
+
+def test_run_with_bits_writes_a_low_bit_file_that_is_the_trained_model(tiny_backbone, tmp_path):
+    metrics = demo.run(tmp_path, rank=2, progress=False, bits=2, config=replace(SMALL, epochs=1, warmup_epochs=0))
+    path = tmp_path / demo.ADAPTER_FILE
+    assert factnet.io.load_spec(path)["bits"]["factors"] == 2
+    model = downstream_model(tiny_backbone, 5, 0.0)
+    factnet.load(model, path)
+    test = load_splits(SMALL.pretrain.data).test
+    with torch.no_grad():
+        accuracy = 100 * (model.eval()(test.x).argmax(-1) == test.y).float().mean().item()
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-4)  # the 2-bit file is the trained model
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # the factors as 2-bit codes and constants
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith("factors."))
+    shapes = factnet.io.load_spec(path)["bits"]["shapes"]
+    assert stored == sum(stored_bytes(math.prod(s), 2) for k, s in shapes.items() if k.startswith("factors."))
 
 
 def test_run_restores_torch_threads(cache, tmp_path):

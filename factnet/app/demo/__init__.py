@@ -37,9 +37,10 @@ _OTHER = (4, 10.0)
 
 
 def run(out_dir: Path, *, format: str = "tt", rank: int | None = None, scale: float | None = None, seed: int = 0,
-        progress: bool = True, config: DemoConfig | None = None) -> dict[str, float]:
+        progress: bool = True, config: DemoConfig | None = None, bits: int | None = None) -> dict[str, float]:
     """Pretrain (or load the cached) backbone, adapt it with FacT in ``format`` to the digits 5–9,
-    write ``adapter.safetensors`` (factors and head) and ``metrics.json`` to ``out_dir``; the metrics.
+    write ``adapter.safetensors`` (factors and head; the factors trained and stored in ``bits`` bits if
+    given) and ``metrics.json`` to ``out_dir``; the metrics.
 
     Accuracies are in percent: ``test_accuracy`` on the held-out test split (never used to
     choose anything), ``val_accuracy`` on the validation split.
@@ -54,7 +55,7 @@ def run(out_dir: Path, *, format: str = "tt", rank: int | None = None, scale: fl
     with threads(config.threads):
         splits = load_splits(config.pretrain.data)
         backbone = pretrained_backbone(config.pretrain, progress=progress, splits=splits)
-        method = Method("fact", config.lr, format, rank, float(scale))
+        method = Method("fact", config.lr, format, rank, float(scale), bits=bits)
         path = out_dir / ADAPTER_FILE
         result, _, _ = adapt(backbone, method, splits, config.recipe(), seed=seed, augment=config.augment,
                              progress=progress, leave=True, save_to=path)
