@@ -22,9 +22,9 @@ from factnet.quant import check_bits, stored_bytes
 __all__ = ["BUDGET_BITS", "PREFERRED_BITS", "Budget", "Choice", "choose", "factor_bytes", "parse_budget", "read_budget"]
 
 BUDGET_BITS: tuple[int | None, ...] = (1, 2, 4, 8, None)  # the widths a byte budget chooses from (None: dtype)
-# the width a byte budget takes (`_pick`): on the demo's wide backbone, FacT-TT and Tucker at 1, 2, 4 and 8 bits
-# and equal file bytes from 2 KB to 128 KB, 2 bits was best on average (docs/bytes/README.md); 1 bit levels
-# off past about 4 KB
+# the width a byte budget takes (`_pick`): on the demo's wide backbone at equal file bytes (docs/bytes/README.md)
+# 1 bit won below about 4 KB, 4 bits at 8-16 KB, 2 bits from 32 KB up, 8 bits and float32 never; 1 bit loses
+# most at high rank. 2 is the middle of the widths that won (their differences are about the seed noise)
 PREFERRED_BITS = 2
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
