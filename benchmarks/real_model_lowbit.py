@@ -71,7 +71,7 @@ def points() -> list[dict]:
     from factnet.quant import stored_bytes
 
     out = []
-    low = [r for r in runs(ROOT / "lowbit" / "runs.jsonl") if "val" in r]
+    low = [r for r in runs(ROOT / "lowbit" / "runs.jsonl") if "val" in r and r.get("head_bits") is None]
     for method in ("tt", "tucker"):
         for rank in (2, 8, 32):
             for bits in (1, 2, 4):
@@ -137,5 +137,18 @@ def tables(pts: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def head_bits_table() -> str:
+    """The runs that trained the head low-bit too (``--head-bits``): bytes with that head, val and test."""
+    rows = [r for r in runs(ROOT / "lowbit" / "runs.jsonl") if "val" in r and r.get("head_bits") is not None]
+    lines = ["| method | rank | bits / head bits | file bytes, no head | with the low-bit head | val | test |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for setting in sorted({(r["method"], r["rank"], r["bits"], r["head_bits"]) for r in rows}):
+        found = [r for r in rows if (r["method"], r["rank"], r["bits"], r["head_bits"]) == setting]
+        lines.append(f"| {NAMES[setting[0]]} | {setting[1]} | {setting[2]} / {setting[3]} | {found[0]['bytes']:,} | "
+                     f"{found[0]['bytes_with_head']:,} | {ms([r['val'] for r in found])} | "
+                     f"{ms([r['test'] for r in found])} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(tables(points()))
+    print(tables(points()) + "\n\n" + head_bits_table())
