@@ -5,12 +5,19 @@
     nice -n 10 python benchmarks/real_model.py --stop-at 09:40 # launch no run after 09:40 UTC (resume later)
     python benchmarks/real_model.py --report                   # docs/real_model/README.md from the runs so far
     nice -n 10 python benchmarks/real_model.py --methods tt,tucker --out docs/real_model/multipliers  # FacT only
+    nice -n 10 python benchmarks/real_model.py --methods tt,tucker --bits 1,2,4 --lr-from docs/real_model/multipliers \
+        --out docs/real_model/lowbit  # FacT trained low-bit, at the lrs chosen in --lr-from (no new selection)
 
 Each family's learning rate is chosen on validation accuracy with seed 0 at its selection setting (LoRA r8, FacT
 rank 8); seeds 1 and 2 then run at the chosen lr, and the family's other ranks run seeds 0-2 at that lr (FacT's
 default rank-stable scale is meant to make one lr serve every rank). Finished runs are appended to runs.jsonl,
 keyed by method/rank/lr/seed, and skipped when the command is rerun. EXTRA rows (Tucker at its runner-up lr) are
 a stability check, reported apart from the protocol's rows.
+
+With ``--bits`` (and/or ``--head-bits``) FacT trains its factors (head) as a file of that many bits stores them; the
+key gains ``/b{bits}`` (``/hb{head_bits}``), the lr of each family is the one chosen in ``--lr-from``'s runs, and the
+runs go seed 0 of every rank and bits first, then seeds 1 and 2 rank by rank (LOWBIT_RANKS order). Such records
+store ``bits``, ``head_bits``, ``bytes`` (the file without the head) and ``bytes_with_head``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ PLAN = [("probe", 0), ("probe-random", 0), ("full", 0), ("lora", 8), ("tt", 8), 
         ("tt", 2), ("tucker", 2), ("lora", 1), ("tt", 32), ("tucker", 32), ("lora", 2)]
 # supplementary rows at a fixed lr, run after PLAN: Tucker at its runner-up lr, since some seeds collapsed at 1e-2
 EXTRA = [("tucker", 8, 3e-3), ("tucker", 2, 3e-3), ("tucker", 32, 3e-3)]
+LOWBIT_RANKS = (8, 2, 32)  # seeds 1 and 2 run in this order of rank
 NAMES = {"probe": "linear probe", "probe-random": "linear probe, random-init backbone", "full": "full fine-tuning",
          "lora": "PEFT LoRA", "vera": "PEFT VeRA", "tt": "FacT-TT", "tucker": "FacT-Tucker"}
 
@@ -50,8 +58,10 @@ def records() -> list[dict]:
     return [json.loads(l) for l in RUNS.read_text().splitlines() if l] if RUNS.exists() else []
 
 
-def key(method: str, rank: int, lr: float, seed: int) -> str:
-    return f"{method}/r{rank}/lr{lr:g}/s{seed}"
+def key(method: str, rank: int, lr: float, seed: int, bits: int | None = None, head_bits: int | None = None) -> str:
+    """``method/rank/lr/seed``, then ``/b{bits}`` and ``/hb{head_bits}`` only when set (older keys unchanged)."""
+    return (f"{method}/r{rank}/lr{lr:g}/s{seed}" + ("" if bits is None else f"/b{bits}")
+            + ("" if head_bits is None else f"/hb{head_bits}"))
 
 
 def chosen_lr(done: dict, method: str) -> float | None:
@@ -90,9 +100,22 @@ def next_run(done: dict, methods: set[str] | None = None) -> tuple[str, int, flo
     return None
 
 
-def run_one(method: str, rank: int, lr: float, seed: int, splits: dict, feats: dict, epochs: int) -> dict:
-    rec = {"key": key(method, rank, lr, seed), "method": method, "rank": rank, "lr": lr, "seed": seed,
-           "epochs": epochs, "resolution": splits["train"][0].shape[-1]}
+def next_lowbit(done: dict, methods: list[str], bits: list[int | None], head_bits: int | None,
+                lrs: dict[str, float]) -> tuple[str, int, float, int, int | None, int | None] | None:
+    """The next FacT run at ``bits``: seed 0 of every rank, method and bits first, then seeds 1 and 2 by rank."""
+    order = [(rank, 0) for rank in LOWBIT_RANKS] + [(rank, seed) for rank in LOWBIT_RANKS for seed in (1, 2)]
+    for rank, seed in order:
+        for method in methods:
+            for b in bits:
+                if key(method, rank, lrs[method], seed, b, head_bits) not in done:
+                    return method, rank, lrs[method], seed, b, head_bits
+    return None
+
+
+def run_one(method: str, rank: int, lr: float, seed: int, splits: dict, feats: dict, epochs: int,
+            bits: int | None = None, head_bits: int | None = None) -> dict:
+    rec = {"key": key(method, rank, lr, seed, bits, head_bits), "method": method, "rank": rank, "lr": lr,
+           "seed": seed, "epochs": epochs, "resolution": splits["train"][0].shape[-1]}
     start = time.perf_counter()
     if method.startswith("probe"):
         which = "random" if method == "probe-random" else "pretrained"
@@ -101,7 +124,7 @@ def run_one(method: str, rank: int, lr: float, seed: int, splits: dict, feats: d
         rec["bytes"] = 4 * 12810  # the head's float32 weights and bias (no file written)
     else:
         try:
-            info = rm.setup(method, rm.build_model(True, seed=seed), rank, seed)
+            info = rm.setup(method, rm.build_model(True, seed=seed), rank, seed, bits, head_bits)
         except Exception as exc:  # VeRA may refuse conv layers: record the message, move on
             rec.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=4))
             return rec
@@ -110,6 +133,9 @@ def run_one(method: str, rank: int, lr: float, seed: int, splits: dict, feats: d
                    warnings=info["warnings"], bytes=info["bytes"]())
         if "scale" in info:
             rec["scale"] = info["scale"]
+        if bits is not None or head_bits is not None:  # low-bit: bytes without the head, as the brief's tables use
+            rec.update(bits=bits, head_bits=head_bits, bytes=info["bytes_no_head"](), bytes_with_head=rec["bytes"],
+                       head_bytes=info["saved"].head_bytes)
     rec["seconds"] = time.perf_counter() - start
     return rec
 
@@ -127,21 +153,30 @@ def main_runs(args) -> None:
     splits = rm.load_splits(args.resolution)
     rm.pretrained_state()  # fail early, with the install hint, if the weights are missing
     done = {r["key"]: r for r in records()}
+    methods = args.methods.split(",") if args.methods else None
     feats: dict = {}
-    for which in ("pretrained", "random"):
+    for which in ("pretrained", "random") if methods is None or any(m.startswith("probe") for m in methods) else ():
         t = time.perf_counter()
         model = rm.build_model(which == "pretrained")
         feats[which] = {k: (rm.features(model, v[0]), v[1]) for k, v in splits.items()}
         feats[which + "_s"] = time.perf_counter() - t
-    print(f"features: pretrained {feats['pretrained_s']:.1f}s, random {feats['random_s']:.1f}s", flush=True)
+    if feats:
+        print(f"features: pretrained {feats['pretrained_s']:.1f}s, random {feats['random_s']:.1f}s", flush=True)
+    lowbit = args.bits is not None or args.head_bits is not None
+    if lowbit:
+        if not args.lr_from or not methods or not set(methods) <= {"tt", "tucker"}:
+            raise SystemExit("--bits/--head-bits: give --methods among tt,tucker and --lr-from DIR (the chosen lrs)")
+        chosen = {r["key"]: r for r in map(json.loads, (args.lr_from / "runs.jsonl").read_text().splitlines()) if r}
+        lrs = {m: chosen_lr(chosen, m) for m in methods}
+        print(f"lrs from {args.lr_from}: {lrs}", flush=True)
     from tqdm import tqdm
     bar = tqdm(desc="runs", unit="run")
-    methods = set(args.methods.split(",")) if args.methods else None
-    while (nxt := next_run(done, methods)) is not None:
+    while (nxt := (next_lowbit(done, methods, args.bits or [None], args.head_bits, lrs) if lowbit
+                   else next_run(done, None if methods is None else set(methods)))) is not None:
         if args.stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= args.stop_at:
             print(f"stop-at {args.stop_at} UTC reached; next would be {key(*nxt)}: rerun to resume")
             break
-        rec = run_one(*nxt, splits, feats, args.epochs)
+        rec = run_one(*nxt[:4], splits, feats, args.epochs, *nxt[4:])
         with RUNS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         done[rec["key"]] = rec
@@ -266,6 +301,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--methods", default=None, help="only these methods' runs, e.g. tt,tucker (default: all)")
     parser.add_argument("--compare", type=Path, default=None, help="print FacT's rows against this folder's runs")
+    parser.add_argument("--bits", type=lambda t: [int(b) for b in t.split(",")], default=None,
+                        help="B or B,B,...: FacT trains and saves its factors at B bits (1, 2, 4, 8)")
+    parser.add_argument("--head-bits", type=int, default=None, help="B: FacT trains and saves the head at B bits")
+    parser.add_argument("--lr-from", type=Path, default=None,
+                        help="with --bits: each family's lr is the one chosen in this folder's runs.jsonl")
     args = parser.parse_args()
     global OUT, RUNS
     OUT = Path(args.out)

@@ -110,8 +110,11 @@ def _bytes_of(save) -> int:
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
 
 
-def setup(method: str, model: torch.nn.Module, rank: int, seed: int) -> dict:
-    """Freeze what ``method`` freezes; return the model to train, its trainable parameters, counts and a bytes probe."""
+def setup(method: str, model: torch.nn.Module, rank: int, seed: int, bits: int | None = None,
+          head_bits: int | None = None) -> dict:
+    """Freeze what ``method`` freezes; return the model to train, its trainable parameters, counts and a bytes probe.
+    FacT only: ``bits`` / ``head_bits`` train the factors / the head as a file of that many bits stores them, and
+    ``bytes_no_head`` probes the file without the head."""
     head = [p for p in getattr(model, HEAD).parameters()]
     n_head = sum(p.numel() for p in head)
     info: dict = {"warnings": []}
@@ -136,11 +139,13 @@ def setup(method: str, model: torch.nn.Module, rank: int, seed: int) -> dict:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            adapter = Tensorizer(model).decompose(method, rank=rank, train_head=True, seed=seed)
+            adapter = Tensorizer(model).decompose(method, rank=rank, train_head=True, seed=seed, bits=bits,
+                                                  head_bits=head_bits)
         info["warnings"] = [str(w.message) for w in caught]
         info["scale"] = adapter.settings.scale
         params = list(adapter.trainable_parameters())
         info["bytes"] = lambda: _bytes_of(lambda d: info.__setitem__("saved", adapter.save(str(d / "a.safetensors"))))
+        info["bytes_no_head"] = lambda: _bytes_of(lambda d: adapter.save(str(d / "a.safetensors"), include_head=False))
     else:
         raise ValueError(method)
     if method != "full":
