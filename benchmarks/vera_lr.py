@@ -26,10 +26,10 @@ from factnet.app.demo.methods import Method
 
 RUNS = Path("docs/bytes/vera_lr.jsonl")
 LR = 0.1
-# (rank, scale, gain, bits, seeds): seed 0 of each setting, seeds 1-2 of the best one by seed-0 validation
+# (rank, scale, gain, bits, seeds): seed 0 of each setting, seeds 1-2 of the two low-bit ones
 PLAN = [(192, 1.0, None, None, (0,)), (192, None, 1.0, None, (0,)), (64, 1.0, None, None, (0,)),
-        (192, 1.0, None, 2, (0,)), (192, None, 1.0, 4, (0, 1, 2)), (192, None, 1.0, 2, (0,)),
-        (64, None, 1.0, None, (0,))]
+        (192, 1.0, None, 2, (0,)), (192, None, 1.0, 4, (0, 1, 2)), (64, None, 1.0, None, (0,)),
+        (192, None, 1.0, 2, (0, 1, 2))]
 
 
 def _records() -> list[dict]:
