@@ -11,6 +11,7 @@ header and the head are not counted (`factnet.files.Saved` reports the head's by
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,16 +74,9 @@ def factor_bytes(fmt: Format, shapes: Iterable[tuple[int, int, int]], bits: int 
                  group: int = 64) -> int:
     """Bytes of the trained factor tensors of groups of ``shapes`` as a file stores them: ``bits``-bit
     codes and constants per tensor, or ``itemsize`` bytes a value (``bits=None``)."""
-    sizes = [_numel(shape) for n, d_in, d_out in shapes
+    sizes = [math.prod(shape) for n, d_in, d_out in shapes
              for name, shape in fmt.shapes(n, d_in, d_out).items() if name not in fmt.seeded]
     return sum(stored_bytes(size, bits, group) if bits is not None else size * itemsize for size in sizes)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 @dataclass(frozen=True)
