@@ -93,19 +93,19 @@ class Choice:
 def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits: int | None, itemsize: int,
            choose_bits: bool) -> Choice:
     """The largest rank of ``format`` that fits ``budget`` at ``bits`` (of ranks with equal counts, the
-    smallest); with ``choose_bits`` (a byte budget) at each width of `BUDGET_BITS`, the best by `_better`."""
+    smallest); with ``choose_bits`` (a byte budget) at each width of `BUDGET_BITS`, then `_pick`."""
     if bits is not None:
         check_bits(bits)
     widths = BUDGET_BITS if choose_bits else (bits,)
     limit = max(max(shape) for shape in shapes)  # no rank letter grows past the largest size
+    formats = [get_format(format, rank) for rank in range(1, limit + 1)]
+    counts = [sum(fmt.num_parameters(*s) for s in shapes) for fmt in formats]  # the same at every width
     fitting: list[Choice] = []
     smallest: dict[int | None, Choice] = {}
     for width in widths:
         best: Choice | None = None
-        for rank in range(1, limit + 1):
-            fmt = get_format(format, rank)
-            point = Choice(rank, width, sum(fmt.num_parameters(*s) for s in shapes),
-                           factor_bytes(fmt, shapes, width, itemsize))
+        for rank, (fmt, count) in enumerate(zip(formats, counts), start=1):
+            point = Choice(rank, width, count, factor_bytes(fmt, shapes, width, itemsize))
             smallest.setdefault(width, point)
             cost = point.bytes if budget.in_bytes else point.params
             if cost <= budget.amount and (best is None or point.params > best.params):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -256,9 +255,8 @@ def _print_budget(tensorizer: Tensorizer, budget: str) -> int:
     for name in available_formats():
         try:
             choice = tensorizer.budget_choice(name, budget)
-        except FactnetError as error:
-            need = re.search(r"rank 1 needs [^;]*", str(error))
-            print(f"{name:16} {'-':>5} {'-':>5} {'none fits':>12} ({need[0] if need else error})")
+        except FactnetError as error:  # (it says what rank 1 needs)
+            print(f"{name:16} {'-':>5} {'-':>5} {'none fits':>12} ({error})")
             continue
         bits = "fp" if choice.bits is None else str(choice.bits)
         print(f"{name:16} {choice.rank:5d} {bits:>5} {choice.params:12,} {choice.bytes:12,}")
