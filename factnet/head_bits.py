@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from factnet.quant import dequantize, fake_quantize, quantize
+from factnet.quant import fake_quantize
 
 __all__ = ["HeadQuantizer", "head_modules", "quantized_head"]
 
@@ -85,6 +85,6 @@ def quantized_head(owner: object, values: Mapping[str, Tensor], bits: int, group
     cached = owner.__dict__.get(_CACHE_KEY)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            stored = {name: dequantize(quantize(v, bits, group)).to(v.dtype).to(v.device) for name, v in values.items()}
+            stored = {name: fake_quantize(v, bits, group) for name, v in values.items()}
         cached = owner.__dict__[_CACHE_KEY] = key, stored
     return cached[1]
