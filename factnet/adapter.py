@@ -274,7 +274,7 @@ class Adapter(nn.Module):
         deltas = []
         for placement in self.placements[matrix]:
             form = self.groups[placement.group].normal_form()
-            deltas.append(delta_weight(placement.increment(form, form.core.dtype)))
+            deltas.append(delta_weight(placement.increment(form, form.p_in_t.dtype)))
         return self.settings.scale * sum(deltas)
 
     def save(self, path: str, include_head: bool = True, dtype: torch.dtype | None = None, *,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from factnet.errors import FactnetError
@@ -93,11 +93,13 @@ class Choice:
 def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits: int | None, itemsize: int,
            choose_bits: bool) -> Choice:
     """The largest rank of ``format`` that fits ``budget`` at ``bits`` (of ranks with equal counts, the
-    smallest); with ``choose_bits`` (a byte budget) at each width of `BUDGET_BITS`, then `_pick`."""
+    smallest); with ``choose_bits`` (a byte budget) at each width of `BUDGET_BITS`, then `_pick`. Every rank up
+    to the groups' largest size is tried; a format with a diagonal letter (`Format.diagonal_letters`) is also
+    searched above it, where its count grows with the rank."""
     if bits is not None:
         check_bits(bits)
     widths = BUDGET_BITS if choose_bits else (bits,)
-    limit = max(max(shape) for shape in shapes)  # no rank letter grows past the largest size
+    limit = max(max(shape) for shape in shapes)  # no capped rank letter grows past the largest size
     formats = [get_format(format, rank) for rank in range(1, limit + 1)]
     counts = [sum(fmt.num_parameters(*s) for s in shapes) for fmt in formats]  # the same at every width
     fitting: list[Choice] = []
@@ -107,9 +109,12 @@ def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits
         for rank, (fmt, count) in enumerate(zip(formats, counts), start=1):
             point = Choice(rank, width, count, factor_bytes(fmt, shapes, width, itemsize))
             smallest.setdefault(width, point)
-            cost = point.bytes if budget.in_bytes else point.params
-            if cost <= budget.amount and (best is None or point.params > best.params):
+            if _cost(point, budget) <= budget.amount and (best is None or point.params > best.params):
                 best = point
+        if formats[0].diagonal_letters:  # a diagonal letter grows past every size: search above the largest
+            above = _largest_above(limit, lambda rank: _point(format, rank, shapes, width, itemsize), budget)
+            if above is not None and (best is None or above.params > best.params):
+                best = above
         if best is not None:
             fitting.append(best)
     if not fitting:
@@ -119,6 +124,29 @@ def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits
         raise FactnetError(f"no rank of {format!r} fits a budget of {budget} here: rank 1 needs {cost}{at}; raise "
                            "the budget or target fewer matrices")
     return _pick(fitting)
+
+
+def _point(format: str, rank: int, shapes: list[tuple[int, int, int]], bits: int | None, itemsize: int) -> Choice:
+    fmt = get_format(format, rank)
+    return Choice(rank, bits, sum(fmt.num_parameters(*s) for s in shapes), factor_bytes(fmt, shapes, bits, itemsize))
+
+
+def _cost(point: Choice, budget: Budget) -> int:
+    return point.bytes if budget.in_bytes else point.params
+
+
+def _largest_above(limit: int, point: Callable[[int], Choice], budget: Budget) -> Choice | None:
+    """The largest rank above ``limit`` whose ``point`` fits ``budget`` (None if ``limit + 1`` does not), by
+    doubling then bisection: above every size only diagonal letters grow, so the cost grows with the rank."""
+    if _cost(point(limit + 1), budget) > budget.amount:
+        return None
+    low, high = limit + 1, 2 * (limit + 1)  # low fits; find a high that does not
+    while _cost(point(high), budget) <= budget.amount:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _cost(point(middle), budget) <= budget.amount else (low, middle)
+    return point(low)
 
 
 def _pick(fitting: list[Choice]) -> Choice:

@@ -39,7 +39,7 @@ from factnet.adapter import Adapter
 from factnet.attach import AdaptedMatrix
 from factnet.errors import FactnetError
 from factnet.files import write_atomically
-from factnet.kernel import Increment
+from factnet.kernel import Increment, as_dense
 from factnet.slices import Matrix
 
 __all__ = ["ExportReport", "ExportedMatrix", "export_lora", "lora_factors", "relative_error", "truncated_svd"]
@@ -53,12 +53,41 @@ _PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules
 def lora_factors(increment: Increment, scale: float) -> tuple[Tensor, Tensor]:
     """Exact LoRA factors ``A: (r, d_in)``, ``B: (d_out, r)`` with ``B @ A = scale · delta_weight(increment)``
     and ``r = min(m_in·α, m_out·β)``."""
+    if increment.diagonal:
+        return _diagonal_lora_factors(increment, scale)
     a_t, core, b_t = increment.tensors()
     p_in = torch.block_diag(*a_t.expand(increment.m_in, -1, -1).unbind(0))  # (m_in·α, d_in)
     p_out = torch.block_diag(*b_t.expand(increment.m_out, -1, -1).transpose(1, 2).unbind(0))  # (d_out, m_out·β)
+    if core is None:  # the identity: block p of the input side meets block p of the output side
+        return p_in, scale * p_out
     if core.shape[0] <= core.shape[1]:
         return p_in, scale * (p_out @ core.t())
     return core.t() @ p_in, scale * p_out
+
+
+def _diagonal_lora_factors(increment: Increment, scale: float) -> tuple[Tensor, Tensor]:
+    """`lora_factors` of a diagonal increment: its core made dense, the output scaling on ``B``'s rows (per input
+    block where each has its own: then ``B``'s column block ``p`` meets input block ``p`` only, rank ``m_in·α``)."""
+    dense = as_dense(increment) if increment.core is not None else increment
+    plain = Increment(*dense.tensors(), dense.m_in, dense.m_out)
+    if increment.out_scale is None:
+        return lora_factors(plain, scale)
+    if increment.m_in == 1:
+        a, b = lora_factors(plain, scale)
+        return a, b * increment.out_scale[0, :, None]
+    a_t, core, b_t = plain.tensors()
+    p_in = torch.block_diag(*a_t.expand(increment.m_in, -1, -1).unbind(0))  # (m_in·α, d_in)
+    blocks = (b_t[0].t() @ core.t()).view(b_t.shape[2], increment.m_in, -1)  # (d_out, m_in, α): P_out D_pᵀ
+    return p_in, scale * (blocks * increment.out_scale.t().unsqueeze(-1)).reshape(b_t.shape[2], -1)
+
+
+def _rank(increment: Increment) -> int:
+    """The rank of the LoRA pair `lora_factors` makes of ``increment``: ``min(m_in·α, m_out·β)``, or ``m_in·α``
+    where each input block has an output scaling of its own."""
+    alpha = increment.m_in * increment.a_t.shape[1]
+    if increment.diagonal and increment.out_scale is not None and increment.m_in > 1:
+        return alpha
+    return min(alpha, increment.m_out * increment.b_t.shape[1])
 
 
 def truncated_svd(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -168,11 +197,11 @@ def export_lora(
         increments = []
         for placement in adapter.placements[name]:
             form = adapter.groups[placement.group].normal_form()
-            increments.append(placement.increment(form, form.core.dtype))
+            increments.append(placement.increment(form, form.p_in_t.dtype))
         limit = min(max_rank or matrix.d_in, matrix.d_out, matrix.d_in)
         norm2 = torch.linalg.matrix_norm(delta.double()).item() ** 2
         squared_norm += norm2
-        if sum(min(inc.core.shape) for inc in increments) <= limit:
+        if sum(_rank(inc) for inc in increments) <= limit:
             pieces = [lora_factors(inc, adapter.settings.scale) for inc in increments]
             factors[name] = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces], dim=1)
             exported[name] = ("factors", 0.0)

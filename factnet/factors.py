@@ -56,7 +56,7 @@ class GroupFactors(nn.Module):
         if cached is None or cached[0] != key:
             form = self.format.normal_form(self.values())
             for tensor in (form.p_in_t, form.core, form.p_out_t) if grad else ():
-                if tensor.grad_fn is not None:  # built here: its graph is freed by backward
+                if tensor is not None and tensor.grad_fn is not None:  # built here: its graph is freed by backward
                     tensor.register_hook(self._invalidate)
             cached = self._cache[grad] = (key, form)
         return cached[1]
@@ -123,6 +123,10 @@ class GroupFactors(nn.Module):
     def extra_repr(self) -> str:
         n, d_in, d_out = self.shape
         capped = self.format.capped_text(*self.shape)
+        diagonal = self.format.diagonal_letters
+        notes = ([f"capped: {capped}"] if capped else []) + (
+            [f"diagonal {', '.join(diagonal)}: bounded by the budget, not the matrix side"] if diagonal else [])
+        noted = f" ({'; '.join(notes)})" if notes else ""
         times = ", ".join(f"{f}×{c:g}" for f, c in self.multipliers.items())
-        return (f"{self.format.name} rank {self.format.rank}{f' (capped: {capped})' if capped else ''}, "
+        return (f"{self.format.name} rank {self.format.rank}{noted}, "
                 f"{n}x{d_in}x{d_out}{f', multipliers {times}' if times else ''}")

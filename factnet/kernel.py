@@ -40,7 +40,8 @@ from torch import Tensor
 from factnet import autotune
 from factnet.products import add_times, outer, scaled_mm, times, times_t
 
-__all__ = ["Increment", "adapted_linear", "base_op", "delta_rows", "delta_weight", "effective_weight"]
+__all__ = ["Increment", "adapted_linear", "base_op", "as_dense", "delta_rows", "delta_weight", "diagonal_rows",
+           "effective_weight"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,15 @@ class Increment:
     """One group's share of a module's ``ΔW`` in normal form; see the module docstring.
 
     ``a_t: (g_in, α, d_in/m_in)``, ``core: (m_in·α, m_out·β)``, ``b_t: (g_out, β, d_out/m_out)``.
-    ``core=None`` is the identity: the core folded into a projection (`factnet.placement.cut`), so
-    ``ΔW = b_t[0]ᵀ a_t[0]`` with ``m_in = m_out = 1``, two thin products a step as in LoRA.
+    ``core=None`` is the identity (``m_in·α = m_out·β``): the core folded into a projection
+    (`factnet.placement.cut`), two thin products a step as in LoRA; ``ΔW = b_t[0]ᵀ a_t[0]`` when
+    ``m_in = m_out = 1``, block ``p`` of the hidden activations meeting block ``p`` of the other side
+    otherwise (per-slice projections of a diagonal core, `factnet.placement`).
+
+    A *diagonal* increment (`diagonal`) has ``core: (m_in, m_out, α)``, the diagonals of its
+    ``α x α`` blocks (``α = β``), and may scale its output, ``out_scale: (m_in, d_out)`` (row ``p`` for
+    input block ``p``): ``ΔW[:, p] = diag(out_scale[p]) Σ_q E_q b_t[q]ᵀ diag(core[p, q]) a_t[p]``. It runs by
+    thin products and per-slice scalings (`diagonal_rows`), PEFT VeRA's cost, whatever ``α``.
     """
 
     a_t: Tensor
@@ -57,14 +65,21 @@ class Increment:
     b_t: Tensor
     m_in: int
     m_out: int
+    out_scale: Tensor | None = None
 
     def tensors(self) -> tuple[Tensor, Tensor | None, Tensor]:
         return self.a_t, self.core, self.b_t
+
+    @property
+    def diagonal(self) -> bool:
+        return self.out_scale is not None or (self.core is not None and self.core.dim() == 3)
 
 
 def _left(increment: Increment) -> Tensor:
     """``L = P_out · coreᵀ`` per block: ``(d_out, m_in·α)``, so ``ΔW = L @ P_inᵀ`` block-wise."""
     _, core, b_t = increment.tensors()
+    if core is None and increment.m_out > 1:  # block q of the hidden activations feeds output block q only
+        return torch.block_diag(*b_t.expand(increment.m_out, -1, -1).transpose(1, 2).unbind(0))
     if core is None:  # folded: P_out itself
         return b_t[0].t()
     if increment.m_out == 1:  # one output block: a single (k, β) x (β, m_in·α) product, no copies
@@ -77,8 +92,49 @@ def _left(increment: Increment) -> Tensor:
     return torch.bmm(b_op, blocks).reshape(-1, core.shape[0])
 
 
+def diagonal_rows(rows: Tensor, increment: Increment, scale: float, mask: Tensor | None = None) -> Tensor:
+    """``s · rows ΔWᵀ: (N, d_in) → (N, d_out)`` of a `diagonal` increment, by thin products and per-slice
+    scalings through autograd (``mask: (N, d_in)``: dropout on the rows this increment reads, already scaled;
+    as PEFT's LoRA and VeRA drop their input, not the factor space, which is the wider one here).
+
+    ``u = x P_in`` per input block, ``h = u ⊙ core`` (input blocks summed before ``P_out`` unless each has an
+    output scaling of its own), ``z = h P_out``, ``z ⊙ out_scale``: the products PEFT's VeRA runs."""
+    n, (m_in, m_out, alpha) = rows.shape[0], increment.core.shape
+    u = times_t(rows if mask is None else rows * mask, increment.a_t, m_in).view(n, m_in, alpha)
+    core = increment.core * scale
+    own_scales = increment.out_scale is not None and m_in > 1
+    if m_in == 1:
+        h = u * core[0]  # (N, m_out, α): output block q weighs the rank by its own diagonal
+    elif own_scales:
+        h = u * core[:, 0]  # (N, m_in, α): input block p meets its own output scaling
+    else:
+        h = (u * core[:, 0]).sum(1, keepdim=True)  # (N, 1, α): the input blocks summed, one output product
+    if own_scales:
+        z = torch.mm(h.reshape(n * m_in, alpha), increment.b_t[0]).view(n, m_in, -1)
+        return (z * increment.out_scale).sum(1)
+    z = times(h.reshape(n, -1), increment.b_t, m_out)
+    return z if increment.out_scale is None else z * increment.out_scale[0]
+
+
+def _dropout_mask(rows: int, width: int, dropout: float, like: Tensor) -> Tensor:
+    """A ``(rows, width)`` dropout mask, kept entries ``1 / (1 - dropout)`` (uniform draws: 3x faster than
+    ``bernoulli_`` here, and as seeded)."""
+    keep = 1.0 - dropout
+    return torch.rand(rows, width, dtype=like.dtype, device=like.device).lt_(keep).div_(keep)
+
+
+def as_dense(increment: Increment) -> Increment:
+    """A `diagonal` increment with its core as the dense ``(m_in·α, m_out·α)`` matrix (its output scaling kept)."""
+    m_in, m_out, alpha = increment.core.shape
+    blocks = torch.diag_embed(increment.core)  # (m_in, m_out, α, α)
+    core = blocks.permute(0, 2, 1, 3).reshape(m_in * alpha, m_out * alpha)
+    return Increment(increment.a_t, core, increment.b_t, m_in, m_out, increment.out_scale)
+
+
 def effective_weight(weight: Tensor, increments: list[Increment], scale: float) -> Tensor:
     """``W + s·Σ ΔW`` as a new ``(d_out, d_in)`` tensor, one ``addmm`` pass over ``W`` each."""
+    if any(inc.diagonal for inc in increments):  # (merge and benchmarks only: the kernel runs them thin)
+        return weight + scale * sum(delta_weight(inc) for inc in increments).reshape(weight.shape)
     if not weight.is_contiguous():  # keep the layout (Conv1D's transposed weight): same GEMM as the base
         return weight + scale * sum(delta_weight(inc) for inc in increments) if increments else weight
     result = weight
@@ -98,10 +154,31 @@ def effective_weight(weight: Tensor, increments: list[Increment], scale: float) 
 
 def delta_weight(increment: Increment) -> Tensor:
     """Dense ``ΔW: (d_out, d_in)`` of one increment (for merge and parametrized weights)."""
+    if increment.diagonal:
+        return _diagonal_delta(increment)
     if increment.a_t.shape[0] > 1:
         return _delta_by_blocks(increment)
     d_in = increment.m_in * increment.a_t.shape[2]
     return torch.mm(_left(increment).reshape(-1, increment.a_t.shape[1]), increment.a_t[0]).reshape(-1, d_in)
+
+
+def _diagonal_delta(increment: Increment) -> Tensor:
+    """Dense ``ΔW`` of a `diagonal` increment block by block, ``(P_out ⊙ core) P_inᵀ`` then the output scaling:
+    ``d_out·α·d_in`` multiply-adds, never an ``α x α`` core."""
+    a_t, core, b_t = increment.tensors()
+    m_in, m_out, alpha = core.shape if core is not None else (increment.m_in, increment.m_out, a_t.shape[1])
+    if core is None:  # (an output scaling on the identity)
+        core = a_t.new_ones(m_in, m_out, alpha)
+    if m_in == 1:  # output block q: (P_out[q] ⊙ core[q]) P_inᵀ, one GEMM for all blocks
+        left = (b_t.transpose(1, 2) * core[0].unsqueeze(1)).reshape(-1, alpha)  # (m_out·d, α)
+        delta = torch.mm(left, a_t[0])
+    else:  # input block p: (P_out ⊙ core[p]) P_in[p]ᵀ, side by side
+        left = b_t[0].t().unsqueeze(0) * core[:, 0].unsqueeze(1)  # (m_in, d_out, α)
+        delta = torch.bmm(left, a_t.expand(m_in, -1, -1)).transpose(0, 1).reshape(left.shape[1], -1)
+    scaling = increment.out_scale  # (m_in, d_out): input block p's columns scaled by row p
+    if scaling is None:
+        return delta
+    return (delta.view(delta.shape[0], m_in, -1) * scaling.t().unsqueeze(-1)).view(delta.shape)
 
 
 def _delta_by_blocks(increment: Increment) -> Tensor:
@@ -114,6 +191,10 @@ def delta_rows(rows: Tensor, increments: list[Increment], scale: float, out: Ten
     """``s · Σ rows ΔWᵀ`` by thin products, never forming ``ΔW``: ``(N, d_in) → (N, d_out)``, or added
     in place to ``out: (N, d_out)`` when given (mixed-adapter batches: each adapter's rows get its own)."""
     for inc in increments:
+        if inc.diagonal:
+            delta = diagonal_rows(rows, inc, scale)
+            out = delta if out is None else out.add_(delta)
+            continue
         hidden = _hidden(times_t(rows, inc.a_t, inc.m_in), inc.core, scale)  # (N, m_out·β)
         if out is None:
             out = times(hidden, inc.b_t, inc.m_out)
@@ -234,20 +315,24 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor
     x, grad_y = _rows(x, ctx.pointwise), _rows(grad_y.to(x.dtype), ctx.pointwise).contiguous()
     grad_factors: list[Tensor] = []
     thin: list[tuple[Tensor, float]] = []  # per increment, grad_x's correction r (times alpha)
+    wanted = needs[8:]  # which factors need a gradient (a seeded projection does not)
     for pos, (m_in, m_out) in enumerate(ctx.layout):
         a_t, core, b_t = factors[3 * pos: 3 * pos + 3]
+        want_a, want_core, want_b = wanted[3 * pos: 3 * pos + 3]
         t = times_t(grad_y, b_t, m_out)  # grad_y P_out: (N, m_out·β); the scale goes into r and grad_core
         if masks:
             t.mul_(masks[pos])
         u = saved[pos] if saved else times_t(x, a_t, m_in)  # x P_in: (N, m_in·α)
         h, alpha = _masked_hidden(u, core, scale, masks[pos] if masks else None)
-        if core is None:  # folded (m_in = m_out = 1): r = s·t, the scale in the products
-            grad_factors += [outer(t, x, 1, 1, scale), None, outer(h, grad_y, 1, 1, alpha)]
+        if core is None:  # folded or identity: r = s·t, the scale in the products
+            grad_factors += [outer(t, x, m_in, a_t.shape[0], scale) if want_a else None, None,
+                             outer(h, grad_y, m_out, b_t.shape[0], alpha) if want_b else None]
             thin.append((t, scale))
             continue
         r = scaled_mm(t, core.t(), scale)  # (N, m_in·α)
-        grad_factors += [outer(r, x, m_in, a_t.shape[0]), scaled_mm(u.t(), t, scale),
-                         outer(h, grad_y, m_out, b_t.shape[0], alpha)]
+        grad_factors += [outer(r, x, m_in, a_t.shape[0]) if want_a else None,
+                         scaled_mm(u.t(), t, scale) if want_core else None,
+                         outer(h, grad_y, m_out, b_t.shape[0], alpha) if want_b else None]
         thin.append((r, 1.0))
     grad_x = None
     if needs[0]:
@@ -300,9 +385,23 @@ def adapted_linear(
     the activation-side path; otherwise `_MergedLinear` runs (the effective weight or thin products
     forward, whichever measures faster for the shape; thin products backward). ``path`` forces
     ``"activation"`` or ``"merged"`` (one GEMM with ``W + s·ΔW``; only without dropout), for benchmarks.
+    A `diagonal` increment always runs by thin products and scalings (`diagonal_rows`; its dropout drops the
+    rows it reads).
     """
     if not increments:
         return base_op(x, weight, bias, pointwise)
+    if any([inc.diagonal for inc in increments]):  # thin products and scalings, through autograd
+        others = [inc for inc in increments if not inc.diagonal]
+        trained = torch.is_grad_enabled() and any([t is not None and t.requires_grad for inc in increments
+                                                   for t in (*inc.tensors(), inc.out_scale)])
+        y = (adapted_linear(x, weight, bias, others, scale, dropout, path, pointwise) if others
+             else base_op(x, _like_trained(weight, trained, x, pointwise), bias, pointwise))
+        rows = _rows(x, pointwise)
+        for inc in increments:
+            if inc.diagonal:
+                mask = _dropout_mask(*rows.shape, dropout, x) if dropout > 0 else None
+                y = y + _unrows_like(diagonal_rows(rows, inc, scale, mask), y, pointwise)
+        return y
     layout = tuple([(inc.m_in, inc.m_out) for inc in increments])
     factors = [t for inc in increments for t in (inc.a_t, inc.core, inc.b_t)]
     as_trained = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in factors])
@@ -340,6 +439,13 @@ def _rows(x: Tensor, pointwise: bool) -> Tensor:
     """The ``(N, d)`` rows of an input or output: ``(..., d)`` flattened, or a pointwise conv's
     ``(B, d, H, W)`` as ``(B·H·W, d)``."""
     return x.movedim(1, -1).reshape(-1, x.shape[1]) if pointwise else x.reshape(-1, x.shape[-1])
+
+
+def _unrows_like(rows: Tensor, y: Tensor, pointwise: bool) -> Tensor:
+    """``(N, d_out)`` rows in the layout of the output ``y`` (a pointwise conv's ``(B, d_out, H, W)``)."""
+    if not pointwise:
+        return rows.view(y.shape)
+    return rows.reshape(y.shape[0], *y.shape[2:], y.shape[1]).movedim(-1, 1)
 
 
 def _unrows(rows: Tensor, ctx) -> Tensor:

@@ -129,7 +129,7 @@ class Mix:
             if stacked is not None:  # one batched thin product per step, every sample with its own factors
                 a_t, core, b_t = stacked
                 u = torch.bmm(x.reshape(self.batch, -1, a_t.shape[2]), a_t.transpose(1, 2))
-                hidden = torch.bmm(u.reshape(self.batch, -1, core.shape[1]), core)
+                hidden = u if core is None else torch.bmm(u.reshape(self.batch, -1, core.shape[1]), core)
                 y.view(self.batch, -1, b_t.shape[2]).baddbmm_(hidden.reshape(self.batch, -1, b_t.shape[1]), b_t)
                 return y
         xs, ys = self._by_sample(x, matrix.name), self._by_sample(y, matrix.name)  # (B, k, ...)
@@ -148,30 +148,36 @@ class Mix:
         return y
 
     def _per_sample_factors(self, parts: list[tuple[str, list[Increment]]],
-                            rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Each sample's ``(P_inᵀ, s·core, P_outᵀ)``, stacked ``(B, ...)`` (zeros for the base model), when
-        every adapter has one increment of one layout with shared projections; else None."""
+                            rows: int) -> tuple[Tensor, Tensor | None, Tensor] | None:
+        """Each sample's ``(P_inᵀ, s·core, P_outᵀ)`` (``(P_inᵀ, None, s·P_outᵀ)`` without a core), stacked
+        ``(B, ...)`` (zeros for the base model), when every adapter has one increment of one layout with
+        shared projections, one output block, no diagonal core; else None."""
         found = [increments for _, increments in parts if increments]
         first = found[0][0]
-        shapes = (first.a_t.shape, first.core.shape, first.b_t.shape, first.m_in, first.m_out)
-        if rows % self.batch or first.a_t.shape[0] != 1 or first.b_t.shape[0] != 1 or any(
-                len(i) != 1 or (i[0].a_t.shape, i[0].core.shape, i[0].b_t.shape, i[0].m_in, i[0].m_out) != shapes
-                for i in found):
+
+        def layout(inc: Increment) -> tuple:
+            return inc.a_t.shape, None if inc.core is None else inc.core.shape, inc.b_t.shape, inc.m_in, inc.m_out
+
+        shapes = layout(first)
+        if rows % self.batch or first.a_t.shape[0] != 1 or first.b_t.shape[0] != 1 or first.m_out != 1 or any(
+                len(i) != 1 or layout(i[0]) != shapes or i[0].diagonal for i in found):
             return None
-        zero = [torch.zeros_like(t) for t in (first.a_t[0], first.core, first.b_t[0])]
-        stacks = ([], [], [])
+        zero = [None if t is None else torch.zeros_like(t) for t in (first.a_t[0], first.core, first.b_t[0])]
+        stacks: tuple[list, list, list] = ([], [], [])
         for name, increments in parts:
             if increments:
                 inc, scale = increments[0], self.adapters[name].settings.scale
-                values = (inc.a_t[0], inc.core * scale, inc.b_t[0])
+                values = ((inc.a_t[0], None, inc.b_t[0] * scale) if inc.core is None
+                          else (inc.a_t[0], inc.core * scale, inc.b_t[0]))
             else:
                 values = zero
             for stack, value in zip(stacks, values):
                 stack.append(value)
         for stack, value in zip(stacks, zero):
             stack.append(value)  # the base model's samples: last
-        which = self.sample_adapter.to(first.core.device)
-        return tuple(torch.stack(stack).index_select(0, which) for stack in stacks)
+        which = self.sample_adapter.to(first.a_t.device)
+        return tuple(None if stack[0] is None else torch.stack(stack).index_select(0, which)  # type: ignore[return-value]
+                     for stack in stacks)
 
     def _by_sample(self, tensor: Tensor, where: str) -> Tensor:
         """``tensor`` viewed ``(B, k, ...)``: its ``batch_dim`` split into the samples' blocks."""

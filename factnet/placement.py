@@ -9,6 +9,14 @@ matrix of a group (all its layers' ``qkv`` at once), once per step, so the backw
 group's core once per kind, not once per matrix. For the kernel it also folds the core into a
 projection where that pays (`cut`), one product per kind of matrix: ``ΔW = (P_out coreᵀ) P_inᵀ`` is
 then a pair of thin factors, as in LoRA, and a step runs three thin products fewer for that matrix.
+
+A diagonal core (``core: (n | 1, a)``, `NormalForm`) is cut into a *diagonal* `Increment`: each block's
+diagonal and output scaling picked from the slice there (`_diagonal_increment`), the projections as
+they are. The identity (``core=None``: batch-matrix), or a diagonal core whose projections differ per slice on
+the side not cut into blocks, goes into thin pairs (`_identity_increment`, the diagonal and the output
+scaling folded into a projection): the blocked side's projections side by side, or stacked on the rank
+where the other side differs per slice too, zeros for a block no member holds. No ``a x a`` core is
+built, so the cost does not grow with the square of the rank.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ class Placement:
         self.m_in = n_blocks if side == "in" else 1
         self.m_out = n_blocks if side == "out" else 1
         ordered = blocks == list(range(n_blocks))
+        self.at_block: tuple[int | None, ...] = tuple(members[blocks.index(b)] if b in blocks else None
+                                                      for b in range(n_blocks))  # the group position at each block
         self._in = self._side_recipe("in", per_slice[0], ordered)
         self._out = self._side_recipe("out", per_slice[1], ordered)
         self._index: dict[tuple[int, int, int], tuple[Tensor, bool]] = {}
@@ -93,6 +103,8 @@ def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, f
     mask sits after the core) into ``P_in``, only for whole matrices (``u = x P_in core``). Matrices
     cut into input blocks keep their core: folded, their products measured slower (ViT-S ``fc2``).
     Each kind costs the backward a few autograd nodes, whatever its number of matrices."""
+    if form.core is None or form.core.dim() == 2:
+        return _cut_diagonal(placements, form, dtype)
     n, a, b = form.core.shape
     zeros, kinds = _joined(tuple(placements), n, a, b, fold)
     flat = form.core.reshape(-1).to(dtype)
@@ -118,6 +130,93 @@ def cut(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype, f
         for member, (a_t, b_t) in zip(members, pairs):
             found[member] = Increment(a_t, None, b_t, 1, 1)
     return found  # type: ignore[return-value]
+
+
+class _Views:
+    """One projection ``p_t: (n | 1, r, d)`` of a group, per slice as views (one autograd node for all)."""
+
+    def __init__(self, p_t: Tensor) -> None:
+        self.p_t, self.shared = p_t, p_t.shape[0] == 1
+        self.each = (p_t[0],) if self.shared else p_t.unbind(0)
+        self._zero: Tensor | None = None
+
+    def of(self, member: int | None) -> Tensor:
+        """Slice ``member``'s projection ``(r, d)`` (zeros for no member)."""
+        if member is None:
+            if self._zero is None:
+                self._zero = self.p_t.new_zeros(self.p_t.shape[1:])
+            return self._zero
+        return self.each[0 if self.shared else member]
+
+    def blocks(self, placement: Placement) -> list[Tensor]:
+        """The projection of the slice at each block of ``placement`` (zeros where none)."""
+        return [self.of(member) for member in placement.at_block]
+
+
+def _cut_diagonal(placements: Sequence[Placement], form: NormalForm, dtype: torch.dtype) -> list[Increment]:
+    """The increments of a normal form with a diagonal core (or none): see the module doc."""
+    p_in_t, p_out_t = form.p_in_t.to(dtype), form.p_out_t.to(dtype)
+    core = None if form.core is None else _Views(form.core.to(dtype))
+    scale = None if form.out_scale is None else _Views(form.out_scale.to(dtype))
+    views, folded = (_Views(p_in_t), _Views(p_out_t)), None
+    found = []
+    for p in placements:
+        if core is not None and _thin_sides(p, p_in_t, p_out_t):
+            found.append(_diagonal_increment(p, *views, core, scale))
+            continue
+        if core is not None and folded is None:  # per-slice projections across blocks: fold, then pair
+            out = p_out_t * form.core.to(dtype).unsqueeze(-1)
+            if form.out_scale is not None:
+                out = out * form.out_scale.to(dtype).unsqueeze(1)
+            folded = _Views(p_in_t), _Views(out)
+        found.append(_identity_increment(p, *(folded or views)))
+    return found
+
+
+def _thin_sides(p: Placement, p_in_t: Tensor, p_out_t: Tensor) -> bool:
+    """Whether the side(s) of ``p`` not cut into blocks hold one projection (shared, or one member)."""
+    one = len(p.members) == 1
+    return ((p.side == "in" or p_out_t.shape[0] == 1 or one)
+            and (p.side == "out" or p_in_t.shape[0] == 1 or one))
+
+
+def _diagonal_increment(p: Placement, p_in: _Views, p_out: _Views, core: _Views, scale: _Views | None) -> Increment:
+    """The diagonal `Increment` of ``p``: its projections, and each block's diagonal (and output scaling) taken
+    from the slice at that block (zeros where none)."""
+    first = int(p.members[0])
+
+    def projection(views: _Views, blocked: bool) -> Tensor:
+        if views.shared:
+            return views.p_t
+        return torch.stack(views.blocks(p)) if blocked else views.of(first).unsqueeze(0)
+
+    a_t, b_t = projection(p_in, p.side == "in"), projection(p_out, p.side == "out")
+    diagonals = torch.stack(core.blocks(p))  # (n_blocks, a)
+    if p.side == "in":
+        out_scale = None if scale is None else torch.stack(scale.blocks(p))  # (m_in, d_out)
+        return Increment(a_t, diagonals.unsqueeze(1), b_t, p.n_blocks, 1, out_scale)
+    out_scale = None if scale is None else torch.cat(scale.blocks(p)).unsqueeze(0)  # (1, m_out·d)
+    return Increment(a_t, diagonals.unsqueeze(0), b_t, 1, p.n_blocks, out_scale)
+
+
+def _identity_increment(p: Placement, p_in: _Views, p_out: _Views) -> Increment:
+    """The `Increment` of a placement when each slice's core is the identity: ``ΔW = Σ_q E_q P_out[q] P_in[q]ᵀ``.
+
+    On the blocked side the members' projections go side by side (a zero block where none), so a shared
+    projection on the other side makes one thin pair; where the other side differs per slice too, its
+    projections are stacked on the rank (block by block), so each block's hidden activations meet
+    their own slice's projection."""
+    if p.side == "out":  # m_in = 1: output rows in blocks
+        outs = p_out.blocks(p)
+        if p_in.shared:
+            return Increment(p_in.p_t, None, torch.cat(outs, dim=1).unsqueeze(0), 1, 1)
+        b_t = p_out.p_t if p_out.shared else torch.stack(outs)
+        return Increment(torch.cat(p_in.blocks(p)).unsqueeze(0), None, b_t, 1, p.n_blocks)
+    ins = p_in.blocks(p)  # m_out = 1: input columns in blocks
+    if p_out.shared:
+        return Increment(torch.cat(ins, dim=1).unsqueeze(0), None, p_out.p_t, 1, 1)
+    a_t = p_in.p_t if p_in.shared else torch.stack(ins)
+    return Increment(a_t, None, torch.cat(p_out.blocks(p)).unsqueeze(0), p.n_blocks, 1)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,8 +29,9 @@ def plan_report(adapter: Adapter, tokens: int) -> str:
         matrix = adapter.matrices[matrix_name]
         for placement in placements:
             form = adapter.groups[placement.group].normal_form()
-            inc = placement.increment(form, form.core.dtype)
-            layout = (matrix.d_out, matrix.d_in, tuple(inc.a_t.shape), tuple(inc.core.shape), tuple(inc.b_t.shape))
+            inc = placement.increment(form, form.p_in_t.dtype)
+            core = None if inc.core is None else tuple(inc.core.shape)
+            layout = (matrix.d_out, matrix.d_in, tuple(inc.a_t.shape), core, tuple(inc.b_t.shape))
             if layout in seen:
                 continue
             seen.add(layout)
@@ -52,6 +53,9 @@ def _kernel_cost(inc, tokens: int, d_in: int, d_out: int) -> str:
 
 def _delta_plan(inc) -> str:
     """The ``W_eff`` build: ``L = P_out·coreᵀ`` by opt-einsum, then one addmm ``W + s·L P_inᵀ``."""
+    if inc.core is None:
+        return ("W_eff (merged forward, rebuilt in backward; merge adds the same ΔW): no core (the identity: a "
+                "diagonal core folded into a projection), L = P_out block by block, then W_eff = W + s·L P_inᵀ")
     b_shape = tuple(inc.b_t.shape) if inc.b_t.shape[0] > 1 else tuple(inc.b_t.shape[1:])
     blocks = (inc.m_in, inc.a_t.shape[1], inc.m_out, inc.b_t.shape[1])
     equation = f"{'qbk' if len(b_shape) == 3 else 'bk'},paqb->qkpa"

@@ -331,8 +331,11 @@ def zero_dropout(model: nn.Module) -> nn.Module:
 def blockwise_delta(weight: torch.Tensor, a_t: torch.Tensor, core: torch.Tensor, b_t: torch.Tensor, m_in: int,
                     m_out: int, g_in: int, g_out: int, d: int) -> torch.Tensor:
     """Dense ``ΔW`` of one kernel `Increment`, block by block from its definition (the kernel's oracle):
-    block ``(q, p)`` is ``P_out[q] · core[p, :, q, :]ᵀ · P_in[p]ᵀ``, in ``weight``'s shape."""
+    block ``(q, p)`` is ``P_out[q] · core[p, :, q, :]ᵀ · P_in[p]ᵀ``, in ``weight``'s shape; ``core=None`` is the
+    identity of size ``m_in·α = m_out·β``."""
     alpha, beta = a_t.shape[1], b_t.shape[1]
+    if core is None:
+        core = torch.eye(m_in * alpha, dtype=a_t.dtype)
     blocks = core.reshape(m_in, alpha, m_out, beta)
     delta = torch.zeros_like(weight)
     for p in range(m_in):
@@ -340,6 +343,15 @@ def blockwise_delta(weight: torch.Tensor, a_t: torch.Tensor, core: torch.Tensor,
             a, b = a_t[p if g_in > 1 else 0], b_t[q if g_out > 1 else 0]
             delta[q * d:(q + 1) * d, p * d:(p + 1) * d] = b.T @ blocks[p, :, q, :].T @ a
     return delta
+
+
+def dense_core(form, n: int) -> torch.Tensor:
+    """A normal form's ``core: (n, a, b)``: as it is, from its diagonal ``(n | 1, a)``, or the identity (None)."""
+    if form.core is None:
+        return torch.eye(form.p_in_t.shape[1], dtype=form.p_in_t.dtype).expand(n, -1, -1)
+    if form.core.dim() == 2:
+        return torch.diag_embed(form.core).expand(n, -1, -1)
+    return form.core
 
 
 # ---- comparisons --------------------------------------------------------------------------------

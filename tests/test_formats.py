@@ -12,9 +12,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import factnet
-from conftest import BUILTIN_FORMATS, USER_FORMATS, assert_close, oracle_forward, randomize_factors
+from conftest import BUILTIN_FORMATS, USER_FORMATS, assert_close, dense_core, oracle_forward, randomize_factors
 
 FORMATS = factnet.available_formats()
+# formats whose projections share every rank letter: the core is diagonal (the identity for batch-matrix)
+DIAGONAL_CORES = {"batch-matrix", "cp", "cp-seeded", "vera"}
 
 
 def test_registry_lists_builtin_and_user_formats():
@@ -83,8 +85,12 @@ def test_normal_form_reconstructs_reference(name, data, seed):
     fmt, n, d_in, d_out = data.draw(problem(name))
     factors = random_factors(fmt, n, d_in, d_out, seed)
     form = fmt.normal_form(factors)
-    p_in_t, core, p_out_t = form.p_in_t, form.core, form.p_out_t
+    # a diagonal core is kept as its diagonal (n | 1, a) or None (the identity), never as an a x a matrix
+    assert (form.core is None or form.core.dim() == 2) == (name in DIAGONAL_CORES)
+    p_in_t, core, p_out_t = form.p_in_t, dense_core(form, n), form.p_out_t
     assert p_in_t.dim() == core.dim() == p_out_t.dim() == 3
+    if form.out_scale is not None:  # VeRA's b: each slice's output scaled, folded into P_out here
+        p_out_t = p_out_t * form.out_scale.unsqueeze(1)
     assert p_in_t.shape[0] in (1, n) and p_out_t.shape[0] in (1, n) and core.shape[0] == n
     a, b = core.shape[1:]
     assert p_in_t.shape[1:] == (a, d_in) and p_out_t.shape[1:] == (b, d_out)

@@ -16,7 +16,7 @@ from conftest import blockwise_delta
 
 import factnet
 from factnet import Tensorizer
-from factnet.kernel import Increment, adapted_linear
+from factnet.kernel import Increment, adapted_linear, delta_weight
 
 SCALE = 1.7
 
@@ -122,6 +122,36 @@ def test_kernel_gradcheck(path: str, m_in: int, m_out: int, g_in: int, g_out: in
     x, a_t, core, b_t = (t.detach() for t in inputs)
     delta = blockwise_delta(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d)
     torch.testing.assert_close(run(x, a_t, core, b_t), x @ (weight + SCALE * delta).T + bias)
+
+
+@pytest.mark.parametrize("path", ["auto", "activation", "merged"])
+@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out", "alpha", "beta"),
+                         [(1, 1, 1, 1, 3, 3), (1, 3, 1, 1, 9, 3), (1, 3, 1, 3, 6, 2), (4, 1, 1, 1, 3, 12),
+                          (4, 1, 4, 1, 2, 8), (1, 1, 1, 1, 7, 7)])
+def test_kernel_without_core(path: str, m_in: int, m_out: int, g_in: int, g_out: int, alpha: int, beta: int) -> None:
+    """``core=None`` (the identity, a diagonal core folded into a projection): block ``p`` of the hidden
+    activations meets block ``p`` of the other side; gradients by gradcheck, values against the dense oracle,
+    and the seeded (frozen) projection gets no gradient."""
+    torch.manual_seed(0)
+    d, dt = 5, torch.float64
+    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
+    inputs = (torch.randn(7, m_in * d, dtype=dt, requires_grad=True),
+              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
+              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
+
+    def run(x, a_t, b_t):
+        return adapted_linear(x, weight, bias, [Increment(a_t, None, b_t, m_in, m_out)], SCALE, 0.0, path)
+
+    assert torch.autograd.gradcheck(run, inputs)
+    x, a_t, b_t = (t.detach() for t in inputs)
+    delta = blockwise_delta(weight, a_t, None, b_t, m_in, m_out, g_in, g_out, d)
+    torch.testing.assert_close(run(x, a_t, b_t), x @ (weight + SCALE * delta).T + bias)
+    torch.testing.assert_close(delta_weight(Increment(a_t, None, b_t, m_in, m_out)), delta)
+    frozen, trained = a_t.clone(), b_t.clone().requires_grad_()
+    run(x, frozen, trained).sum().backward()
+    both = a_t.clone().requires_grad_(), b_t.clone().requires_grad_()
+    run(x, *both).sum().backward()
+    assert frozen.grad is None and torch.equal(trained.grad, both[1].grad)
 
 
 def test_paper_counts_vit_base() -> None:

@@ -22,7 +22,7 @@ import factnet
 from factnet.quant import fake_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SEEDED = ["vera", "tt-seeded"]
+SEEDED = ["vera", "tt-seeded", "cp-seeded"]
 
 
 def _adapted(fmt: str, name: str = "default", seed: int = 3) -> tuple[torch.nn.Module, torch.nn.Module, factnet.Adapter]:
@@ -61,7 +61,8 @@ def test_vera_equals_peft_vera():
             with torch.no_grad():  # PEFT's Δy = b ⊙ (B (d ⊙ (A x)))
                 peft_delta = layers[i](inputs) - layers[i].base_layer(inputs)
             assert (inputs @ increment[slot] - peft_delta).abs().max() <= 1e-6
-            normal = form.p_in_t[0].t() @ form.core[slot] @ form.p_out_t[slot]
+            assert form.core.shape == (len(group), 4)  # VeRA's diagonal core: kept as d, no r x r core
+            normal = (form.p_in_t[0].t() * form.core[slot]) @ form.p_out_t[0] * form.out_scale[slot]
             assert (inputs @ normal - peft_delta).abs().max() <= 1e-6
 
 
@@ -78,14 +79,15 @@ def test_vera_init_as_peft():
 @pytest.mark.parametrize("fmt", SEEDED)
 def test_seeded_factors_are_not_trained_counted_or_stored(fmt, tmp_path):
     _, model, adapter = _adapted(fmt)
-    trained = {"vera": ("b", "d"), "tt-seeded": ("sigma",)}[fmt]
+    trained = {"vera": ("b", "d"), "tt-seeded": ("sigma",), "cp-seeded": ("d",)}[fmt]
     for g in adapter.group_names:
         group = adapter.group(g)
         assert tuple(group.factors) == trained and all(p.requires_grad for p in group.factors.values())
         assert all(not b.requires_grad for b in group.seeded.buffers())
     assert not any(k.split(".")[-1] in ("A", "B", "u", "v") for k in adapter.state_dict())
     shapes = adapter.group_shapes().values()
-    formula = {"vera": lambda n, d_in, d_out: n * (d_out + 2), "tt-seeded": lambda n, d_in, d_out: n * 2 * 2}[fmt]
+    formula = {"vera": lambda n, d_in, d_out: n * (d_out + 2), "tt-seeded": lambda n, d_in, d_out: n * 2 * 2,
+               "cp-seeded": lambda n, d_in, d_out: n * 2}[fmt]
     assert adapter.num_parameters() == sum(formula(*s) for s in shapes)
     saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
     stored = safetensors.torch.load_file(str(saved.path))

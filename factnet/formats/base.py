@@ -11,7 +11,17 @@ From that alone the base class derives the shapes, the parameter count, the rank
 
 ``P_in`` is the factor holding ``j``, ``P_out`` the one holding ``k`` (per slice when it
 also holds ``i``), and ``core`` contracts all other factors; a rank index shared by
-``P_in`` and ``P_out`` becomes an identity in the core. Subclasses register themselves by
+``P_in`` and ``P_out`` becomes an identity in the core. Where every rank index of both
+projections is shared (CP, VeRA, batch-matrix), the core is diagonal: it is kept as its diagonal
+``core: (n | 1, a)`` (``None`` where it is the identity), never as an ``a x a`` matrix, and a factor
+holding only ``i`` and ``k`` (VeRA's ``b``) stays a per-slice scaling of the output,
+``out_scale: (n | 1, d_out)``, so ``ΔW[i] = P_in[i] diag(core[i]) P_out[i]ᵀ diag(out_scale[i])``: a step
+costs thin products and per-slice scalings only, whatever the rank.
+
+A rank letter that the *trained* factors carry only diagonally (each trained factor holding it holds
+no other letter but ``i``: VeRA's ``a`` in ``d: ia``, its ``A``, ``B`` being seeded) is a *diagonal
+letter* (`Format.diagonal_letters`): every extra index adds a direction however small the matrix,
+so it is bounded by the budget, not by the matrix side. Subclasses register themselves by
 name: ``class BlockTerm(Format, name="block-term"): ...``.
 """
 
@@ -41,12 +51,15 @@ class NormalForm:
     """Factors of a group in normal form, laid out for BLAS (rank-major projections).
 
     ``p_in_t: (n | 1, a, d_in)``, ``core: (n, a, b)``, ``p_out_t: (n | 1, b, d_out)``; the
-    leading size is ``n`` when the projection differs per slice, else 1 (shared).
+    leading size is ``n`` when the projection differs per slice, else 1 (shared). A diagonal core
+    (``a == b``) is its diagonal, ``core: (n | 1, a)``, or ``None`` for the identity; only then may
+    ``out_scale: (n | 1, d_out)`` scale each slice's output (``ΔW[i] ← ΔW[i] diag(out_scale[i])``).
     """
 
     p_in_t: Tensor
-    core: Tensor
+    core: Tensor | None
     p_out_t: Tensor
+    out_scale: Tensor | None = None
 
 
 class Format:
@@ -96,8 +109,13 @@ class Format:
 
     def max_rank(self, n: int, d_in: int, d_out: int) -> int:
         """Largest meaningful size of a rank letter held by three or more factors (CP's ``r``); a letter
-        linking two factors is capped by the factors themselves (see `sizes`)."""
+        linking two factors is capped by the factors themselves, a diagonal letter not at all (see `sizes`)."""
         return min(d_in, d_out)
+
+    @property
+    def diagonal_letters(self) -> str:
+        """The rank letters the trained factors carry only diagonally (see the module doc): uncapped."""
+        return _diagonal_letters(type(self))
 
     def to_tensorly(self, factors: dict[str, Tensor]) -> Any:
         """The factors as the matching tensorly factorized tensor."""
@@ -187,10 +205,11 @@ class Format:
         that factor unfolded; mode ``i`` does not count where several factors hold it, as it is a
         batch index there): Tucker's ``a`` (with ``p: i×a``) is at most ``n``, TT's ``a`` at most
         ``d_in``. A letter held by three or more factors is at most `max_rank`. Caps are applied until
-        none changes, so ``rank`` means "at most ``rank`` in each mode"."""
+        none changes, so ``rank`` means "at most ``rank`` in each mode". A diagonal letter
+        (`diagonal_letters`) is ``rank`` whatever the matrix side."""
         sizes = {"i": n, "j": d_in, "k": d_out}
-        links = _links(type(self))
-        ranks = {c: self.rank if c in links else min(self.rank, self.max_rank(n, d_in, d_out))
+        links, diagonal = _links(type(self)), self.diagonal_letters
+        ranks = {c: self.rank if c in links or c in diagonal else min(self.rank, self.max_rank(n, d_in, d_out))
                  for letters in self.factors.values() for c in letters if c not in MODES}
         batch = {"i"} if sum("i" in letters for letters in self.factors.values()) > 1 else set()
         changed = True
@@ -223,9 +242,8 @@ class Format:
 
     @property
     def projections_per_slice(self) -> tuple[bool, bool]:
-        """Whether ``P_in`` / ``P_out`` differ per slice (their factor holds mode ``i``)."""
-        plan = _normal_plan(type(self))
-        return "i" in plan.in_letters, "i" in plan.out_letters
+        """Whether ``P_in`` / ``P_out`` of the normal form differ per slice (their factor holds mode ``i``)."""
+        return _normal_plan(type(self)).per_slice
 
     def reconstruct(self, factors: dict[str, Tensor]) -> Tensor:
         """Dense ``(n, d_in, d_out)`` tensor by the format's own einsum."""
@@ -238,8 +256,21 @@ class Format:
         n = _mode_size(self.factors, factors, "i")
         p_in = _side(factors, self.factors, plan.in_factors, plan.in_letters)
         p_out = _side(factors, self.factors, plan.out_factors, plan.out_letters)
-        p_in_t, p_out_t = _projection(p_in, plan.in_letters, "j"), _projection(p_out, plan.out_letters, "k")
+        p_in_t = _projection(p_in, plan.in_letters, "j", plan.in_ranks)
+        p_out_t = _projection(p_out, plan.out_letters, "k", plan.in_ranks if plan.diagonal else plan.out_ranks)
         operands = [factors[name] for name in plan.rest]
+        if plan.diagonal:  # core[i] = diag(c[i]): kept as c, never as an a x a matrix
+            out_scale = None
+            if plan.out_scales:
+                out_scale = _side(factors, self.factors, plan.out_scales, _union(self.factors[f] for f in plan.out_scales))
+                out_scale = out_scale.reshape(-1, out_scale.shape[-1])  # (n | 1, d_out)
+            if not operands:
+                ones = None if out_scale is None else p_in_t.new_ones(1, p_in_t.shape[1])
+                return NormalForm(p_in_t, ones, p_out_t, out_scale)
+            diagonal = operands[0] if plan.core_equation is None else planned(
+                plan.core_equation, *(tuple(t.shape) for t in operands))(*operands)
+            diagonal = diagonal.reshape(n if "i" in plan.core_equation_output else 1, -1)
+            return NormalForm(p_in_t, diagonal, p_out_t, out_scale)
         operands += [torch.eye(p_in.shape[plan.in_letters.index(c)], dtype=p_in_t.dtype,
                                device=p_in_t.device) for c in plan.shared]
         if plan.core_equation is None:  # the core is a single factor already in (i, a, b) order
@@ -254,6 +285,13 @@ class Format:
     def core_plan_report(self, n: int, d_in: int, d_out: int) -> str:
         """opt-einsum's path and cost for building the cores of a ``(n, d_in, d_out)`` group."""
         plan = _normal_plan(type(self))
+        if plan.diagonal:
+            letters = ", ".join(plan.shared)
+            if not plan.rest:
+                return f"core: the identity over {letters} (no core, no contraction)"
+            how = f"the factor {plan.rest[0]}" if plan.core_equation is None else plan.core_equation
+            scaled = f"; {', '.join(plan.out_scales)} scales the output" if plan.out_scales else ""
+            return f"core: diagonal over {letters} ({how}), kept as a vector (no {letters}x{letters} core){scaled}"
         if plan.core_equation is None:
             return "core: a factor as is (no contraction)"
         sizes = self.sizes(n, d_in, d_out)
@@ -266,13 +304,18 @@ class Format:
 @dataclass(frozen=True)
 class _NormalPlan:
     in_factors: tuple[str, ...]  # the factors holding j (VeRA: ``A``), their product the input projection
-    out_factors: tuple[str, ...]  # the factors holding k (VeRA: ``b[i,k]·B[k,a]``)
+    out_factors: tuple[str, ...]  # the factors holding k and a rank letter (VeRA: ``B``; TT: ``v``)
+    out_scales: tuple[str, ...]  # diagonal cores: the factors holding only i, k (VeRA's ``b``), an output scaling
     in_letters: str  # the letters of the input projection (their product)
     out_letters: str
+    in_ranks: str  # their rank letters, in the order of the projections' rank axes
+    out_ranks: str
     rest: tuple[str, ...]
     shared: tuple[str, ...]  # rank letters of both projections: an identity each in the core
-    core_equation: str | None
+    core_equation: str | None  # (diagonal: the rest's product over ``i`` and the shared letters)
     core_equation_output: str
+    diagonal: bool  # every rank letter of both projections shared: the core is diagonal, kept as its diagonal
+    per_slice: tuple[bool, bool]  # whether P_in / P_out of the normal form differ per slice
 
 
 @functools.cache
@@ -282,18 +325,38 @@ def _normal_plan(cls: type[Format]) -> _NormalPlan:
     in_factors = tuple(name for name, letters in factors.items() if "j" in letters)
     out_factors = tuple(name for name, letters in factors.items() if "k" in letters)
     in_letters, out_letters = (_union(factors[name] for name in side) for side in (in_factors, out_factors))
-    in_ranks = [c for c in in_letters if c not in MODES]
-    out_ranks = [c for c in out_letters if c not in MODES]
+    in_ranks = "".join(c for c in in_letters if c not in MODES)
+    out_ranks = "".join(c for c in out_letters if c not in MODES)
     rest = tuple(name for name in factors if name not in in_factors + out_factors)
+    diagonal = set(in_ranks) == set(out_ranks)
+    out_scales = tuple(name for name in out_factors if set(factors[name]) <= {"i", "k"}) if diagonal else ()
+    if out_scales:
+        out_factors = tuple(name for name in out_factors if name not in out_scales)
+        out_letters = _union(factors[name] for name in out_factors)
     fresh = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "".join(factors.values()))
     renamed = {c: next(fresh) for c in out_ranks if c in in_ranks}
-    inputs = [factors[name] for name in rest] + [c + renamed[c] for c in renamed]
-    slice_letter = "i" if any("i" in letters for letters in inputs) else ""
-    output = slice_letter + "".join(in_ranks) + "".join(renamed.get(c, c) for c in out_ranks)
+    rest_letters = "".join(factors[name] for name in rest)
+    if diagonal:  # the core's only entries: its diagonal, the rest contracted over (i and) the shared letters
+        inputs = [factors[name] for name in rest]
+        output = ("i" if "i" in rest_letters else "") + in_ranks
+    else:
+        inputs = [factors[name] for name in rest] + [c + renamed[c] for c in renamed]
+        slice_letter = "i" if any("i" in letters for letters in inputs) else ""
+        output = slice_letter + in_ranks + "".join(renamed.get(c, c) for c in out_ranks)
     equation = ",".join(inputs) + "->" + output
-    trivial = len(inputs) == 1 and inputs[0] == output
-    return _NormalPlan(in_factors, out_factors, in_letters, out_letters, rest, tuple(renamed),
-                       None if trivial else equation, output)
+    trivial = not inputs or (len(inputs) == 1 and inputs[0] == output)
+    return _NormalPlan(in_factors, out_factors, out_scales, in_letters, out_letters, in_ranks, out_ranks, rest,
+                       tuple(renamed), None if trivial else equation, output, diagonal,
+                       ("i" in in_letters, "i" in out_letters))
+
+
+@functools.cache
+def _diagonal_letters(cls: type[Format]) -> str:
+    """The rank letters that every trained factor holding them carries alone (besides ``i``)."""
+    trained = [letters for name, letters in cls.factors.items() if name not in cls.seeded]
+    letters = dict.fromkeys(c for held in cls.factors.values() for c in held if c not in MODES)
+    return "".join(c for c in letters if all(set(held) <= {"i", c} for held in trained if c in held)
+                   and any(c in held for held in trained))
 
 
 def _union(letters: Iterable[str]) -> str:
@@ -336,9 +399,10 @@ def _sampled_second_moments(fmt: Format, shapes: dict[str, tuple[int, ...]]) -> 
     return totals
 
 
-def _projection(factor: Tensor, letters: str, mode: str) -> Tensor:
-    """A factor holding ``mode`` as a rank-major projection ``(n | 1, rank…, d)``, contiguous."""
-    ranks = [pos for pos, c in enumerate(letters) if c not in MODES]
+def _projection(factor: Tensor, letters: str, mode: str, rank_order: str) -> Tensor:
+    """A factor holding ``mode`` as a rank-major projection ``(n | 1, rank…, d)``, its rank axes in
+    ``rank_order``, contiguous."""
+    ranks = [letters.index(c) for c in rank_order]
     slice_axis = [letters.index("i")] if "i" in letters else []
     order = slice_axis + ranks + [letters.index(mode)]
     projection = factor.permute(order)
