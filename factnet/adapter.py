@@ -22,6 +22,7 @@ from factnet.placement import Placement, cut, shared_placement
 from factnet.slices import Matrix, Slice
 
 if TYPE_CHECKING:
+    from factnet.budget import AutoChoice
     from factnet.files import Saved
 
 __all__ = ["Adapter", "GroupFactors"]
@@ -75,6 +76,7 @@ class Adapter(nn.Module):
                     fmt.projections_per_slice))
         self.head = head
         self._merged = False
+        self.picked: AutoChoice | None = None  # what a byte budget with no format chose, and why (`Tensorizer.decompose`)
         self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
         self._increments: dict[str, tuple[list[NormalForm], torch.dtype, list[Increment]]] = {}
         self._cuts: dict[str, tuple[NormalForm, torch.dtype, dict[str, Increment]]] = {}
@@ -319,8 +321,9 @@ class Adapter(nn.Module):
         s = self.settings
         bits = "" if s.bits is None else f"bits={s.bits}, "
         bits += "" if s.head_bits is None else f"head_bits={s.head_bits}, "
+        picked = "" if self.picked is None else f",\npicked by the budget: {self.picked}"
         return (f"format={self.format.name}, rank={self.format.rank}, scale={s.scale}, dropout={s.dropout}, {bits}"
-                f"parameters={self.num_parameters():,}")
+                f"parameters={self.num_parameters():,}{picked}")
 
 
 def factor_dtype(model: nn.Module) -> torch.dtype:

@@ -20,7 +20,8 @@ from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.quant import check_bits, stored_bytes
 
-__all__ = ["BUDGET_BITS", "PREFERRED_BITS", "Budget", "Choice", "choose", "factor_bytes", "parse_budget", "read_budget"]
+__all__ = ["AUTO_RULE", "BUDGET_BITS", "PREFERRED_BITS", "AutoChoice", "Budget", "Choice", "FormatRule", "choose",
+           "choose_format", "factor_bytes", "parse_budget", "read_budget"]
 
 BUDGET_BITS: tuple[int | None, ...] = (1, 2, 4, 8, None)  # the widths a byte budget chooses from (None: dtype)
 # the width a byte budget takes (`_pick`): on the demo's wide backbone at equal file bytes (docs/bytes/README.md)
@@ -161,3 +162,55 @@ def _pick(fitting: list[Choice]) -> Choice:
 
 def _width(choice: Choice) -> int:
     return 64 if choice.bits is None else choice.bits
+
+
+@dataclass(frozen=True)
+class FormatRule:
+    """One line of `AUTO_RULE`: from ``min_bytes`` bytes of factors (as stored) on, ``format``, for the reason
+    ``measured`` (what `print(adapter)` and ``factnet info --budget`` say)."""
+
+    min_bytes: int
+    format: str
+    measured: str
+
+
+# The format a byte budget takes when none is named (`choose_format`): measured on the wide backbone's bytes
+# frontier (docs/bytes/README.md: every setting at lr 1e-2 and 0.1, seed 0 on validation, 3 seeds at the chosen).
+AUTO_RULE: tuple[FormatRule, ...] = (
+    FormatRule(0, "tt", "below 4 KB low-bit FacT-TT was factnet's best on the wide backbone (1 bit, 2-4 KB: 75-78% "
+                        "test)"),
+    FormatRule(4_000, "vera", "from 4 KB factnet's vera (seeded A, B; trained per-slice vectors, 2 bits) led the "
+                              "wide backbone's bytes frontier (r192, 7 KB: 88.3% test at lr 0.1)"),
+)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """The format a byte budget picked (`choose_format`), its rank and bits (`choice`), and why (`rule`)."""
+
+    format: str
+    choice: Choice
+    rule: FormatRule
+
+    def __str__(self) -> str:
+        bits = "full precision" if self.choice.bits is None else f"{self.choice.bits} bit{'s' * (self.choice.bits > 1)}"
+        return (f"{self.format} rank {self.choice.rank}, {bits}: {self.choice.params:,} parameters in "
+                f"{self.choice.bytes:,} bytes of factors; {self.rule.measured}")
+
+
+def choose_format(shapes: list[tuple[int, int, int]], budget: Budget, itemsize: int, bits: int | None = None,
+                  choose_bits: bool = True) -> AutoChoice:
+    """The format `AUTO_RULE` names for a byte ``budget``, with the rank (and, with ``choose_bits``, the bits; else
+    at ``bits``) `choose` picks for it; where that format fits no rank, the rule's line below it, and so on."""
+    if not budget.in_bytes:
+        raise FactnetError(f"a budget in parameters ({budget}) does not pick a format: name one "
+                           "(decompose('tt', budget=...)), or give the budget in bytes ('16KB') for factnet to pick")
+    lines = [rule for rule in AUTO_RULE if rule.min_bytes <= budget.amount] or [AUTO_RULE[0]]
+    for rule in reversed(lines):
+        try:
+            return AutoChoice(rule.format, choose(rule.format, shapes, budget, bits, itemsize, choose_bits), rule)
+        except FactnetError:
+            continue
+    # nothing fits: the smallest line's error says what its rank 1 needs
+    choose(AUTO_RULE[0].format, shapes, budget, bits, itemsize, choose_bits)
+    raise AssertionError("unreachable: choose raised for every rule line")

@@ -13,7 +13,7 @@ from factnet.adapter import Adapter, _key
 from factnet.adapter import factor_dtype as _factor_dtype
 from factnet.adapter_set import AdapterSet
 from factnet.attach import base_weight
-from factnet.budget import Choice, choose, parse_budget, read_budget
+from factnet.budget import AutoChoice, Choice, choose, choose_format, parse_budget, read_budget
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
@@ -87,6 +87,16 @@ class Tensorizer:
         return choose(format, list(self.group_shapes().values()), read, None if auto else bits, itemsize,
                       auto and read.in_bytes)
 
+    def auto_choice(self, budget: int | str, bits: int | None | str = "auto") -> AutoChoice:
+        """The format, rank and bits ``decompose(budget=budget)`` takes with no format: `factnet.budget.AUTO_RULE`'s
+        format for a budget in bytes, its rank and (with ``bits="auto"``) bits by `budget_choice`, and why."""
+        read = read_budget(budget)
+        itemsize = torch.empty((), dtype=_factor_dtype(self.model)).element_size()
+        auto = isinstance(bits, str) and bits == "auto"
+        if isinstance(bits, str) and not auto:
+            raise FactnetError(f"bits must be 1, 2, 4, 8, None (full precision) or 'auto', got {bits!r}")
+        return choose_format(list(self.group_shapes().values()), read, itemsize, None if auto else bits, auto)
+
     def stable_scale(self, format: str | Format, rank: int | None = None) -> float:
         """The rank-stable scale ``ρ`` (`Format.stable_scale`) of these groups: the geometric mean of
         each group's (equal for every group except in formats whose init depends on the group's size,
@@ -118,7 +128,7 @@ class Tensorizer:
 
     def decompose(
         self,
-        format: str | Format,
+        format: str | Format | None = None,
         rank: int | None = None,
         *,
         budget: int | str | None = None,
@@ -138,7 +148,8 @@ class Tensorizer:
         ``rank`` is at most that in each mode: a group too small for it gets the largest rank it allows,
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
         fits (see `rank_for_budget`); a budget in bytes picks the bits too unless ``bits`` is given (None: full
-        precision; see `budget_choice`). By default the parametrization is rank-stable, so one learning rate
+        precision; see `budget_choice`), and with no ``format`` (or ``"auto"``) the format too (`auto_choice`:
+        `factnet.budget.AUTO_RULE`, measured; ``print(adapter)`` says what it picked and why). By default the parametrization is rank-stable, so one learning rate
         serves every rank: ``s = g·ρ`` with ``ρ`` from `stable_scale` and gain ``g = gain`` (default
         `DEFAULT_GAIN`), and each factor used times its `Format.multipliers` (docs/scale/README.md);
         ``scale=`` is the paper's parametrization, its ``s`` itself (the presets' values), as saved.
@@ -151,6 +162,13 @@ class Tensorizer:
         ``adapter.save`` then writes exactly the trained model in ``bits`` bits; ``head_bits`` does the same
         for the head (`factnet.head_bits`).
         """
+        picked = None
+        if format is None or (isinstance(format, str) and format == "auto"):
+            if budget is None or rank is not None:
+                raise FactnetError("decompose needs a format (e.g. decompose('tt', rank=8)), or no format and a budget "
+                                   "in bytes (decompose(budget='16KB')) to pick the format, rank and bits")
+            picked = self.auto_choice(budget, bits)
+            format, rank, bits, budget = picked.format, picked.choice.rank, picked.choice.bits, None
         if budget is not None:
             if rank is not None:
                 raise FactnetError("pass rank= or budget=, not both")
@@ -189,8 +207,10 @@ class Tensorizer:
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits,
-                       stable=stable, seed=seed or 0, head_bits=head_bits)
+        adapter = Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits,
+                          stable=stable, seed=seed or 0, head_bits=head_bits)
+        adapter.picked = picked
+        return adapter
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())

@@ -260,6 +260,11 @@ def _print_budget(tensorizer: Tensorizer, budget: str) -> int:
             continue
         bits = "fp" if choice.bits is None else str(choice.bits)
         print(f"{name:16} {choice.rank:5d} {bits:>5} {choice.params:12,} {choice.bytes:12,}")
+    if read.in_bytes:  # what decompose(budget=...) takes with no format
+        try:
+            print(f"\nwith no format, decompose(budget={budget!r}) picks {tensorizer.auto_choice(budget)}")
+        except FactnetError as error:
+            print(f"\nwith no format, decompose(budget={budget!r}) fits nothing: {error}")
     return 0
 
 

@@ -1,0 +1,78 @@
+"""A byte budget with no format: `decompose(budget="16KB")` picks format, rank and bits (`factnet.budget.AUTO_RULE`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import factnet
+from conftest import tiny_vit
+from factnet.budget import AUTO_RULE, read_budget
+from factnet.errors import FactnetError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data_bytes(path) -> int:
+    """A safetensors file's tensor bytes: its size less the 8-byte length and the JSON header."""
+    with open(path, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+    return os.path.getsize(path) - 8 - header
+
+
+def _expected_format(tensorizer: factnet.Tensorizer, budget: str) -> str:
+    """The rule read by hand: the last line starting at or below the budget whose format fits some rank."""
+    amount = read_budget(budget).amount
+    for rule in sorted(AUTO_RULE, key=lambda r: r.min_bytes, reverse=True):
+        if rule.min_bytes <= amount:
+            try:
+                tensorizer.budget_choice(rule.format, budget)
+                return rule.format
+            except FactnetError:
+                continue
+    raise AssertionError("no line fits")
+
+
+@pytest.mark.parametrize("budget", ["2KB", "8KB", "32KB", "128KB"])
+@pytest.mark.parametrize("spelled", [None, "auto"])
+def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(budget, spelled, tmp_path):
+    tensorizer = factnet.Tensorizer(tiny_vit())
+    expected = _expected_format(tensorizer, budget)
+    adapter = tensorizer.decompose(spelled, budget=budget, seed=0)
+    choice = tensorizer.budget_choice(expected, budget)  # the same format named: the same rank and bits
+    assert adapter.format.name == expected and (adapter.format.rank, adapter.settings.bits) == (choice.rank, choice.bits)
+    assert adapter.picked.format == expected and adapter.picked.choice == choice
+    assert adapter.num_parameters() == choice.params
+    saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
+    assert _data_bytes(saved.path) == choice.bytes <= read_budget(budget).amount
+    text = repr(adapter)
+    assert f"picked by the budget: {expected} rank {choice.rank}" in text
+    assert adapter.picked.rule.measured in text  # says why
+    loaded = factnet.load(tiny_vit(), saved.path)
+    assert loaded.format.name == expected and loaded.format.rank == choice.rank
+
+
+def test_the_rule_is_ordered_and_names_formats():
+    assert AUTO_RULE[0].min_bytes == 0
+    assert [r.min_bytes for r in AUTO_RULE] == sorted({r.min_bytes for r in AUTO_RULE})
+    assert all(r.format in factnet.available_formats() and r.measured for r in AUTO_RULE)
+
+
+def test_bad_budgets_and_arguments_are_clear_errors():
+    model = tiny_vit()
+    tensorizer = factnet.Tensorizer(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FactnetError, match="in bytes"):
+        tensorizer.decompose(budget=10_000)  # parameters: no format to pick by file size
+    with pytest.raises(FactnetError, match="no rank"):
+        tensorizer.decompose(budget="10B")  # nothing fits: rank 1 of the smallest line says what it needs
+    with pytest.raises(FactnetError, match="needs a format"):
+        tensorizer.decompose()
+    with pytest.raises(FactnetError, match="needs a format"):
+        tensorizer.decompose("auto", rank=4)
+    with pytest.raises(FactnetError, match="cannot read budget"):
+        tensorizer.decompose(budget="lots")
+    assert not hasattr(model, "factnet") or not model.factnet.names()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
