@@ -176,8 +176,8 @@ def _cut_diagonal(placements: Sequence[Placement], form: NormalForm, dtype: torc
 def _thin_sides(p: Placement, p_in_t: Tensor, p_out_t: Tensor) -> bool:
     """Whether the side(s) of ``p`` not cut into blocks hold one projection (shared, or one member)."""
     one = len(p.members) == 1
-    return ((p.side == "in" or p_out_t.shape[0] == 1 or one)
-            and (p.side == "out" or p_in_t.shape[0] == 1 or one))
+    return ((p.side == "out" or p_out_t.shape[0] == 1 or one)  # P_out, unless cut into output blocks
+            and (p.side == "in" or p_in_t.shape[0] == 1 or one))  # P_in, unless cut into input blocks
 
 
 def _diagonal_increment(p: Placement, p_in: _Views, p_out: _Views, core: _Views, scale: _Views | None) -> Increment:

@@ -77,7 +77,18 @@ class UserBlockTerm(factnet.Format, name="user-block-term"):
             return sum(tl.tucker_to_tensor((factors["core"][t], [factors[f][:, t] for f in "puv"])) for t in range(2))
 
 
-USER_FORMATS = ["user-block-term", "user-in-per-slice", "user-out-per-slice", "user-tt"]
+class UserDiagonalInPerSlice(factnet.Format, name="user-diagonal-in-per-slice"):
+    """A diagonal core with a per-slice input projection: ``ΔW[i] = u[i] diag(d[i]) vᵀ`` (a matrix cut into
+    output blocks meets several slices' ``u``: the core is folded into ``v`` for it)."""
+
+    factors = {"d": "ia", "u": "ija", "v": "ka"}
+    zero = "v"
+
+    def reference(self, factors):
+        return torch.einsum("ia,ija,ka->ijk", factors["d"], factors["u"], factors["v"])
+
+
+USER_FORMATS = ["user-block-term", "user-diagonal-in-per-slice", "user-in-per-slice", "user-out-per-slice", "user-tt"]
 
 
 def reference(fmt: factnet.Format, factors: dict[str, torch.Tensor]) -> torch.Tensor:

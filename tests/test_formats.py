@@ -16,7 +16,7 @@ from conftest import BUILTIN_FORMATS, USER_FORMATS, assert_close, dense_core, or
 
 FORMATS = factnet.available_formats()
 # formats whose projections share every rank letter: the core is diagonal (the identity for batch-matrix)
-DIAGONAL_CORES = {"batch-matrix", "cp", "cp-seeded", "vera"}
+DIAGONAL_CORES = {"batch-matrix", "cp", "cp-seeded", "vera", "user-diagonal-in-per-slice"}
 
 
 def test_registry_lists_builtin_and_user_formats():
