@@ -166,21 +166,28 @@ def _width(choice: Choice) -> int:
 
 @dataclass(frozen=True)
 class FormatRule:
-    """One line of `AUTO_RULE`: from ``min_bytes`` bytes of factors (as stored) on, ``format``, for the reason
-    ``measured`` (what `print(adapter)` and ``factnet info --budget`` say)."""
+    """One line of `AUTO_RULE`: from ``min_bytes`` bytes of factors (as stored) on, ``format`` at ``bits`` ("auto":
+    as `choose` picks them), for the reason ``measured`` (what `print(adapter)` and ``factnet info --budget`` say),
+    measured at learning rate ``lr`` (AdamW, the default rank-stable parametrization: train at that rate)."""
 
     min_bytes: int
     format: str
+    bits: int | None | str
+    lr: float
     measured: str
 
 
-# The format a byte budget takes when none is named (`choose_format`): measured on the wide backbone's bytes
-# frontier (docs/bytes/README.md: every setting at lr 1e-2 and 0.1, seed 0 on validation, 3 seeds at the chosen).
+# The format a byte budget takes when none is named (`choose_format`), from the wide backbone's runs (docs/bytes:
+# bytes frontier and vera_lr.md; test %, seed 0 unless a ± says 3 seeds; file bytes as saved then, with the old
+# ~0.8 KB header). 1-bit FacT-TT: r4 2.0 KB 72.2, r16 3.9 KB 75.3; vera (seeded A, B, trained per-slice b and d,
+# lr 0.1): 1 bit r16 2.6 KB 57.2, r192 4.0 KB 80.0; 2 bits r192 7.0 KB 88.3 ± 1.0, r1024 19.5 KB 89.2.
 AUTO_RULE: tuple[FormatRule, ...] = (
-    FormatRule(0, "tt", "below 4 KB low-bit FacT-TT was factnet's best on the wide backbone (1 bit, 2-4 KB: 75-78% "
-                        "test)"),
-    FormatRule(4_000, "vera", "from 4 KB factnet's vera (seeded A, B; trained per-slice vectors, 2 bits) led the "
-                              "wide backbone's bytes frontier (r192, 7 KB: 88.3% test at lr 0.1)"),
+    FormatRule(0, "tt", "auto", 1e-2, "below about 3 KB of factors low-bit FacT-TT was factnet's best on the wide "
+                                      "backbone (1 bit: 72-75% test at 2-4 KB files)"),
+    FormatRule(2_880, "vera", 1, 0.1, "from vera r192 at 1 bit (2,880 bytes of factors) factnet's vera led the wide "
+                                      "backbone's bytes frontier (80.0% test at 4.0 KB against 1-bit FacT-TT's 75.3)"),
+    FormatRule(5_760, "vera", 2, 0.1, "from vera r192 at 2 bits (5,760 bytes of factors) factnet's vera led the wide "
+                                      "backbone's bytes frontier (88.3 ± 1.0% test at 7.0 KB; r1024 89.2 at 19.5 KB)"),
 )
 
 
@@ -195,7 +202,7 @@ class AutoChoice:
     def __str__(self) -> str:
         bits = "full precision" if self.choice.bits is None else f"{self.choice.bits} bit{'s' * (self.choice.bits > 1)}"
         return (f"{self.format} rank {self.choice.rank}, {bits}: {self.choice.params:,} parameters in "
-                f"{self.choice.bytes:,} bytes of factors; {self.rule.measured}")
+                f"{self.choice.bytes:,} bytes of factors; train it at lr {self.rule.lr:g} (AdamW); {self.rule.measured}")
 
 
 def choose_format(shapes: list[tuple[int, int, int]], budget: Budget, itemsize: int, bits: int | None = None,
@@ -207,8 +214,10 @@ def choose_format(shapes: list[tuple[int, int, int]], budget: Budget, itemsize: 
                            "(decompose('tt', budget=...)), or give the budget in bytes ('16KB') for factnet to pick")
     lines = [rule for rule in AUTO_RULE if rule.min_bytes <= budget.amount] or [AUTO_RULE[0]]
     for rule in reversed(lines):
+        auto = choose_bits and rule.bits == "auto"
+        width = bits if not choose_bits else None if auto else rule.bits
         try:
-            return AutoChoice(rule.format, choose(rule.format, shapes, budget, bits, itemsize, choose_bits), rule)
+            return AutoChoice(rule.format, choose(rule.format, shapes, budget, width, itemsize, auto), rule)
         except FactnetError:
             continue
     # nothing fits: the smallest line's error says what its rank 1 needs

@@ -22,28 +22,29 @@ def _data_bytes(path) -> int:
     return os.path.getsize(path) - 8 - header
 
 
-def _expected_format(tensorizer: factnet.Tensorizer, budget: str) -> str:
-    """The rule read by hand: the last line starting at or below the budget whose format fits some rank."""
+def _expected(tensorizer: factnet.Tensorizer, budget: str):
+    """The rule read by hand: the last line starting at or below the budget whose format fits some rank at its
+    bits, and that choice."""
     amount = read_budget(budget).amount
     for rule in sorted(AUTO_RULE, key=lambda r: r.min_bytes, reverse=True):
         if rule.min_bytes <= amount:
             try:
-                tensorizer.budget_choice(rule.format, budget)
-                return rule.format
+                return rule, tensorizer.budget_choice(rule.format, budget, rule.bits)
             except FactnetError:
                 continue
     raise AssertionError("no line fits")
 
 
-@pytest.mark.parametrize("budget", ["2KB", "8KB", "32KB", "128KB"])
+@pytest.mark.parametrize("budget", ["2KB", "4KB", "8KB", "32KB", "128KB"])
 @pytest.mark.parametrize("spelled", [None, "auto"])
 def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(budget, spelled, tmp_path):
     tensorizer = factnet.Tensorizer(tiny_vit())
-    expected = _expected_format(tensorizer, budget)
+    rule, choice = _expected(tensorizer, budget)  # the same format named, at the line's bits: the same rank
+    expected = rule.format
     adapter = tensorizer.decompose(spelled, budget=budget, seed=0)
-    choice = tensorizer.budget_choice(expected, budget)  # the same format named: the same rank and bits
     assert adapter.format.name == expected and (adapter.format.rank, adapter.settings.bits) == (choice.rank, choice.bits)
-    assert adapter.picked.format == expected and adapter.picked.choice == choice
+    assert adapter.picked.format == expected and adapter.picked.choice == choice and adapter.picked.rule == rule
+    assert f"train it at lr {rule.lr:g}" in repr(adapter)
     assert adapter.num_parameters() == choice.params
     saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
     assert _data_bytes(saved.path) == choice.bytes <= read_budget(budget).amount
@@ -57,7 +58,8 @@ def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(b
 def test_the_rule_is_ordered_and_names_formats():
     assert AUTO_RULE[0].min_bytes == 0
     assert [r.min_bytes for r in AUTO_RULE] == sorted({r.min_bytes for r in AUTO_RULE})
-    assert all(r.format in factnet.available_formats() and r.measured for r in AUTO_RULE)
+    assert all(r.format in factnet.available_formats() and r.measured and r.lr > 0 for r in AUTO_RULE)
+    assert all(r.bits in ("auto", None, 1, 2, 4, 8) for r in AUTO_RULE)
 
 
 def test_bad_budgets_and_arguments_are_clear_errors():
