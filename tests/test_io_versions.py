@@ -1,9 +1,11 @@
 """Files of format versions 2 and 3, written by the factnet before version 4 (tests/v23_fixture.py), still load
 to the outputs they gave then, bit for bit; the tests' writer of those versions (tests/legacy_files.py) writes
-what that factnet wrote."""
+what that factnet wrote; version-2 files loaded and saved again are version-4 files of the same adapter."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -96,3 +98,37 @@ def test_the_legacy_writer_writes_what_factnet_wrote(name, tmp_path):
         assert mine.metadata() == theirs.metadata() and sorted(mine.keys()) == sorted(theirs.keys())
         for key in theirs.keys():
             assert torch.equal(mine.get_tensor(key), theirs.get_tensor(key)), key
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_an_old_file_saved_again_is_version_4_of_the_same_adapter(name, tmp_path):
+    model = build(name)
+    adapter = factnet.load(model, DATA / f"{name}.safetensors")
+    settings = FILES[name][4]  # (a low-bit file loads trained low-bit: saved again, the same values)
+    again = tmp_path / "again.safetensors"
+    adapter.save(again, **settings)
+    assert factnet.io.load_spec(again)["factnet_format_version"] == 4
+    fresh = build(name)
+    factnet.load(fresh, again)
+    with torch.no_grad():
+        x = input_for(FILES[name][0])
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_version_2_and_4_files_of_one_adapter_load_alike():
+    """The same trained adapter as a version-2 file (the legacy writer) and a version-4 file: equal factors,
+    head and outputs."""
+    adapter = _trained("v2_tt_head")
+    with tempfile.TemporaryDirectory() as folder:
+        old, new = Path(folder) / "v2.safetensors", Path(folder) / "v4.safetensors"
+        save_legacy(adapter, old)
+        adapter.save(new)
+        assert [factnet.io.load_spec(p)["factnet_format_version"] for p in (old, new)] == [2, 4]
+        models = [build("v2_tt_head") for _ in range(2)]
+        loaded = [factnet.load(m, p) for m, p in zip(models, (old, new))]
+    for (key, a), (_, b) in zip(factors_of(loaded[0]).items(), factors_of(loaded[1]).items()):
+        assert torch.equal(a, b), key
+    x = input_for(torch.float32)
+    with torch.no_grad():
+        assert torch.equal(models[0](x), models[1](x))
+    assert loaded[1].settings == loaded[0].settings and loaded[1].head == loaded[0].head
