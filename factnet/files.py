@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from factnet.adapter import Adapter
     from factnet.formats import Format
 
-__all__ = ["Saved", "factor_shapes", "load_spec", "read", "unpack", "write", "write_atomically"]
+__all__ = ["FileInfo", "Saved", "factor_shapes", "file_info", "load_spec", "read", "unpack", "write",
+           "write_atomically"]
 
 _PACK_DTYPES = {**STORAGE_DTYPES, "uint8": torch.uint8}  # a pack's name: the dtype of its values
 
@@ -198,6 +199,14 @@ def read(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The spec and every tensor of an adapter file, once the checksum matches: of a version-4 file its packs
     (``{dtype name: values}``, each checked to be flat and of its name's dtype), which `unpack` splits once the
     model's slices are known; of older files the tensors, low-bit ones read back as float32 values."""
+    spec, tensors = _read(name)
+    if spec["factnet_format_version"] == 4 or "bits" not in spec:
+        return spec, tensors
+    return spec, _low_bit_values(spec["bits"], tensors, name)
+
+
+def _read(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The spec and the tensors of an adapter file as stored, once the checksum matches."""
     if not os.path.isfile(name):
         problem = "is a directory" if os.path.isdir(name) else "does not exist"
         raise FactnetError(f"adapter file {name} {problem}; give the path adapter.save() wrote")
@@ -222,8 +231,7 @@ def read(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
                 raise _malformed(name, f"it holds the tensor {key!r} ({value.dtype}, shape {tuple(value.shape)}); a "
                                        "version-4 file holds flat packs named by their dtype "
                                        f"({', '.join(_PACK_DTYPES)})")
-        return spec, tensors
-    return spec, (_low_bit_values(spec["bits"], tensors, name) if "bits" in spec else tensors)
+    return spec, tensors
 
 
 def unpack(spec: dict[str, Any], packs: Mapping[str, Tensor], factors: Mapping[str, tuple[int, ...]],
@@ -235,21 +243,7 @@ def unpack(spec: dict[str, Any], packs: Mapping[str, Tensor], factors: Mapping[s
     allocated); low-bit tensors are read back as float32 values, the others copied out of their packs."""
     bits = spec.get("bits") or {}
     shapes = dict(factors) | {f"head.{p}": tuple(shape) for p, shape in spec.get("head_shapes", {}).items()}
-    held = spec.get("held")
-    layout = []  # (tensor, part, pack, values), in the packs' order
-    for key, shape in shapes.items():
-        kind, count = key.partition(".")[0], math.prod(shape)
-        width = bits.get(kind)
-        if width is None:
-            dtype = spec.get("dtype") or (held if not isinstance(held, dict) else held.get(
-                "factors" if kind == "factors" else key.removeprefix("head.")))
-            if dtype is None:
-                raise _malformed(name, f"it does not say in which dtype {key} is stored")
-            layout.append((key, "values", dtype, count))
-            continue
-        groups = -(-count // bits["group"])
-        layout += [(key, "codes", "uint8", -(-count * width // 8)), (key, "scale", "float16", groups)]
-        layout += [] if width == 1 else [(key, "offset", "float16", groups)]
+    layout = _layout(spec, shapes, name)
     needed: dict[str, int] = {}
     for _, _, pack, count in layout:
         needed[pack] = needed.get(pack, 0) + count
@@ -274,6 +268,27 @@ def unpack(spec: dict[str, Any], packs: Mapping[str, Tensor], factors: Mapping[s
     return tensors
 
 
+def _layout(spec: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], name: str) -> list[tuple[str, str, str, int]]:
+    """Where a version-4 file stores the tensors of ``shapes`` (in the packs' order): ``(tensor, part, pack,
+    values)``, a part being ``values`` (in the dtype the spec gives) or low-bit ``codes``, ``scale``, ``offset``."""
+    bits, held = spec.get("bits") or {}, spec.get("held")
+    layout = []
+    for key, shape in shapes.items():
+        kind, count = key.partition(".")[0], math.prod(shape)
+        width = bits.get(kind)
+        if width is None:
+            dtype = spec.get("dtype") or (held if not isinstance(held, dict) else held.get(
+                "factors" if kind == "factors" else key.removeprefix("head.")))
+            if dtype is None:
+                raise _malformed(name, f"it does not say in which dtype {key} is stored")
+            layout.append((key, "values", dtype, count))
+            continue
+        groups = -(-count // bits["group"])
+        layout += [(key, "codes", "uint8", -(-count * width // 8)), (key, "scale", "float16", groups)]
+        layout += [] if width == 1 else [(key, "offset", "float16", groups)]
+    return layout
+
+
 def _low_bit_values(bits: dict[str, Any], tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     """``tensors`` with each low-bit tensor's codes and constants turned back into its float32 values, after
     checking that they hold exactly the values its spec shape says (so nothing larger than the file's own
@@ -293,6 +308,49 @@ def _low_bit_values(bits: dict[str, Any], tensors: dict[str, Tensor], name: str)
         found[key] = dequantize(Quantized(parts["codes"], parts["scale"], parts.get("offset"), tuple(shape), width,
                                           group))
     return found
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What an adapter file holds, read and verified without a model (`file_info`): its spec, its size and its
+    header's (the safetensors header with the spec, and the 8 bytes giving its length), and the head's
+    parameters it holds, by name, with their shapes and their bytes as stored (low-bit codes and constants
+    included). The same for every file version."""
+
+    path: str
+    spec: dict[str, Any]
+    bytes: int
+    header_bytes: int
+    head_shapes: dict[str, tuple[int, ...]]
+    head_bytes: int
+
+    @property
+    def version(self) -> int:
+        return self.spec["factnet_format_version"]
+
+    @property
+    def factor_bytes(self) -> int:
+        """The factors' bytes as stored: the rest of the file."""
+        return self.bytes - self.header_bytes - self.head_bytes
+
+
+def file_info(path: str | os.PathLike[str]) -> FileInfo:
+    """The `FileInfo` of the adapter file at ``path`` (checked like `load` does, without a model)."""
+    name = _fspath(path)
+    spec, stored = _read(name)
+    with open(name, "rb") as handle:
+        header = 8 + int.from_bytes(handle.read(8), "little")
+    if spec["factnet_format_version"] == 4:
+        shapes = {p: tuple(shape) for p, shape in spec.get("head_shapes", {}).items()}
+        parts = _layout(spec, {f"head.{p}": shape for p, shape in shapes.items()}, name)
+        head_bytes = sum(count * _PACK_DTYPES[pack].itemsize for _, _, pack, count in parts)
+    else:
+        low = spec.get("bits", {}).get("shapes", {})  # (version 3: low-bit tensors as codes and constants)
+        shapes = {key.removeprefix("head."): tuple(shape) for key, shape in low.items() if key.startswith("head.")}
+        shapes |= {key.removeprefix("head."): tuple(value.shape) for key, value in stored.items()
+                   if key.startswith("head.") and key.rpartition(".")[0] not in low}
+        head_bytes = sum(value.nbytes for key, value in stored.items() if key.startswith("head."))
+    return FileInfo(name, spec, os.path.getsize(name), header, shapes, head_bytes)
 
 
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -24,7 +24,17 @@ from tqdm import tqdm
 from factnet.adapter import Adapter, _in_head
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
-from factnet.files import Saved, _fspath, factor_shapes, load_spec, read, unpack, write, write_atomically
+from factnet.files import (
+    Saved,
+    _fspath,
+    factor_shapes,
+    file_info,
+    load_spec,
+    read,
+    unpack,
+    write,
+    write_atomically,
+)
 from factnet.fit import (
     _check_base,
     _check_dtypes,
@@ -48,7 +58,8 @@ from factnet.spec import (
 )
 from factnet.tensorizer import Tensorizer
 
-__all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "load", "load_many", "load_spec", "save", "write_atomically"]
+__all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "file_info", "load", "load_many", "load_spec", "save",
+           "write_atomically"]
 
 
 def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,

@@ -4,6 +4,7 @@ what that factnet wrote; version-2 files loaded and saved again are version-4 fi
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from v23_fixture import DATA, FILES, OUTPUTS, build, input_for, outputs
 
 import factnet
 import factnet.io
-from factnet.quant import Quantized, dequantize
+from factnet.quant import Quantized, dequantize, stored_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,3 +133,32 @@ def test_version_2_and_4_files_of_one_adapter_load_alike():
     with torch.no_grad():
         assert torch.equal(models[0](x), models[1](x))
     assert loaded[1].settings == loaded[0].settings and loaded[1].head == loaded[0].head
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_file_info_reads_every_version_alike(name, tmp_path):
+    """`factnet.file_info` of a version-2/3 file and of the version-4 file of the same adapter: the same head,
+    shapes and bytes as stored; the version-4 header is the smaller."""
+    model = build(name)
+    adapter = factnet.load(model, DATA / f"{name}.safetensors")
+    again = tmp_path / "again.safetensors"
+    settings = FILES[name][4]
+    head_bits = FILES[name][1].get("head_bits")  # (a loaded adapter trains its head as held: given again)
+    adapter.save(again, **settings, **({"head_bits": head_bits} if head_bits else {}))
+    old, new = factnet.file_info(DATA / f"{name}.safetensors"), factnet.file_info(again)
+    assert (old.version, new.version) == (int(name[1]), 4) and new.spec == factnet.io.load_spec(again)
+    head = dict(model.head.named_parameters(prefix="head")) if settings.get("include_head", True) else {}
+    assert old.head_shapes == new.head_shapes == {n: tuple(p.shape) for n, p in head.items()}
+    bits, group = settings.get("head_bits") or FILES[name][1].get("head_bits"), settings.get("group", 64)
+    dtype = settings.get("dtype")
+    expected = sum(stored_bytes(p.numel(), bits, group) if bits else
+                   p.numel() * (dtype or p.dtype).itemsize for p in head.values())
+    assert old.head_bytes == new.head_bytes == expected
+    assert new.bytes == os.path.getsize(again) == new.header_bytes + new.factor_bytes + new.head_bytes
+    assert old.factor_bytes == new.factor_bytes and new.header_bytes < old.header_bytes
+
+
+def test_file_info_of_version_1():
+    info = factnet.file_info(DATA / "v1_tt_head.safetensors")
+    assert info.version == 1 and info.head_shapes == {"head.weight": (3, 16), "head.bias": (3,)}
+    assert info.head_bytes == 4 * 51 and info.bytes == os.path.getsize(DATA / "v1_tt_head.safetensors")
