@@ -5,13 +5,15 @@
 Random weights (the size does not depend on them). Each file is written by ``adapter.save``: 32 and 16
 bits as float32/bfloat16 tensors, 8/4/2/1 bits low-bit (``bits=b, head_bits=b``: codes plus a float16
 scale, and offset above 1 bit, per ``--group`` values). Prints the file's bytes, without and with the
-head, and the bytes per factor parameter.
+head, the bytes per factor parameter, and each file's fixed cost: its header (the safetensors header with
+the JSON spec and checksum, and the 8 bytes giving its length).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import struct
 import tempfile
 
 import timm
@@ -29,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     model = timm.create_model(args.model, pretrained=False, num_classes=args.classes)
     print(f"{args.model}, FacT-TT, {args.classes}-class head, low-bit group {args.group}\n")
-    print("| rank | factors | bits | bytes, no head | bytes a factor | bytes, with head |\n|---:|---:|---:|---:|---:|---:|")
+    print("| rank | factors | bits | bytes, no head | bytes a factor | bytes, with head | header, no head | "
+          "header, with head |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         for rank in [int(r) for r in args.ranks.split(",")]:
             adapter = Tensorizer(model).decompose("tt", rank=rank, name=f"r{rank}")
@@ -38,7 +41,7 @@ def main() -> None:
                     factor.normal_()
             count = adapter.num_parameters()
             for bits in (32, 16, 8, 4, 2, 1):
-                sizes = []
+                sizes, headers = [], []
                 for head in (False, True):
                     path = os.path.join(folder, "a.safetensors")
                     if bits == 32:
@@ -48,8 +51,16 @@ def main() -> None:
                     else:
                         saved = adapter.save(path, include_head=head, bits=bits, head_bits=bits, group=args.group)
                     sizes.append(saved.bytes)
-                print(f"| {rank} | {count:,} | {bits} | {sizes[0]:,} | {sizes[0] / count:.3f} | {sizes[1]:,} |")
+                    headers.append(header_bytes(path))
+                print(f"| {rank} | {count:,} | {bits} | {sizes[0]:,} | {sizes[0] / count:.3f} | {sizes[1]:,} | "
+                      f"{headers[0]:,} | {headers[1]:,} |")
             model.factnet.delete(f"r{rank}")
+
+
+def header_bytes(path: str) -> int:
+    """A safetensors file's header with its length field: the little-endian u64 it starts with, plus 8."""
+    with open(path, "rb") as handle:
+        return 8 + struct.unpack("<Q", handle.read(8))[0]
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
 from factnet.formats import Format, available_formats, get_format
-from factnet.io import load, load_many, save, write_atomically
+from factnet.io import file_info, load, load_many, save, write_atomically
 from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer, parse_budget
 from factnet.version import __version__ as __version__
 
 __all__ = [
     "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
-    "compress", "export_lora", "get_format", "load", "load_many", "parse_budget", "rank_sweep", "read_budget",
-    "save", "write_atomically",
+    "compress", "export_lora", "file_info", "get_format", "load", "load_many", "parse_budget", "rank_sweep",
+    "read_budget", "save", "write_atomically",
 ]

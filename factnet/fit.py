@@ -1,7 +1,7 @@
 """Whether an adapter file fits the model it is loaded onto: the checks `factnet.io` runs on a file
 read and verified (`factnet.files`) before it changes anything, each an error that says what differs.
 
-Version 1 files list the base model's matrices (`_check_matrices`); version 2 files hold its
+Version 1 files list the base model's matrices (`_check_matrices`); later versions hold its
 fingerprint (`_check_base`, which explains a mismatch as far as the slice map tells). Then the
 tensors (`_check_tensors`, `_check_dtypes`) and what `Tensorizer.decompose` would reject
 (`_check_settings`).
@@ -30,7 +30,8 @@ def _registered_format(spec: dict[str, Any]) -> Format:
                            f"{', '.join(available_formats())}); import the module defining that Format subclass "
                            "before load")
     fmt = get_format(spec["format"], spec["rank"])
-    if dict(fmt.factors) != spec["factors"]:
+    registered = ",".join(fmt.factors.values()) if isinstance(spec["factors"], str) else dict(fmt.factors)  # (v4)
+    if registered != spec["factors"]:
         raise FactnetError(f"format {fmt.name!r} is registered with factors {fmt.factors}, but the adapter was "
                            f"saved with {spec['factors']}; load with the definition it was saved with")
     return fmt
@@ -58,12 +59,18 @@ def _check_matrices(found: dict[str, dict[str, Any]], spec: dict[str, Any], path
 
 
 def _check_base(found: dict[str, dict[str, Any]], spec: dict[str, Any], path: str) -> None:
-    """Version 2: the model's matrices ``found`` (outside the head) have the saved base model's fingerprint;
+    """Versions 2 to 4: the model's matrices ``found`` (outside the head) have the saved base model's fingerprint;
     else say how they differ as far as the spec tells: the counts, and which of the matrices the file adapts
     (its slice map: module, blocks, block shape) the model lacks or has of another shape."""
     saved, base = spec["base"], _base(found)
     if saved["sha256"] == base["sha256"]:
         return
+    if "groups" not in spec:  # (version 4's default_groups: the file names no matrix)
+        raise FactnetError(f"{path} does not fit this model: it was saved from a base model with {saved['matrices']} "
+                           f"matrices outside the head (fingerprint {saved['sha256']}), this model has "
+                           f"{base['matrices']} (fingerprint {base['sha256']}); it adapts that model's default targets "
+                           f"(grouped by {spec['default_groups']['by']}); load it onto the architecture it was saved "
+                           "from (same depth, width and module names)")
     adapted: dict[str, tuple[set[int], int, int, bool]] = {}  # module -> (blocks, d_out, d_in, cut) as saved
     for group in spec["groups"].values():
         _, d_in, d_out = group["shape"]
@@ -146,7 +153,8 @@ def _check_dtypes(model: nn.Module, spec: dict[str, Any], tensors: Mapping[str, 
     """As saved (``dtype`` null, or version 1): the tensors have the model's dtypes. With a storage dtype:
     every tensor has it (`_attach` casts them)."""
     storage = spec.get("dtype")
-    low_bit = spec.get("bits", {}).get("shapes", {})  # read back as float32 values, cast exactly by `_attach`
+    bits = spec.get("bits") or {}  # low-bit tensors are read back as float32 values, cast exactly by `_attach`
+    low_bit = bits["shapes"] if "shapes" in bits else [k for k in tensors if bits.get(k.partition(".")[0]) is not None]
     tensors = {key: value for key, value in tensors.items() if key not in low_bit}
     head_parameters = [p for p in head_parameters if f"head.{p}" not in low_bit]
     if storage is not None:
@@ -165,7 +173,7 @@ def _check_dtypes(model: nn.Module, spec: dict[str, Any], tensors: Mapping[str, 
 
 def _check_settings(model: nn.Module, spec: dict[str, Any], fmt: Format, tensorizer: Tensorizer) -> None:
     """What `Tensorizer.decompose` would reject, checked before anything is attached (`load_many`)."""
-    scale, dropout = spec["scale"], spec["dropout"]
+    scale, dropout = spec["scale"], spec.get("dropout", 0.0)
     if not (isinstance(scale, (int, float)) and torch.isfinite(torch.tensor(float(scale)))):
         raise FactnetError(f"scale must be a finite number, got {scale!r}")
     if not 0.0 <= dropout < 1.0:

@@ -1,9 +1,10 @@
 """Saving an adapter and rebuilding it on a fresh copy of the base model (`load`, `load_many`).
 
 The file (`factnet.files`) holds the factors, the head and a JSON spec (`factnet.spec`): its groups'
-slice maps as name templates and a fingerprint of the base model. `load` reads it verified, checks
-the model against the spec (`factnet.fit`), rebuilds the slices on the model and attaches the
-adapter; on any error the model is left unchanged.
+slice maps (as name templates, or the rule that gives them from the model's default targets) and a
+fingerprint of the base model. `load` reads it verified, checks the model against the spec
+(`factnet.fit`), rebuilds the slices on the model, splits the packed tensors by them (version 4) and
+attaches the adapter; on any error the model is left unchanged. Files of every version, 1 to 4, load.
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ from tqdm import tqdm
 from factnet.adapter import Adapter, _in_head
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
-from factnet.files import Saved, _fspath, load_spec, read, write, write_atomically
+from factnet.files import (
+    Saved,
+    _fspath,
+    factor_shapes,
+    file_info,
+    load_spec,
+    read,
+    unpack,
+    write,
+    write_atomically,
+)
 from factnet.fit import (
     _check_base,
     _check_dtypes,
@@ -35,10 +46,20 @@ from factnet.fit import (
     _registered_format,
 )
 from factnet.formats import Format
-from factnet.spec import _SHOWN, FORMAT_VERSION, STORAGE_DTYPES, _malformed, _matrices, _parse_template, _slice_map
+from factnet.spec import (
+    _SHOWN,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    _malformed,
+    _matrices,
+    _parse_template,
+    _slice_map,
+    groups_digest,
+)
 from factnet.tensorizer import Tensorizer
 
-__all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "load", "load_many", "load_spec", "save", "write_atomically"]
+__all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "file_info", "load", "load_many", "load_spec", "save",
+           "write_atomically"]
 
 
 def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
@@ -52,7 +73,11 @@ def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = Tr
     Holds the factors and, unless ``include_head=False``, the parameters of the trainable head, as they
     are (``dtype=None``) or cast to ``dtype`` (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
     ``torch.float64``): ``torch.bfloat16`` stores 2 bytes a parameter, and `load` casts the values back to
-    the model's dtypes. The size is the tensors' bytes plus the header (under 1 KiB for ViT-B).
+    the model's dtypes. The size is the tensors' bytes plus the header: the tensors are packed, one per
+    dtype, and the spec names the default targets by their grouping rule instead of listing them (format
+    version 4, `factnet.files`): with the default targets the header is 500 to 700 bytes (ViT-B,
+    EfficientNet-Lite0 and every family of tests/zoo.py); other slices are listed as templates, which add their
+    length.
 
     ``bits`` (1, 2, 4 or 8) stores the factors low-bit, ``head_bits`` the head: ``bits``-bit codes with a
     float16 scale (and offset) per ``group`` values (`factnet.quant`), about ``bits/8`` bytes a parameter;
@@ -200,11 +225,18 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     if (tuple(spec["head"]), listing) not in caches.checked:
         (_check_matrices if version == 1 else _check_base)(caches.matrices_of(spec["head"]), spec, path)
         caches.checked.add((tuple(spec["head"]), listing))
-    key = (min(version, 2), json.dumps(spec["groups"], sort_keys=True))  # (version 3 has version 2's slice maps)
-    if key not in caches.tensorizers:
+    if "default_groups" in spec:  # (version 4: the model's default targets, grouped by a rule)
+        key: tuple = ("default", spec["default_groups"]["by"], spec["default_groups"]["sha256"])
+        build = _rebuild_default
+    else:  # (versions 3 and 4 have version 2's slice maps)
+        key = (min(version, 2), json.dumps(spec["groups"], sort_keys=True))
         build = _rebuild_v1 if version == 1 else _rebuild
+    if key not in caches.tensorizers:
         caches.tensorizers[key] = build(model, spec, path, caches.matrices_of(spec["head"]))
     tensorizer = caches.tensorizers[key]
+    if version == 4:  # the packs split: the factors' shapes from the format and the slices, in the file's order
+        shapes = tensorizer.group_shapes()
+        tensors = unpack(spec, tensors, factor_shapes(fmt, {g: shapes[g] for g in spec.get("groups", shapes)}), path)
     if version == 1:
         head_parameters = list(spec["head_parameters"])
     else:
@@ -223,8 +255,8 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
     low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
-    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec["dropout"], list(spec["head"]),
-                      name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
+    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec.get("dropout", 0.0),
+                      list(spec["head"]), name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
                       bits=low_bit["factors"], group=low_bit["group"],
                       stable="base_rank" in spec, seed=spec.get("seed", 0))
     for group in adapter.group_names:
@@ -240,7 +272,7 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
 
 
 def _warn_mha_dropout(loaded: Sequence[_Loaded]) -> None:
-    if any(item.spec["dropout"] > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
+    if any(item.spec.get("dropout", 0.0) > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
            for item in loaded):
         warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                       "applied as a merged weight", stacklevel=3)
@@ -288,6 +320,25 @@ def _rebuild(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[s
             problem = _listing(wrong) if wrong else f"shape {shape}, not {entry['shape']}"
             raise FactnetError(f"{path}: the slice map of group {group!r} does not match this model's matrices "
                                f"({problem}); the file was not written by adapter.save() for this model")
+    return tensorizer
+
+
+def _rebuild_default(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
+    """Version 4, ``default_groups``: the model's default targets grouped by the spec's rule, checked against
+    the digest of the slice map they were saved with."""
+    rule = spec["default_groups"]
+    try:
+        tensorizer = Tensorizer(model).group(rule["by"])
+    except FactnetError as error:
+        raise FactnetError(f"{path}: its slices, this model's default targets grouped by {rule['by']}, cannot be "
+                           f"rebuilt on it ({error})") from None
+    digest = groups_digest(tensorizer.groups)
+    if digest != rule["sha256"]:
+        raise FactnetError(f"{path}: its slices are the default targets grouped by {rule['by']} of the model it was "
+                           f"saved from (slice map {rule['sha256']}), but on this model they give another slice map "
+                           f"({digest}: {', '.join(f'{g} {s}' for g, s in tensorizer.group_shapes().items())}); load "
+                           f"it onto the architecture it was saved from, with the factnet that saved it "
+                           f"({spec['factnet_version']}) or one whose default targets are the same")
     return tensorizer
 
 

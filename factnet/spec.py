@@ -1,22 +1,32 @@
 """The JSON spec an adapter file carries, and its checksum.
 
-The spec (``factnet_format_version`` 2) holds the format, rank, factor letters, scale, dropout, the
-head's module names, the storage ``dtype`` (``null``: as the adapter held them), a fingerprint of
-the base model (``base``: the first 16 hex digits of the SHA-256 of the sorted listing of every
-matrix outside the head, name, kind, ``d_out``, ``d_in``, and their count) and each group's slice
-map as module-name templates with numeric runs: ``{"shape": [144, 768, 768], "slices":
-["blocks.{0-11}.attn.qkv[0-2]", "blocks.{0-11}.attn.proj", ...]}`` (``[blocks]``: the blocks of a
-cut matrix; none: the whole matrix). `load` expands the
-templates, rebuilds the slices on the model (in the model's order, as `Tensorizer` makes them) and
-checks them against each group's shape; the head parameters are the file's ``head.*`` tensors.
-A ViT-B FacT-TT rank 8 file has a header under 1 KiB. Files of version 1 (the spec listed every
-matrix of the base model and every slice) still load, unchanged. A low-bit file (version 3) adds
-``bits``: ``{"factors": b | null, "head": b | null, "group": values per scale, "shapes": {tensor: shape}}``,
-and holds each low-bit tensor as ``<name>.codes`` (uint8), ``<name>.scale`` and, above 1 bit,
-``<name>.offset`` (float16) (`factnet.quant`). An adapter trained in the rank-stable parametrization
-(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (versions 2 and 3; absent: the paper's
-parametrization), so that a loaded adapter trains on as it was trained; the tensors are the values the
-increment uses.
+The spec (``factnet_format_version`` 4) holds the format, rank and factor letters (``"factors": "iab,ja,kb"``,
+the format's einsum operands), scale, dropout (absent: 0), the head's module names and, when the file holds the
+head, its parameters' shapes (``head_shapes``), a fingerprint of the base model (``base``: the first 16 hex
+digits of the SHA-256 of the sorted listing of every matrix outside the head, name, kind, ``d_out``, ``d_in``,
+and their count) and the slice map, one of:
+
+- ``default_groups``: ``{"by": "shape" | "stage", "sha256": 8 hex digits}``, the adapter's slices being the
+  model's default targets grouped that way (what `Tensorizer(model).group(by)` gives): nothing about them is
+  written, `load` rebuilds them on the model and checks them against the digest of their slice map;
+- ``groups``: each group's slice map as module-name templates with numeric runs, as in version 2:
+  ``{"shape": [144, 768, 768], "slices": ["blocks.{0-11}.attn.qkv[0-2]", "blocks.{0-11}.attn.proj", ...]}``
+  (``[blocks]``: the blocks of a cut matrix; none: the whole matrix).
+
+``dtype`` names the storage dtype values were cast to (`load` casts them back); without it the values are
+as the adapter held them, and ``held`` says in which dtype: one name for every value, or
+``{"factors": dtype, head parameter: dtype, ...}`` where they differ. A low-bit file adds ``bits``:
+``{"factors": b | null, "head": b | null, "group": values per scale}`` (the tensors' shapes follow from the
+format, the slices and ``head_shapes``). An adapter trained in the rank-stable parametrization
+(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (absent: the paper's parametrization), one
+with seeded factors ``seed``. With the tensors packed (`factnet.files`), a file of the default targets has a
+header (spec included) of 500 to 700 bytes on any model; a listed slice map adds its templates.
+
+Older versions still load, unchanged: version 1 listed every matrix of the base model and every slice;
+version 2 wrote the ``groups`` templates always, ``dtype`` null for as held, the factor letters as a dict and
+one safetensors tensor per factor and head parameter; version 3 (low-bit) added ``bits`` with every low-bit
+tensor's shape (``"shapes": {tensor: shape}``), each stored as ``<name>.codes`` (uint8), ``<name>.scale`` and,
+above 1 bit, ``<name>.offset`` (float16) (`factnet.quant`).
 """
 
 from __future__ import annotations
@@ -34,15 +44,17 @@ import torch
 from torch import Tensor, nn
 
 from factnet.errors import FactnetError
-from factnet.slices import Slice, find_matrices
+from factnet.grouping import make_groups
+from factnet.slices import Slice, default_slices, find_matrices
 from factnet.version import __version__
 
 if TYPE_CHECKING:
     from factnet.adapter import Adapter
 
-__all__ = ["CHECKSUM_KEY", "FORMAT_VERSION", "SPEC_KEY", "STORAGE_DTYPES"]
+__all__ = ["CHECKSUM_KEY", "DEFAULT_RULES", "FORMAT_VERSION", "SPEC_KEY", "STORAGE_DTYPES", "group_templates",
+           "groups_digest"]
 
-FORMAT_VERSION = 3  # the newest version read; files are written as version 2 unless low-bit (version 3)
+FORMAT_VERSION = 4  # the version written, and the newest read
 SPEC_KEY = "factnet"
 CHECKSUM_KEY = "factnet.sha256"
 FINGERPRINT_DIGITS = 16  # hex digits of the base model's SHA-256 kept in the spec (64 bits)
@@ -74,7 +86,18 @@ _SPEC_LAYOUTS[2]["base_rank"] = _Optional(int)  # the rank-stable parametrizatio
 _SPEC_LAYOUTS[2]["seed"] = _Optional(int)  # seeded factors (`Format.seeded`): group number g's are drawn from seed + g
 _SPEC_LAYOUTS[3] = {**_SPEC_LAYOUTS[2], "bits": {"factors": (int, type(None)), "head": (int, type(None)), "group": int,
                                                  "shapes": {str: [int]}}}
+_SPEC_LAYOUTS[4] = {
+    "factnet_format_version": int, "factnet_version": str, "format": str, "rank": int, "factors": str,
+    "scale": float, "dropout": _Optional(float), "dtype": _Optional(str), "held": _Optional((str, {str: str})),
+    "head": [str], "head_shapes": _Optional({str: [int]}), "base": {"sha256": str, "matrices": int},
+    "groups": _Optional({str: {"shape": [int], "slices": [str]}}),
+    "default_groups": _Optional({"by": str, "sha256": str}),
+    "bits": _Optional({"factors": (int, type(None)), "head": (int, type(None)), "group": int}),
+    "base_rank": _Optional(int), "seed": _Optional(int),
+}
 _MAX_QUANTIZED = 1 << 40  # values of one low-bit tensor a spec may claim (its codes must hold them too)
+DEFAULT_RULES = ("shape", "stage")  # groupings of the default targets a version-4 spec names instead of listing
+GROUPS_DIGITS = 8  # hex digits of the slice map's SHA-256 kept with ``default_groups``
 
 
 # ---- the spec --------------------------------------------------------------------------------
@@ -225,22 +248,60 @@ def _parse_template(text: str) -> _Template | None:
     return None if runs is None else _Template(tuple(segments), tuple(runs))
 
 
-def _spec(adapter: Adapter, dtype: torch.dtype | None, bits: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The spec of ``adapter`` saved with storage ``dtype`` and, for a low-bit file (version 3), ``bits``:
-    ``{"factors": b | None, "head": b | None, "group": values per scale, "shapes": {tensor: shape}}``."""
+def group_templates(groups: Mapping[str, Sequence[Slice]]) -> dict[str, dict[str, Any]]:
+    """The slice map of ``groups`` as the spec writes it: ``{group: {"shape": [n, d_in, d_out], "slices":
+    [template, ...]}}``."""
+    return {name: {"shape": [len(members), members[0].d_in, members[0].d_out], "slices": _templates(members)}
+            for name, members in groups.items()}
+
+
+def groups_digest(groups: Mapping[str, Sequence[Slice]]) -> str:
+    """The first `GROUPS_DIGITS` hex digits of the SHA-256 of `group_templates` as compact JSON (groups in order):
+    what a ``default_groups`` spec checks the slices rebuilt on a model against."""
+    text = json.dumps(group_templates(groups), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:GROUPS_DIGITS]
+
+
+def _default_rule(model: nn.Module, groups: Mapping[str, Sequence[Slice]]) -> str | None:
+    """The rule of `DEFAULT_RULES` by which ``model``'s default targets give exactly ``groups`` (names, slices,
+    order), or None."""
+    try:
+        targets = default_slices(model, find_matrices(model))
+    except FactnetError:
+        return None
+    wanted = [(name, tuple(members)) for name, members in groups.items()]
+    for rule in DEFAULT_RULES:
+        try:
+            if list(make_groups(targets, rule).items()) == wanted:
+                return rule
+        except FactnetError:  # (a slice without a stage index)
+            continue
+    return None
+
+
+def _spec(adapter: Adapter, dtype: torch.dtype | None, held: str | dict[str, str] | None = None,
+          head_shapes: Mapping[str, Sequence[int]] | None = None, bits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The version-4 spec of ``adapter`` saved with storage ``dtype`` (None: as ``held``, the dtype of every
+    value or ``{"factors" | head parameter: dtype}``), the head's parameters of ``head_shapes`` (None: without
+    the head) and, for a low-bit file, ``bits``: ``{"factors": b | None, "head": b | None, "group": values per
+    scale}``."""
     fmt, settings = adapter.format, adapter.settings
     groups = {name: adapter.group(name).slices for name in adapter.group_names}
-    return {
-        "factnet_format_version": 2 if bits is None else 3, "factnet_version": __version__,
-        "format": fmt.name, "rank": fmt.rank, "factors": dict(fmt.factors),
-        "scale": settings.scale, "dropout": settings.dropout,
-        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-        "head": list(adapter.head),
-        "base": _base(_matrices(adapter.model, adapter.head)),
-        "groups": {name: {"shape": [len(members), members[0].d_in, members[0].d_out],
-                          "slices": _templates(members)} for name, members in groups.items()},
-    } | ({} if bits is None else {"bits": bits}) | ({"base_rank": 1} if settings.stable else {}) \
-        | ({"seed": adapter.seed} if fmt.seeded else {})
+    rule = _default_rule(adapter.model, groups)
+    spec: dict[str, Any] = {
+        "factnet_format_version": FORMAT_VERSION, "factnet_version": __version__,
+        "format": fmt.name, "rank": fmt.rank, "factors": ",".join(fmt.factors.values()), "scale": settings.scale,
+    }
+    spec |= {"dropout": settings.dropout} if settings.dropout else {}
+    spec |= {"held": held} if dtype is None and held is not None else {}
+    spec |= {} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")}
+    spec |= {"head": list(adapter.head)}
+    spec |= {"head_shapes": {name: list(shape) for name, shape in head_shapes.items()}} if head_shapes else {}
+    spec |= {"base": _base(_matrices(adapter.model, adapter.head))}
+    spec |= {"groups": group_templates(groups)} if rule is None else {
+        "default_groups": {"by": rule, "sha256": groups_digest(groups)}}
+    spec |= {} if bits is None else {"bits": bits}
+    return spec | ({"base_rank": 1} if settings.stable else {}) | ({"seed": adapter.seed} if fmt.seeded else {})
 
 
 def _fits(value: Any, layout: Any) -> bool:
@@ -280,7 +341,7 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
         raise FactnetError(f"{path} has factnet_format_version {version}, but this factnet reads versions "
                            f"1 to {FORMAT_VERSION}; upgrade factnet to load it")
     layout = _SPEC_LAYOUTS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
-    if layout is None or not _fits(spec, layout) or not spec["groups"]:
+    if layout is None or not _fits(spec, layout) or not spec.get("groups", version == 4 and "default_groups" in spec):
         raise FactnetError(f"{path} has a malformed factnet spec (expected the JSON layout of factnet_format_version "
                            f"1 to {FORMAT_VERSION} with at least one group); it was not written by adapter.save()")
     if version == 1:
@@ -290,12 +351,12 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
         return spec
     if spec.get("base_rank", 1) != 1:
         raise _malformed(path, f"its base_rank is {spec['base_rank']!r}; the rank-stable parametrization's is 1")
-    if spec["dtype"] is not None and spec["dtype"] not in STORAGE_DTYPES:
+    if spec.get("dtype") is not None and spec["dtype"] not in STORAGE_DTYPES:
         raise _malformed(path, f"storage dtype {spec['dtype']!r} is not one of {list(STORAGE_DTYPES)}")
     if not re.fullmatch(f"[0-9a-f]{{{FINGERPRINT_DIGITS}}}", spec["base"]["sha256"]):
         raise _malformed(path, f"the base model's fingerprint {spec['base']['sha256']!r} is not "
                                f"{FINGERPRINT_DIGITS} hex digits")
-    for name, group in spec["groups"].items():
+    for name, group in spec.get("groups", {}).items():
         shape = group["shape"]
         if len(shape) != 3 or min(shape) < 1:
             raise _malformed(path, f"group {name!r} has shape {shape}, not [n, d_in, d_out] of positive sizes")
@@ -310,7 +371,43 @@ def _parse_spec(text: str, path: str) -> dict[str, Any]:
                                    f"{shape} has {shape[0]}")
     if version == 3:
         _check_bits(spec["bits"], path)
+    if version == 4:
+        _check_v4(spec, path)
     return spec
+
+
+def _check_v4(spec: dict[str, Any], path: str) -> None:
+    """What a version-4 spec adds to version 2's: one slice map, the head's shapes, the dtypes and the bits."""
+    if "groups" in spec and "default_groups" in spec:
+        raise _malformed(path, "it has both groups and default_groups (one slice map)")
+    rule = spec.get("default_groups")
+    if rule is not None and rule["by"] not in DEFAULT_RULES:
+        raise _malformed(path, f"its default groups are by {rule['by']!r}, not one of {list(DEFAULT_RULES)}")
+    if rule is not None and not re.fullmatch(f"[0-9a-f]{{{GROUPS_DIGITS}}}", rule["sha256"]):
+        raise _malformed(path, f"its slice map's digest {rule['sha256']!r} is not {GROUPS_DIGITS} hex digits")
+    head = spec.get("head_shapes", {})
+    for name, shape in head.items():
+        if not name or len(shape) > 8 or min(shape, default=1) < 1 or math.prod(shape) > _MAX_QUANTIZED:
+            raise _malformed(path, f"head parameter {name!r} has shape {shape}, not up to 8 positive sizes of at "
+                                   f"most {_MAX_QUANTIZED} values")
+    if "dtype" in spec and "held" in spec:
+        raise _malformed(path, "it has both a storage dtype and the dtypes values were held in")
+    held = spec.get("held", {})
+    for key, dtype in (held.items() if isinstance(held, dict) else [(None, held)]):
+        if dtype not in STORAGE_DTYPES or key not in (None, "factors", *head):
+            raise _malformed(path, f"it says values {key or 'all'} were held in {dtype!r} (expected 'factors' or a "
+                                   f"head parameter, and one of {list(STORAGE_DTYPES)})")
+    bits = spec.get("bits")
+    if bits is not None:
+        from factnet.quant import BITS
+
+        for kind in ("factors", "head"):
+            if bits[kind] is not None and bits[kind] not in BITS:
+                raise _malformed(path, f"its {kind} are stored in {bits[kind]!r} bits, not one of {BITS}")
+        if bits["group"] < 1:
+            raise _malformed(path, f"its low-bit group size {bits['group']} is not positive")
+        if bits["factors"] is None and (bits["head"] is None or not head):
+            raise _malformed(path, "its bits store nothing low-bit (no factors, and no head held in the file)")
 
 
 def _check_bits(bits: dict[str, Any], path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pathlib
 import struct
@@ -21,6 +22,7 @@ from torch import nn
 import factnet
 import factnet.files
 import factnet.io
+import factnet.quant
 import factnet.spec
 
 FORMATS = factnet.available_formats()
@@ -60,10 +62,46 @@ def read_header(path: os.PathLike) -> tuple[int, dict]:
     return length, json.loads(raw[8:8 + length])
 
 
-def rewrite_spec(path: os.PathLike, edit, rename: dict | None = None) -> None:
-    """Edit the spec JSON of an adapter file (and ``rename`` tensors) and write it back with a matching
-    checksum (a crafted file)."""
+def split_packs(path: os.PathLike, adapter: factnet.Adapter) -> dict[str, torch.Tensor]:
+    """The tensors of a version-4 file of ``adapter``, split by hand from its packs (safetensors, the order
+    docs/files.md gives and `factnet.quant` only): ``{"factors.<group>.<factor>" | "head.<name>": values}``,
+    low-bit ones as float32 values. Every value of every pack is used once."""
+    _, header = read_header(path)
+    spec = json.loads(header["__metadata__"]["factnet"])
+    packs = safetensors.torch.load_file(str(path))
+    fmt, bits, held = adapter.format, spec.get("bits") or {}, spec.get("held")
+    order = [(f"factors.{g}.{k}", shape) for g in adapter.group_names
+             for k, shape in fmt.shapes(*adapter.group_shapes()[g]).items() if k not in fmt.seeded]
+    order += [(f"head.{n}", tuple(shape)) for n, shape in spec.get("head_shapes", {}).items()]
+    used = dict.fromkeys(packs, 0)
+
+    def take(pack: str, count: int) -> torch.Tensor:
+        used[pack] += count
+        return packs[pack][used[pack] - count:used[pack]]
+
+    found = {}
+    for key, shape in order:
+        kind, count = key.partition(".")[0], math.prod(shape)
+        width = bits.get(kind)
+        if width is None:
+            dtype = spec.get("dtype") or (held if isinstance(held, str) else held[
+                "factors" if kind == "factors" else key[len("head."):]])
+            found[key] = take(dtype, count).reshape(shape)
+            continue
+        codes, groups = take("uint8", -(-count * width // 8)), -(-count // bits["group"])
+        scale, offset = take("float16", groups), take("float16", groups) if width > 1 else None
+        found[key] = factnet.quant.dequantize(factnet.quant.Quantized(codes, scale, offset, shape, width,
+                                                                      bits["group"]))
+    assert used == {pack: value.numel() for pack, value in packs.items()}
+    return found
+
+
+def rewrite_spec(path: os.PathLike, edit, rename: dict | None = None, edit_tensors=None) -> None:
+    """Edit the spec JSON of an adapter file (and ``rename`` tensors, or ``edit_tensors(tensors)`` in place) and
+    write it back with a matching checksum (a crafted file)."""
     tensors = {(rename or {}).get(k, k): v for k, v in safetensors.torch.load_file(str(path)).items()}
+    if edit_tensors is not None:
+        edit_tensors(tensors)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
     edit(spec)

@@ -9,6 +9,7 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import (
     TinyGPT2,
@@ -56,28 +57,46 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     adapter.save(path)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
-    assert spec["factnet_format_version"] == 2 and factnet.io.FORMAT_VERSION == 3  # (3: low-bit files)
-    assert (spec["format"], spec["rank"], spec["scale"], spec["dropout"]) == ("tt", 3, 10.0, 0.1)
-    assert spec["head"] == ["head"] and spec["dtype"] is None
+    assert spec["factnet_format_version"] == factnet.io.FORMAT_VERSION == 4
+    assert (spec["format"], spec["rank"], spec["factors"], spec["scale"], spec["dropout"]) == (
+        "tt", 3, "iab,ja,kb", 10.0, 0.1)
+    assert spec["head"] == ["head"] and spec["held"] == "float32" and "dtype" not in spec
+    assert spec["head_shapes"] == {"head.weight": [5, 48], "head.bias": [5]}
     # the base model: a fingerprint of every nn.Linear outside the head, with its weight's shape (d_out, d_in),
     # read from the modules themselves, sorted by name, and their count
     linears = {n: m.weight.shape for n, m in tiny_vit().named_modules() if isinstance(m, nn.Linear) and n != "head"}
     listing = "".join(f"{n}\tlinear\t{shape[0]}\t{shape[1]}\n" for n, shape in sorted(linears.items()))
     digest = hashlib.sha256(f"{len(linears)}\n{listing}".encode()).hexdigest()
     assert spec["base"] == {"sha256": digest[:16], "matrices": 8}
-    (name, group), = spec["groups"].items()
-    assert group["shape"] == [2 * 12, 48, 48]  # q, k, v, proj, 4 fc1 blocks, 4 fc2 blocks per layer
-    # module-name templates with numeric runs: fused qkv and fc1 cut along d_out, fc2 along d_in, proj whole
-    assert group["slices"] == ["blocks.{0-1}.attn.qkv[0-2]", "blocks.{0-1}.attn.proj", "blocks.{0-1}.mlp.fc1[0-3]",
-                               "blocks.{0-1}.mlp.fc2[0-3]"]
-    assert [s.qualified_name for s in adapter.group(name).slices][:5] == [
+    # the default targets grouped by shape: not listed, the SHA-256 of their templates kept to check them
+    (name, members), = ((g, adapter.group(g).slices) for g in adapter.group_names)
+    templates = factnet.spec.group_templates({name: members})
+    assert templates == {name: {"shape": [2 * 12, 48, 48], "slices": [  # q, k, v, proj, 4 fc1, 4 fc2 per layer
+        "blocks.{0-1}.attn.qkv[0-2]", "blocks.{0-1}.attn.proj", "blocks.{0-1}.mlp.fc1[0-3]",
+        "blocks.{0-1}.mlp.fc2[0-3]"]}}  # fused qkv and fc1 cut along d_out, fc2 along d_in, proj whole
+    text = json.dumps(templates, separators=(",", ":"))
+    assert spec["default_groups"] == {"by": "shape", "sha256": hashlib.sha256(text.encode()).hexdigest()[:8]}
+    assert "groups" not in spec and "base_rank" not in spec  # (scale=: the paper's parametrization)
+    assert [s.qualified_name for s in members][:5] == [
         "blocks.0.attn.qkv[q]", "blocks.0.attn.qkv[k]", "blocks.0.attn.qkv[v]", "blocks.0.attn.proj",
         "blocks.0.mlp.fc1[0]"]
-    # the tensors: one per factor and head parameter, float32, as the adapter holds them
-    assert set(header) - {"__metadata__"} == {f"factors.{name}.{f}" for f in ("sigma", "u", "v")} | {
-        "head.head.weight", "head.head.bias"}
-    assert header[f"factors.{name}.sigma"]["dtype"] == "F32"
-    assert header[f"factors.{name}.sigma"]["shape"] == [24, 3, 3]
+    # the tensors: one pack per dtype, the factors in the format's order, then the head
+    assert set(header) - {"__metadata__"} == {"float32"}
+    assert header["float32"]["dtype"] == "F32"
+    assert header["float32"]["shape"] == [adapter.num_parameters() + adapter.num_head_parameters()]
+    pack = safetensors.torch.load_file(str(path))["float32"]
+    values = [adapter.group(name).factors[f] for f in ("sigma", "u", "v")] + [model.head.weight, model.head.bias]
+    assert torch.equal(pack, torch.cat([v.detach().reshape(-1) for v in values]))
+
+
+def test_custom_slices_list_their_templates(tmp_path):
+    """Slices other than the default targets' (here q and v of the fused qkv) are listed as templates."""
+    torch.manual_seed(0)
+    adapter = factnet.Tensorizer(tiny_vit(), ["blocks.*.attn.qkv[q,v]"]).decompose("tt", rank=2)
+    adapter.save(tmp_path / "a.safetensors", include_head=False)
+    spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    assert spec["groups"] == {"48x48": {"shape": [4, 48, 48], "slices": ["blocks.{0-1}.attn.qkv[0,2]"]}}
+    assert "default_groups" not in spec and "head_shapes" not in spec
 
 
 def test_round_trip_swin_grouped_by_stage(tmp_path):

@@ -31,6 +31,8 @@ from io_support import (
     train,
 )
 
+from legacy_files import save_legacy
+
 import factnet
 import factnet.files
 import factnet.io
@@ -200,19 +202,40 @@ def test_missing_file_and_directory(saved, tmp_path):
     (dict(), dict(embed_dim=60), "blocks.0.attn.qkv: saved blocks 0-2 of 48x48, model has linear 180x60"),
     (dict(mlp_ratio=4.0), dict(mlp_ratio=2.0), "blocks.0.mlp.fc1: saved blocks 0-3 of 48x48, model has linear 96x48"),
 ], ids=["deeper", "shallower", "wider", "narrower-mlp"])
-def test_wrong_model_lists_the_first_mismatches(tmp_path, saved_on, loaded_on, named):
-    """A version-2 file keeps the base model's fingerprint and count: the message gives both, and which of the
-    matrices the file adapts (its slice map) the model lacks or has of another shape."""
+@pytest.mark.parametrize("version", [2, 4])
+def test_wrong_model_lists_the_first_mismatches(tmp_path, saved_on, loaded_on, named, version):
+    """A file keeps the base model's fingerprint and count: the message gives both, and which of the matrices
+    the file adapts (its slice map: version 2's, or version 4's when it lists one) the model lacks or has of
+    another shape."""
     torch.manual_seed(0)
-    adapter = factnet.Tensorizer(tiny_vit(**saved_on)).decompose("tt", rank=2)
+    tensorizer = factnet.Tensorizer(tiny_vit(**saved_on))
     path = tmp_path / "a.safetensors"
-    adapter.save(path)
+    if version == 2:
+        save_legacy(tensorizer.decompose("tt", rank=2), path)
+    else:  # (the default targets, in a group of another name than by shape: listed)
+        tensorizer.group({"all": "*"}).decompose("tt", rank=2).save(path)
+        assert list(factnet.io.load_spec(path)["groups"]) == ["all"]
     fingerprints = {"saved": factnet.io.load_spec(path)["base"]["sha256"],
                     "model": factnet.spec._fingerprint(factnet.spec._matrices(tiny_vit(**loaded_on), ["head"]))}
     message = rejected(tiny_vit(**loaded_on), path, "does not fit this model")
     assert named.format(**fingerprints) in message and "same depth, width and module names" in message
     if "embed_dim" in loaded_on:
         assert "8 differ" in message and "and 3 more" in message  # 8 matrices differ, 5 listed
+
+
+@pytest.mark.parametrize("saved_on, loaded_on", [(dict(depth=2), dict(depth=3)), (dict(), dict(embed_dim=60))])
+def test_wrong_model_of_a_file_of_the_default_targets(tmp_path, saved_on, loaded_on):
+    """A version-4 file of the default targets grouped by shape lists no matrix: the message gives the counts
+    and fingerprints, and says which slices the file adapts."""
+    torch.manual_seed(0)
+    path = tmp_path / "a.safetensors"
+    factnet.Tensorizer(tiny_vit(**saved_on)).decompose("tt", rank=2).save(path)
+    saved = factnet.io.load_spec(path)["base"]
+    model = factnet.spec._fingerprint(factnet.spec._matrices(tiny_vit(**loaded_on), ["head"]))
+    message = rejected(tiny_vit(**loaded_on), path, "does not fit this model")
+    assert (f"it was saved from a base model with 8 matrices outside the head (fingerprint {saved['sha256']}), this "
+            f"model has {12 if 'depth' in loaded_on else 8} (fingerprint {model}); it adapts that model's default "
+            "targets (grouped by shape); load it onto the architecture it was saved from") in message
 
 
 def test_wrong_head_size_with_head(tmp_path):
@@ -233,9 +256,21 @@ def test_not_a_module(saved):
         factnet.load({"weight": torch.ones(1)}, path)
 
 
-# ---- crafted specs (valid checksum) ----------------------------------------------------------------------
+# ---- crafted version-2 specs (valid checksum; version 4's: tests/test_io_v4.py) -----------------------------
+@pytest.fixture
+def saved_v2(tmp_path):
+    """A trained TinyNet adapter saved as a version-2 file (tests/legacy_files.py): ``(base, path)``."""
+    torch.manual_seed(0)
+    base = TinyNet(d=4)
+    adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
+    train(adapter)
+    path = tmp_path / "v2.safetensors"
+    save_legacy(adapter, path)
+    return base, path
+
+
 @pytest.mark.parametrize("edit, match", [
-    (lambda s: s.update(factnet_format_version=4), "factnet_format_version 4.*upgrade factnet"),
+    (lambda s: s.update(factnet_format_version=5), "factnet_format_version 5.*upgrade factnet"),
     (lambda s: s.update(factnet_format_version="2"), "malformed factnet spec"),
     (lambda s: s.update(factnet_format_version=1), "malformed factnet spec"),
     (lambda s: s.update(format="block-term"), "'block-term' is not registered"),
@@ -254,8 +289,8 @@ def test_not_a_module(saved):
 ], ids=["newer-version", "version-type", "version-1-layout", "unknown-format", "factor-letters", "rank-0", "rank-5",
         "nan-scale", "no-groups", "empty-groups", "dropout", "cut", "block", "unlisted-module", "count",
         "extra-key"])
-def test_crafted_spec(saved, edit, match):
-    base, path, *_ = saved
+def test_crafted_spec(saved_v2, edit, match):
+    base, path = saved_v2
     assert factnet.io.load_spec(path)["groups"]["4x4"]["slices"] == ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]
     rewrite_spec(path, edit)
     rejected(copy.deepcopy(base), path, match)
@@ -265,9 +300,9 @@ def _slices(spec: dict) -> list:
     return next(iter(spec["groups"].values()))["slices"]
 
 
-def test_crafted_backbone_as_head(saved):
+def test_crafted_backbone_as_head(saved_v2):
     """The head parameters are the file's head.* tensors: one named for a backbone parameter is rejected."""
-    base, path, *_ = saved
+    base, path = saved_v2
     rewrite_spec(path, lambda s: None, rename={"head.head.weight": "head.qkv.weight"})
     message = rejected(copy.deepcopy(base), path, "the model's head")
     assert "['head.bias', 'head.weight'], but" in message and "['head.bias', 'qkv.weight']" in message

@@ -12,7 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import TinyNet, snapshot, tiny_swin, tiny_vit
-from io_support import factors_of, head_parameters, read_header, rejected, rewrite_spec, train
+from legacy_files import save_legacy
+from io_support import factors_of, head_parameters, read_header, rejected, rewrite_spec, split_packs, train
 from v1_fixture import DATA, FILES, build_model
 
 import factnet
@@ -83,7 +84,7 @@ def test_storage_dtype(trained, tmp_path, dtype, code, itemsize):
     assert os.path.getsize(path) == 8 + length + itemsize * parameters
     assert {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} == {code}
     assert factnet.io.load_spec(path)["dtype"] == str(dtype).removeprefix("torch.")
-    stored = safetensors.torch.load_file(str(path))
+    stored = split_packs(path, adapter)
     fresh = copy.deepcopy(base)
     loaded = factnet.load(fresh, path)
     # the loaded values are the stored ones cast to float32 (exact upcasts for bf16/fp16), and those are the
@@ -101,7 +102,7 @@ def test_bf16_file_onto_a_float64_model(trained, tmp_path):
     """A file with a storage dtype is cast to the model's factor dtype, whatever it is."""
     base, _, adapter = trained
     adapter.save(tmp_path / "a.safetensors", dtype=torch.bfloat16)
-    stored = safetensors.torch.load_file(str(tmp_path / "a.safetensors"))
+    stored = split_packs(tmp_path / "a.safetensors", adapter)
     loaded = factnet.load(copy.deepcopy(base).double(), tmp_path / "a.safetensors")
     for (group, key), value in factors_of(loaded).items():
         assert value.dtype == torch.float64 and torch.equal(value, stored[f"factors.{group}.{key}"].double())
@@ -159,6 +160,10 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
         rng.choice(["stage", "shape"])).decompose("cp", rank=2)
     adapter.save(tmp_path / "a.safetensors")
     spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    if "default_groups" in spec:  # (every default target chosen: the slice map is not written, its digest is)
+        spec["groups"] = factnet.spec.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
+        assert spec["default_groups"]["sha256"] == factnet.spec.groups_digest(
+            {g: adapter.group(g).slices for g in adapter.group_names})
     assert _expanded(spec) == {g: {(p.module, p.index) for p in adapter.group(g).slices} for g in adapter.group_names}
     for group, entry in spec["groups"].items():  # whole matrices have no brackets, cut ones do
         sides = {p.module: p.side for p in adapter.group(group).slices}
@@ -172,11 +177,11 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
 
 def test_templates_of_the_swin_stages():
     adapter = factnet.Tensorizer(tiny_swin()).group("shape").decompose("tt", rank=2)
-    spec = factnet.spec._spec(adapter, None)
-    assert spec["groups"]["24x24"]["slices"] == [
+    groups = factnet.spec.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
+    assert groups["24x24"]["slices"] == [
         "layers.0.blocks.{0-1}.attn.qkv[0-2]", "layers.0.blocks.{0-1}.attn.proj", "layers.0.blocks.{0-1}.mlp.fc1[0-3]",
         "layers.0.blocks.{0-1}.mlp.fc2[0-3]"]
-    assert spec["groups"]["48x48"]["shape"] == [24, 48, 48]
+    assert groups["48x48"]["shape"] == [24, 48, 48]
 
 
 def test_runs():
@@ -189,12 +194,13 @@ def test_runs():
 # ---- crafted version-2 specs (valid checksum) -------------------------------------------------------------
 @pytest.fixture
 def saved(tmp_path):
+    """A version-2 file (tests/legacy_files.py) of a trained TinyNet adapter."""
     torch.manual_seed(0)
     base = TinyNet(d=4)
     adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
     train(adapter)
     path = tmp_path / "adapter.safetensors"
-    adapter.save(path)
+    save_legacy(adapter, path)
     assert factnet.io.load_spec(path)["groups"] == {
         "4x4": {"shape": [12, 4, 4], "slices": ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]}}
     return base, path

@@ -80,7 +80,7 @@ def test_names_and_a_model_with_adapters(files):
 def test_base_checked_once_per_fingerprint_and_slices_once_per_map(files, monkeypatch):
     base, paths = files
     calls = {"base": 0, "rebuild": 0}
-    for name, key in (("_check_base", "base"), ("_rebuild", "rebuild")):
+    for name, key in (("_check_base", "base"), ("_rebuild", "rebuild"), ("_rebuild_default", "rebuild")):
         original = getattr(factnet.io, name)
 
         def counted(*args, _original=original, _key=key):

@@ -276,11 +276,11 @@ BAD: list[Bad] = [
     Bad("load-onto-a-non-module", "tiny", lambda e: (lambda p: lambda: factnet.load({"x": 1}, p))(e.saved()),
         "needs a torch.nn.Module"),
     Bad("load-onto-a-deeper-model", "vit-deep", lambda e: (lambda p: lambda: factnet.load(e.model, p))(
-        e.saved(tiny_vit)), "blocks.2.attn.qkv: linear 144x48"),
+        e.saved(tiny_vit)), "with 8 matrices outside the head .*this model has 12 .*default targets"),
     Bad("load-onto-a-shallower-model", "vit", lambda e: (lambda p: lambda: factnet.load(e.model, p))(
-        e.saved(lambda: tiny_vit(depth=3))), "blocks.2.attn.qkv: saved blocks 0-2 of 48x48, model has missing"),
+        e.saved(lambda: tiny_vit(depth=3))), "with 12 matrices outside the head .*this model has 8 "),
     Bad("load-onto-a-wider-model", "vit", lambda e: (lambda p: lambda: factnet.load(e.model, p))(
-        e.saved(lambda: tiny_vit(embed_dim=60))), "blocks.0.attn.qkv: saved blocks 0-2 of 60x60, model has linear 144x48"),
+        e.saved(lambda: tiny_vit(embed_dim=60))), r"with 8 matrices .*fingerprint [0-9a-f]{16}\), this model has 8"),
     Bad("load-onto-another-architecture", "tiny", lambda e: (lambda p: lambda: factnet.load(e.model, p))(
         e.saved(tiny_vit)), "does not fit this model"),
     Bad("load-onto-another-head-size", "vit", lambda e: (lambda p: lambda: factnet.load(e.model, p))(

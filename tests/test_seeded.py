@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 from conftest import randomize_factors, tiny_vit
 from io_support import rejected, rewrite_spec
+from legacy_files import save_legacy
 from test_export import check_against_peft
 
 import factnet
@@ -128,12 +129,16 @@ def test_seeded_factor_given_values_is_an_error(fmt, tmp_path):
     with pytest.raises(factnet.FactnetError, match="seeded"):
         adapter.group(group).assign({name: _seeded(adapter)[f"{group}.{name}"]})
     path = tmp_path / "a.safetensors"
-    adapter.save(path)
+    save_legacy(adapter, path)  # version 2: one tensor per factor
     shape = adapter.group(group).seeded.get_buffer(name).shape
     tensors = safetensors.torch.load_file(str(path)) | {f"factors.{group}.{name}": torch.zeros(shape, dtype=torch.float64)}
     safetensors.torch.save_file(tensors, str(path), metadata=safetensors.safe_open(str(path), "pt").metadata())
     rewrite_spec(path, lambda spec: spec)  # a matching checksum: the file is crafted, not damaged
     rejected(copy.deepcopy(base), path, "seeded factors")
+    adapter.save(path)  # version 4: the seeded values appended to the pack are values no factor takes
+    seeded = torch.zeros(shape, dtype=torch.float64).reshape(-1)
+    rewrite_spec(path, lambda spec: spec, edit_tensors=lambda t: t.update(float64=torch.cat([t["float64"], seeded])))
+    rejected(copy.deepcopy(base), path, "float64: needs .*, holds")
 
 
 @pytest.mark.parametrize("bits", [1, 4, 8])
@@ -143,7 +148,12 @@ def test_low_bit_files_with_seeded_factors(fmt, bits, tmp_path):
     path = tmp_path / "a.safetensors"
     adapter.save(path, bits=bits, group=16)
     loaded = factnet.load(copy.deepcopy(base), path)
-    assert not any(k.split(".")[2] in ("A", "B", "u", "v") for k in safetensors.torch.load_file(str(path)))
+    packs = safetensors.torch.load_file(str(path))  # the trained factors only: no seeded values stored
+    trained = [t.numel() for g in adapter.group_names for t in adapter.group(g).trained_values().values()]
+    assert {k: v.numel() for k, v in packs.items()} == {
+        "uint8": sum(-(-n * bits // 8) for n in trained), "float16": sum((1 if bits == 1 else 2) * -(-n // 16)
+                                                                        for n in trained),
+        "float64": adapter.num_head_parameters()}  # (the head, as held)
     for g in adapter.group_names:
         assert all(torch.equal(v, _seeded(adapter)[f"{g}.{k}"]) for k, v in loaded.group(g).seeded.named_buffers())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

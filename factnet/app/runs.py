@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import factnet
 from factnet import FactnetError, Tensorizer, get_format
 from factnet.app.data import image_transform, load_task, make_loader
 from factnet.app.presets import get_preset
@@ -182,20 +183,12 @@ def _checkpoint_classes(name: str, checkpoint: Path) -> int | None:
 
 
 def adapter_classes(path: Path, model: str) -> int | None:
-    """Output count of the head saved in adapter file ``path`` (tensors ``head.<parameter>``) for
+    """Output count of the head saved in adapter file ``path`` (`factnet.file_info`'s head shapes) for
     timm model ``model``; None when the file has no head or it cannot be told apart."""
-    shapes = {key: shape for key, shape in _safetensors_shapes(path).items() if key.startswith("head.")}
-    named = [f"head.{key}" for key in _classifier_weights(model) if f"head.{key}" in shapes]
+    shapes = factnet.file_info(path).head_shapes
+    named = [key for key in _classifier_weights(model) if key in shapes]
     weights = [shapes[named[-1]]] if named else [shape for shape in shapes.values() if len(shape) >= 2]
     return weights[0][0] if len(weights) == 1 else None
-
-
-def _head_bytes(path: Path) -> int:
-    """Bytes of the head's tensors (``head.*``, low-bit codes and constants included) in adapter file ``path``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as reader:
-        return sum(reader.get_tensor(key).nbytes for key in reader.keys() if key.startswith("head."))
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -236,18 +229,20 @@ def train_setting(settings: RunSettings, split: str, out_dir: Path, *, resume: b
     path = out_dir / ADAPTER_FILE
     return SettingResult(settings.rank, settings.scale, adapter.num_parameters(), adapter.num_head_parameters(),
                          path.stat().st_size, history[-1].eval_acc, task.evaluation_split,
-                         sum(m.seconds for m in history), path, _head_bytes(path))
+                         sum(m.seconds for m in history), path, factnet.file_info(path).head_bytes)
 
 
-def _finished_setting(settings: RunSettings, out_dir: Path) -> SettingResult:
-    """The result of a setting trained to the end by an earlier (interrupted) sweep."""
+def _finished_setting(settings: RunSettings, out_dir: Path, base: nn.Module) -> SettingResult:
+    """The result of a setting trained to the end by an earlier (interrupted) sweep: its parameters counted on
+    ``base`` (as `train_setting`'s adapter has them), its head and bytes read from its file."""
     path = out_dir / ADAPTER_FILE
-    shapes = _safetensors_shapes(path)
-    parameters = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith("factors."))
-    head = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith("head."))
+    info = factnet.file_info(path)
+    parameters = Tensorizer(base, targets=settings.targets).group(settings.group).num_parameters(settings.format,
+                                                                                                  settings.rank)
+    head = sum(math.prod(shape) for shape in info.head_shapes.values())
     history = read_metrics(out_dir)
-    return SettingResult(settings.rank, settings.scale, parameters, head, path.stat().st_size, history[-1].eval_acc,
-                         history[-1].eval_split, sum(m.seconds for m in history), path, _head_bytes(path))
+    return SettingResult(settings.rank, settings.scale, parameters, head, info.bytes, history[-1].eval_acc,
+                         history[-1].eval_split, sum(m.seconds for m in history), path, info.head_bytes)
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
@@ -286,7 +281,7 @@ def _check_ranks(settings: RunSettings, ranks: Sequence[int], num_classes: int) 
 
 def _sweep_run(settings: RunSettings, split: str, out_dir: Path, resume: bool, base: nn.Module) -> SettingResult:
     if resume and (out_dir / ADAPTER_FILE).is_file() and not (out_dir / RESUME_FILE).exists():
-        return _finished_setting(settings, out_dir)
+        return _finished_setting(settings, out_dir, base)
     return train_setting(settings, split, out_dir, resume=resume and (out_dir / RESUME_FILE).exists(), base=base)
 
 
