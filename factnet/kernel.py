@@ -57,7 +57,7 @@ class Increment:
     A *diagonal* increment (`diagonal`) has ``core: (m_in, m_out, α)``, the diagonals of its
     ``α x α`` blocks (``α = β``), and may scale its output, ``out_scale: (m_in, d_out)`` (row ``p`` for
     input block ``p``): ``ΔW[:, p] = diag(out_scale[p]) Σ_q E_q b_t[q]ᵀ diag(core[p, q]) a_t[p]``. It runs by
-    thin products and per-slice scalings (`diagonal_rows`), PEFT VeRA's cost, whatever ``α``.
+    thin products and per-slice scalings, or through its dense ``ΔW`` where that costs less (`diagonal_rows`).
     """
 
     a_t: Tensor
@@ -98,9 +98,16 @@ def diagonal_rows(rows: Tensor, increment: Increment, scale: float, mask: Tensor
     as PEFT's LoRA and VeRA drop their input, not the factor space, which is the wider one here).
 
     ``u = x P_in`` per input block, ``h = u ⊙ core`` (input blocks summed before ``P_out`` unless each has an
-    output scaling of its own), ``z = h P_out``, ``z ⊙ out_scale``: the products PEFT's VeRA runs."""
+    output scaling of its own), ``z = h P_out``, ``z ⊙ out_scale``: the products PEFT's VeRA runs. Where building
+    the dense ``ΔW`` (``d_out·α·d_in``) and applying it (``N·d_in·d_out``) costs fewer multiply-adds than those
+    thin products (``N·α·(d_in + d_out)``: a rank above the matrix side and more rows than its side), it does that
+    instead, autograd through the build; both are exact."""
     n, (m_in, m_out, alpha) = rows.shape[0], increment.core.shape
-    u = times_t(rows if mask is None else rows * mask, increment.a_t, m_in).view(n, m_in, alpha)
+    if mask is not None:
+        rows = rows * mask
+    if _builds_delta(increment, n):
+        return F.linear(rows, _diagonal_delta(increment)).mul_(scale)
+    u = times_t(rows, increment.a_t, m_in).view(n, m_in, alpha)
     core = increment.core * scale
     own_scales = increment.out_scale is not None and m_in > 1
     if m_in == 1:
@@ -114,6 +121,14 @@ def diagonal_rows(rows: Tensor, increment: Increment, scale: float, mask: Tensor
         return (z * increment.out_scale).sum(1)
     z = times(h.reshape(n, -1), increment.b_t, m_out)
     return z if increment.out_scale is None else z * increment.out_scale[0]
+
+
+def _builds_delta(increment: Increment, rows: int) -> bool:
+    """Whether `diagonal_rows` costs fewer multiply-adds through the dense ``ΔW`` than by thin products."""
+    m_in, _, alpha = increment.core.shape
+    d_in, d_out = increment.m_in * increment.a_t.shape[2], increment.m_out * increment.b_t.shape[2]
+    outputs = m_in if increment.out_scale is not None and m_in > 1 else 1  # output products (one per input block)
+    return d_out * alpha * d_in + rows * d_in * d_out < rows * alpha * (d_in + d_out * outputs)
 
 
 def _dropout_mask(rows: int, width: int, dropout: float, like: Tensor) -> Tensor:
@@ -385,8 +400,8 @@ def adapted_linear(
     the activation-side path; otherwise `_MergedLinear` runs (the effective weight or thin products
     forward, whichever measures faster for the shape; thin products backward). ``path`` forces
     ``"activation"`` or ``"merged"`` (one GEMM with ``W + s·ΔW``; only without dropout), for benchmarks.
-    A `diagonal` increment always runs by thin products and scalings (`diagonal_rows`; its dropout drops the
-    rows it reads).
+    A `diagonal` increment runs through autograd (`diagonal_rows`: thin products or its dense ``ΔW``; its
+    dropout drops the rows it reads).
     """
     if not increments:
         return base_op(x, weight, bias, pointwise)

@@ -154,3 +154,47 @@ def test_a_budget_takes_a_rank_above_the_matrix_side(fmt):
     count = lambda r: sum(factnet.get_format(fmt, r).num_parameters(*s) for s in shapes)  # noqa: E731
     assert rank > 48 and count(rank) <= budget < count(rank + 1)
     assert adapter.num_parameters() == count(rank)
+
+
+def _block_oracle(a_t, core, b_t, out_scale, m_in, m_out):
+    """Dense ``ΔW`` of a diagonal increment from its definition, block by block (loops, no kernel code)."""
+    d_in_block, d_out_block = a_t.shape[2], b_t.shape[2]
+    delta = torch.zeros(m_out * d_out_block, m_in * d_in_block, dtype=a_t.dtype)
+    for p in range(m_in):
+        for q in range(m_out):
+            a, b = a_t[p if a_t.shape[0] > 1 else 0], b_t[q if b_t.shape[0] > 1 else 0]
+            block = b.t() @ torch.diag(core[p, q]) @ a
+            if out_scale is not None:
+                block = out_scale[p, q * d_out_block:(q + 1) * d_out_block, None] * block
+            delta[q * d_out_block:(q + 1) * d_out_block, p * d_in_block:(p + 1) * d_in_block] = block
+    return delta
+
+
+@pytest.mark.parametrize(("rows", "rank", "dense"), [(3, 5, False), (10, 12, True)])
+@pytest.mark.parametrize("layout", ["whole", "out", "out-own", "in", "in-own", "in-scaled"])
+def test_diagonal_rows_by_thin_products_or_the_dense_delta(rows, rank, dense, layout):
+    """Both ways `diagonal_rows` runs (thin products; the dense ``ΔW`` where that costs less) against the block
+    oracle, values and gradients (gradcheck)."""
+    from factnet.kernel import Increment, _builds_delta, diagonal_rows
+
+    torch.manual_seed(0)
+    d, dt = 6, torch.float64
+    m_in, m_out = {"whole": (1, 1), "out": (1, 3), "out-own": (1, 3)}.get(layout, (4, 1))
+    g_in = 4 if layout == "in-own" else 1
+    g_out = 3 if layout == "out-own" else 1
+    scaled = layout in ("in-scaled", "out", "whole")
+    tensors = [torch.randn(rows, m_in * d, dtype=dt), torch.randn(g_in, rank, d, dtype=dt),
+               torch.randn(m_in, m_out, rank, dtype=dt), torch.randn(g_out, rank, d, dtype=dt),
+               torch.randn(m_in, m_out * d, dtype=dt) if scaled else None]
+    x, a_t, core, b_t, out_scale = (t if t is None else t.requires_grad_() for t in tensors)
+    increment = Increment(a_t, core, b_t, m_in, m_out, out_scale)
+    assert _builds_delta(increment, rows) == dense
+    expected = 0.7 * x @ _block_oracle(a_t, core, b_t, out_scale, m_in, m_out).t()
+    torch.testing.assert_close(diagonal_rows(x, increment, 0.7), expected, rtol=1e-12, atol=1e-12)
+    inputs = [t for t in (x, a_t, core, b_t, out_scale) if t is not None]
+
+    def run(*values):
+        x_, a_, c_, b_, *e_ = values
+        return diagonal_rows(x_, Increment(a_, c_, b_, m_in, m_out, e_[0] if e_ else None), 0.7)
+
+    assert torch.autograd.gradcheck(run, inputs)
