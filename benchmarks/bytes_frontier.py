@@ -74,6 +74,13 @@ def factnet_families(ranks_of=None) -> tuple[list[Family], list[str]]:
     return out, notes
 
 
+def _order(peft: list[Family], fact: list[Family]) -> list[Family]:
+    """The lr-validation order: PEFT's first tuner, factnet's fp32 formats, the other PEFT tuners, then factnet's
+    low-bit families (2, 1, 4 bits)."""
+    fp32 = [f for f in fact if f.bits is None]
+    return peft[:1] + fp32 + peft[1:] + [f for f in fact if f.bits is not None]
+
+
 def _rank(setting: str) -> int:
     return int(setting.split()[-1]) if setting.split()[-1].isdigit() else 0
 
@@ -106,18 +113,32 @@ class Wide(Backend):
                       "PEFT TinyLoRA": "r 2, u 4"}
 
     @cached_property
-    def ctx(self):
-        from factnet.app.demo.backbone import pretrained_backbone
-        from factnet.app.demo.data import load_splits
+    def light(self):
+        """What keys and families need: the recipe and the PEFT templates (no backbone: --report pretrains nothing)."""
+        from types import SimpleNamespace
+
         from factnet.app.demo.frontier_families import FrontierConfig, families
 
         config = FrontierConfig()
-        demo = config.demo
+        peft = {f.name: dict(f.points) for f in families(config) if f.name in self.PEFT_REFERENCE}
+        # _key reads only backbone.config.key(): the pretraining config, not the weights
+        from factnet.app.demo.data import load_splits
+
+        classes = len(load_splits(config.demo.pretrain.data).downstream_classes)
+        return {"demo": config.demo, "peft": peft, "keyed": SimpleNamespace(config=config.demo.pretrain),
+                "classes": classes}
+
+    @cached_property
+    def ctx(self):
+        """The pretrained backbone (pretrained once and cached in $FACTNET_CACHE) and the splits."""
+        from factnet.app.demo.backbone import pretrained_backbone
+        from factnet.app.demo.data import load_splits
+
+        demo = self.light["demo"]
         torch.set_num_threads(demo.threads or 1)
         splits = load_splits(demo.pretrain.data)
         backbone = pretrained_backbone(demo.pretrain, progress=False, splits=splits)
-        peft = {f.name: dict(f.points) for f in families(config) if f.name in self.PEFT_REFERENCE}
-        return {"demo": demo, "splits": splits, "backbone": backbone, "peft": peft}
+        return {**self.light, "splits": splits, "backbone": backbone}
 
     def families(self):
         from factnet.app.demo.frontier_families import FrontierConfig, families
@@ -125,26 +146,27 @@ class Wide(Backend):
         out = [Family(f.name, "peft", f.points[0][1].format, None, tuple(label for label, _ in f.points),
                       self.PEFT_REFERENCE[f.name]) for f in families(FrontierConfig()) if f.name in self.PEFT_REFERENCE]
         fact, notes = factnet_families()
-        return out[:1] + fact[:len(FORMATS)] + out[1:] + fact[len(FORMATS):], notes
+        return _order(out, fact), notes
 
     def method(self, family: Family, setting: str, lr: float):
         from factnet.app.demo.methods import Method
 
         if family.kind == "peft":
-            return replace(self.ctx["peft"][family.name][setting], lr=lr)
+            return replace(self.light["peft"][family.name][setting], lr=lr)
         return Method("fact", lr, format=family.method, rank=_rank(setting), gain=1.0, bits=family.bits)
 
     def key(self, family, setting, lr, seed):
         from factnet.app.demo.frontier import _key
 
-        return _key(self.ctx["backbone"], self.ctx["demo"], self.method(family, setting, lr), seed)
+        return _key(self.light["keyed"], self.light["demo"], self.method(family, setting, lr), seed)
 
     def measure(self, family, setting):
-        from factnet.app.demo.methods import _prepare, downstream_model
+        from factnet.app.demo.backbone import build_vit
+        from factnet.app.demo.methods import _prepare
 
-        demo, splits = self.ctx["demo"], self.ctx["splits"]
+        demo = self.light["demo"]
         torch.manual_seed(0)
-        model = downstream_model(self.ctx["backbone"], len(splits.downstream_classes), demo.drop_path)
+        model = build_vit(demo.pretrain, self.light["classes"], demo.drop_path)  # untrained: the same file sizes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, _, _, count, size = _prepare(model, self.method(family, setting, 1e-2), demo.recipe(), 0)
@@ -254,7 +276,7 @@ class Lite0(Backend):
                      "step, a total step count): not run")
         fact, fnotes = factnet_families()
         peft_f = [Family(n, "peft", t, None, s, ref) for t, (n, s, ref) in LITE0_PEFT.items()]
-        return peft_f[:1] + fact[:len(FORMATS)] + peft_f[1:] + fact[len(FORMATS):], notes + fnotes
+        return _order(peft_f, fact), notes + fnotes
 
     def setup_name(self, family: Family) -> str:
         if family.kind == "peft":
@@ -352,12 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", "--plot", action="store_true", help="CSV, figure and README from the runs only")
     parser.add_argument("--next", action="store_true", help="print the next run the protocol asks for, run nothing")
     parser.add_argument("--stop-at", default=None, help="HH:MM UTC: start no run at or after it")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="copy the runs older runs files already have, stop at the first that needs training")
     parser.add_argument("--max-runs", type=int, default=None, help="train at most this many runs, then stop")
     parser.add_argument("--frontier-runs", type=Path, default=None, help="(wide) ignored: read from docs/frontier")
     args = parser.parse_args(argv)
     backend = MODELS[args.model]()
     if not args.report:
-        fp.run(backend, stop_at=args.stop_at, max_runs=args.max_runs, dry=args.next)
+        fp.run(backend, stop_at=args.stop_at, max_runs=0 if args.reuse_only else args.max_runs, dry=args.next)
     if not args.next:
         fp.report(backend, _wide_extra if args.model == "wide" else _lite0_extra)
 

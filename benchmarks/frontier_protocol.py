@@ -150,7 +150,9 @@ class State:
         return self.records.get(self.backend.key(family, setting, lr, seed))
 
     def usable(self, family: Family, setting: str) -> bool:
-        return setting in self.plan.get(family.name, {})
+        """In the plan (it builds, its file is at most the largest budget); a family the plan has not measured
+        yet (a report before the runner planned it) keeps every setting."""
+        return family.name not in self.plan or setting in self.plan[family.name]
 
     # -- step 1: the learning rate
     def lr_state(self, family: Family) -> tuple[float | None, float | None, dict[float, dict]]:
@@ -269,18 +271,65 @@ def make_plan(backend: Backend, families: list[Family], log=print, notes: list |
     return plan
 
 
+def fingerprint(families: list[Family]) -> str:
+    """A hash of the installed factnet's sources, the PEFT and torch versions and the families: when it is unchanged,
+    every setting's file size is too."""
+    import hashlib
+
+    import factnet
+    import peft
+    import torch
+
+    digest = hashlib.sha256(f"{peft.__version__} {torch.__version__} {families!r}".encode())
+    for path in sorted(Path(factnet.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def import_reusable(state: State) -> int:
+    """Copy into the runs file every run of an older runs file that the protocol could ask for (any setting in the
+    plan, any lr of `LADDER`, any seed) whose key and trainable-parameter count match: the protocol then uses them
+    as its own, and a report shows them before the runner reaches them."""
+    backend, count = state.backend, 0
+    with open(backend.runs_path, "a", encoding="utf-8") as handle:
+        for family in state.families:
+            for setting, (size, params) in state.plan.get(family.name, {}).items():
+                for lr in LADDER:
+                    for seed in SEEDS:
+                        key = backend.key(family, setting, lr, seed)
+                        old = backend.reused(key)
+                        if key in state.records or old is None or old.get("params") != params:
+                            continue
+                        record = {**old, "key": key, "model": backend.name, "family": family.name,
+                                  "kind": family.kind, "method": family.method, "bits": family.bits,
+                                  "setting": setting, "lr": lr, "seed": seed, "bytes": size}
+                        handle.write(json.dumps(record) + "\n")
+                        state.records[key] = record
+                        count += 1
+    return count
+
+
 def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = None, dry: bool = False) -> None:
     families, notes = backend.families()
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"{len(families)} families; measuring every setting's file...", flush=True)
     plan_notes: list[str] = []
-    plan = make_plan(backend, families, notes=plan_notes)
+    stamp = fingerprint(families)
+    old = json.loads(backend.plan_path.read_text()) if backend.plan_path.exists() else {}
+    if old.get("fingerprint") == stamp:  # same library, same families: the sizes measured before hold
+        plan, plan_notes = old["families"], old.get("plan_notes", [])
+        print("the plan's file sizes are reused (same factnet sources, PEFT and families)", flush=True)
+    else:
+        plan = make_plan(backend, families, notes=plan_notes)
     backend.out.mkdir(parents=True, exist_ok=True)
-    backend.plan_path.write_text(json.dumps({"families": plan, "notes": notes, "plan_notes": plan_notes}, indent=1)
-                                 + "\n")
+    backend.plan_path.write_text(json.dumps({"fingerprint": stamp, "families": plan, "notes": notes,
+                                             "plan_notes": plan_notes}, indent=1) + "\n")
     print(f"{sum(len(v) for v in plan.values())} settings within {BUDGETS[-1]:,} bytes", flush=True)
     state = State(backend, families, plan)
+    imported = import_reusable(state)
+    if imported:
+        print(f"{imported} runs copied from older runs files (same key and parameter count)", flush=True)
     done = 0
     while (nxt := state.next_run()) is not None:
         family, setting, lr, seed, why = nxt
@@ -290,8 +339,6 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
         if stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= stop_at:
             print(f"stop-at {stop_at} UTC reached; next would be {family.name} {setting} lr {lr:g} seed {seed}")
             return
-        if max_runs is not None and done >= max_runs:
-            return
         key = backend.key(family, setting, lr, seed)
         base = {"key": key, "model": backend.name, "family": family.name, "kind": family.kind, "method": family.method,
                 "bits": family.bits, "setting": setting, "lr": lr, "seed": seed}
@@ -300,9 +347,14 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
         if old is not None and old.get("params") == params:
             record = {**old, **base, "bytes": plan[family.name][setting][0], "from": old.get("from", "older runs")}
         else:
+            if max_runs is not None and done >= max_runs:
+                print(f"{done} runs trained (--max-runs {max_runs}); next would be {family.name} {setting} lr {lr:g} "
+                      f"seed {seed} ({why})")
+                return
             start = time.perf_counter()
             try:
                 record = {**base, **backend.train(family, setting, lr, seed)}
+                record.setdefault("seconds", time.perf_counter() - start)
             except Exception as exc:  # noqa: BLE001 - recorded, the protocol moves on
                 import traceback
 
@@ -313,7 +365,7 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
             handle.write(json.dumps(record) + "\n")
         state.records[key] = record
         text = record["error"][:200] if "error" in record else (
-            f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, {record['seconds']:.0f} s"
+            f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, {record.get('seconds', 0):.0f} s"
             + (f", reused from {record['from']}" if "from" in record else ""))
         print(f"[{dt.datetime.now():%H:%M}] {family.name} {setting} lr {lr:g} seed {seed} ({why}): {text}", flush=True)
     print("the protocol is done: every run it asks for has finished", flush=True)
@@ -436,8 +488,10 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
               + ", ".join(f"seed {s}: {sum(1 for r in finished if r['seed'] == s)}" for s in SEEDS)
               + f". Training time: {sum(r.get('seconds', 0) for r in finished if 'from' not in r) / 3600:.1f} h here.",
               ""]
-    nxt = state.next_run()
-    lines += [("**Not finished:** the protocol's next run is " + f"{nxt[0].name} {nxt[1]} lr {nxt[2]:g} seed {nxt[3]} "
+    planned = all(f.name in state.plan for f in state.families)
+    nxt = state.next_run() if planned else None
+    lines += [("**Not planned yet:** some families were added since the runner last measured the settings; run the "
+               "command to plan and train them." if not planned else "**Not finished:** the protocol's next run is " + f"{nxt[0].name} {nxt[1]} lr {nxt[2]:g} seed {nxt[3]} "
                f"({nxt[4]}); rerun the command to resume." if nxt else "**Finished:** every run the protocol asks for "
                "has run."), ""]
     lines += ["## factnet against PEFT at each budget", "",
@@ -515,9 +569,6 @@ def report(backend: Backend, extra_plot=None) -> None:
     families, notes = backend.families()
     plan_file = json.loads(backend.plan_path.read_text()) if backend.plan_path.exists() else {"families": {}}
     plan = plan_file["families"]
-    missing = [f for f in families if f.name not in plan]
-    if missing:  # families new since the plan was written: measure them now
-        plan.update(make_plan(backend, missing, log=lambda s: None))
     plan_notes = [n for n in plan_file.get("plan_notes", [])]
     state = State(backend, families, plan)
     print(write_csv(state))
