@@ -376,12 +376,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-at", default=None, help="HH:MM UTC: start no run at or after it")
     parser.add_argument("--reuse-only", action="store_true",
                         help="copy the runs older runs files already have, stop at the first that needs training")
+    parser.add_argument("--skip", default="", help="comma list: families whose name contains one are not run now")
     parser.add_argument("--max-runs", type=int, default=None, help="train at most this many runs, then stop")
     parser.add_argument("--frontier-runs", type=Path, default=None, help="(wide) ignored: read from docs/frontier")
     args = parser.parse_args(argv)
     backend = MODELS[args.model]()
     if not args.report:
-        fp.run(backend, stop_at=args.stop_at, max_runs=0 if args.reuse_only else args.max_runs, dry=args.next)
+        fp.run(backend, stop_at=args.stop_at, max_runs=0 if args.reuse_only else args.max_runs, dry=args.next,
+               skip=tuple(x for x in args.skip.split(",") if x))
     if not args.next:
         fp.report(backend, _wide_extra if args.model == "wide" else _lite0_extra)
 

@@ -309,8 +309,14 @@ def import_reusable(state: State) -> int:
     return count
 
 
-def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = None, dry: bool = False) -> None:
+def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = None, dry: bool = False,
+        skip: tuple[str, ...] = ()) -> None:
+    """Train what the protocol asks for, one run at a time, until it is done (or ``stop_at``, ``max_runs``).
+    ``skip``: families whose name contains one of these are not run by this call (the report still shows them)."""
     families, notes = backend.families()
+    skipped = [f.name for f in families if any(s in f.name for s in skip)]
+    if skipped:
+        print(f"skipped by --skip in this call: {', '.join(skipped)}", flush=True)
     for note in notes:
         print(f"note: {note}", flush=True)
     print(f"{len(families)} families; measuring every setting's file...", flush=True)
@@ -326,7 +332,7 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
     backend.plan_path.write_text(json.dumps({"fingerprint": stamp, "families": plan, "notes": notes,
                                              "plan_notes": plan_notes}, indent=1) + "\n")
     print(f"{sum(len(v) for v in plan.values())} settings within {BUDGETS[-1]:,} bytes", flush=True)
-    state = State(backend, families, plan)
+    state = State(backend, [f for f in families if f.name not in skipped], plan)
     imported = import_reusable(state)
     if imported:
         print(f"{imported} runs copied from older runs files (same key and parameter count)", flush=True)
@@ -483,10 +489,11 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
     records = list(state.records.values())
     finished = [r for r in records if "error" not in r]
     reused = [r for r in finished if "from" in r]
-    lines += [f"**Runs:** {len(finished)} finished in `{_rel(b.runs_path, Path('.'))}` ({len(reused)} of them reused "
-              f"from older runs files, same key and parameter count), {len(records) - len(finished)} failed; "
+    lines += [f"**Runs:** {len(finished)} finished runs in `{_rel(b.runs_path, Path('.'))}` ({len(reused)} of them "
+              "copied from older runs files, same key and parameter count; the file also keeps older runs no family "
+              f"here asks for), {len(records) - len(finished)} failed; "
               + ", ".join(f"seed {s}: {sum(1 for r in finished if r['seed'] == s)}" for s in SEEDS)
-              + f". Training time: {sum(r.get('seconds', 0) for r in finished if 'from' not in r) / 3600:.1f} h here.",
+              + f". Training time of the runs not copied: {sum(r.get('seconds', 0) for r in finished if 'from' not in r) / 3600:.1f} h.",
               ""]
     planned = all(f.name in state.plan for f in state.families)
     nxt = state.next_run() if planned else None
