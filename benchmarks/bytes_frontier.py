@@ -97,7 +97,8 @@ def machine() -> str:
     import factnet
 
     return (f"{cpu}, {os.cpu_count()} cores (1 torch thread, one run at a time, beside other engineers' jobs), no GPU; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, factnet {getattr(factnet, '__version__', '?')}")
+            f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"factnet {getattr(factnet, '__version__', '?')}")
 
 
 # ---- the wide ViT of the embedded task --------------------------------------------------------------------------

@@ -165,7 +165,8 @@ class State:
             pending = [lr for lr in grid if lr not in runs and lr <= ceiling]
             if pending:
                 return pending[0], None, runs
-            scored = {lr: r["val"] for lr, r in runs.items() if "error" not in r and not collapsed(r, self.backend.chance)}
+            chance = self.backend.chance
+            scored = {lr: r["val"] for lr, r in runs.items() if "error" not in r and not collapsed(r, chance)}
             if not scored:
                 return None, None, runs
             best = max(sorted(scored), key=lambda lr: scored[lr])  # ties: the smaller lr
@@ -221,7 +222,8 @@ class State:
             for family, lr, todo in pending.values():
                 fits = [s for s in todo if self.plan[family.name][s][0] <= budget]
                 if fits:
-                    return family, max(fits, key=lambda s: self.plan[family.name][s][0]), lr, 0, f"seed 0, <= {budget // KB} KB"
+                    largest = max(fits, key=lambda s: self.plan[family.name][s][0])
+                    return family, largest, lr, 0, f"seed 0, <= {budget // KB} KB"
         for family, lr, todo in pending.values():
             return family, todo[0], lr, 0, "seed 0, larger than every budget"
         for budget in BUDGETS:  # 3: the table's points
@@ -371,7 +373,8 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
             handle.write(json.dumps(record) + "\n")
         state.records[key] = record
         text = record["error"][:200] if "error" in record else (
-            f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, {record.get('seconds', 0):.0f} s"
+            f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, "
+            f"{record.get('seconds', 0):.0f} s"
             + (f", reused from {record['from']}" if "from" in record else ""))
         print(f"[{dt.datetime.now():%H:%M}] {family.name} {setting} lr {lr:g} seed {seed} ({why}): {text}", flush=True)
     print("the protocol is done: every run it asks for has finished", flush=True)
@@ -389,9 +392,9 @@ def _ms(point: Point | None, what: str = "test") -> str:
     return f"{m:.1f} ± {s:.1f} (n={n})"
 
 
-COLUMNS = ("budget_bytes", "factnet_family", "factnet_setting", "factnet_bytes", "factnet_val_mean", "factnet_test_mean",
-           "factnet_test_std", "factnet_seeds", "peft_family", "peft_setting", "peft_bytes", "peft_val_mean",
-           "peft_test_mean", "peft_test_std", "peft_seeds", "difference")
+COLUMNS = ("budget_bytes", "factnet_family", "factnet_setting", "factnet_bytes", "factnet_val_mean",
+           "factnet_test_mean", "factnet_test_std", "factnet_seeds", "peft_family", "peft_setting", "peft_bytes",
+           "peft_val_mean", "peft_test_mean", "peft_test_std", "peft_seeds", "difference")
 
 
 def table_rows(state: State) -> list[dict]:
@@ -472,7 +475,8 @@ def plot(state: State, extra=None) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("adapter file bytes without the head (log; grey lines: the budgets, 1 KB to 1,024 KB)")
     ax.set_ylabel("test accuracy % (mean ± std over the seeds run)")
-    ax.set_title(state.backend.title + "\neach family's point at every budget, chosen on seed-0 validation", fontsize=11)
+    ax.set_title(state.backend.title + "\neach family's point at every budget, chosen on seed-0 validation",
+                 fontsize=11)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -489,21 +493,23 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
     records = list(state.records.values())
     finished = [r for r in records if "error" not in r]
     reused = [r for r in finished if "from" in r]
+    hours = sum(r.get("seconds", 0) for r in finished if "from" not in r) / 3600
     lines += [f"**Runs:** {len(finished)} finished runs in `{_rel(b.runs_path, Path('.'))}` ({len(reused)} of them "
               "copied from older runs files, same key and parameter count; the file also keeps older runs no family "
               f"here asks for), {len(records) - len(finished)} failed; "
               + ", ".join(f"seed {s}: {sum(1 for r in finished if r['seed'] == s)}" for s in SEEDS)
-              + f". Training time of the runs not copied: {sum(r.get('seconds', 0) for r in finished if 'from' not in r) / 3600:.1f} h.",
+              + f". Training time of the runs not copied: {hours:.1f} h.",
               ""]
     planned = all(f.name in state.plan for f in state.families)
     nxt = state.next_run() if planned else None
     lines += [("**Not planned yet:** some families were added since the runner last measured the settings; run the "
-               "command to plan and train them." if not planned else "**Not finished:** the protocol's next run is " + f"{nxt[0].name} {nxt[1]} lr {nxt[2]:g} seed {nxt[3]} "
+               "command to plan and train them." if not planned else "**Not finished:** the protocol's next run is "
+               + f"{nxt[0].name} {nxt[1]} lr {nxt[2]:g} seed {nxt[3]} "
                f"({nxt[4]}); rerun the command to resume." if nxt else "**Finished:** every run the protocol asks for "
                "has run."), ""]
     lines += ["## factnet against PEFT at each budget", "",
-              "At each budget (file bytes without the head; 1 KB = 1000 B), each family's point is its setting with the "
-              "best seed-0 validation accuracy among those whose file fits; factnet's best and PEFT's best are the "
+              "At each budget (file bytes without the head; 1 KB = 1000 B), each family's point is its setting with "
+              "the best seed-0 validation accuracy among those whose file fits; factnet's best and PEFT's best are the "
               "family points with the best mean validation accuracy over the seeds run. Test: mean ± std (n seeds). "
               f"Also in [{b.csv.name}]({_rel(b.csv, b.out)}).", "",
               "| budget | factnet's best | bytes | val | test | PEFT's best | bytes | val | test | factnet − PEFT |",
@@ -517,8 +523,8 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
         diff = f"{f.stat('test')[0] - p.stat('test')[0]:+.1f}" if f and p else ""
         lines.append(f"| {_kb(budget)} | " + " | ".join(cells) + f" | {diff} |")
     lines += ["", "## The learning rate of each family", "",
-              "Seed 0 at the family's reference setting, validation accuracy per candidate (— : collapsed to one class, "
-              "or not finite); the chosen lr in bold. Larger candidates than a collapsed one are not run.", "",
+              "Seed 0 at the family's reference setting, validation accuracy per candidate (— : collapsed to one "
+              "class, or not finite); the chosen lr in bold. Larger candidates than a collapsed one are not run.", "",
               "| family | reference | lr: seed-0 val | chosen |", "|---|---|---|---:|"]
     for family in state.families:
         nxt_lr, lr, runs = state.lr_state(family)
