@@ -569,6 +569,9 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
     if fallen:
         lines += ["- collapsed to one class (validation at chance), seed-0 lr candidates mostly: " + ", ".join(
             f"{r['family']} {r['setting']} lr {r['lr']:g} seed {r['seed']}" for r in fallen)]
+    hand = b.out / "notes.md"  # hand-written notes on the runs, kept apart from the generated tables
+    if hand.exists():
+        lines += ["", hand.read_text(encoding="utf-8").strip()]
     return "\n".join(lines) + "\n"
 
 
