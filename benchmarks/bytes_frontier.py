@@ -139,7 +139,27 @@ class Wide(Backend):
         torch.set_num_threads(demo.threads or 1)
         splits = load_splits(demo.pretrain.data)
         backbone = pretrained_backbone(demo.pretrain, progress=False, splits=splits)
+        self.check_backbone(backbone)
         return {**self.light, "splits": splits, "backbone": backbone}
+
+    # The runs of docs/frontier, docs/scale and docs/bytes were made on a backbone whose pretraining validation
+    # accuracy was 94.4% (docs/frontier/frontier.md). Keys hash the pretraining config, not the weights, and a
+    # backbone pretrained again elsewhere (another thread count, another machine) can differ: one pretrained on
+    # 2026-12-07 scored 91.1% and gave PEFT LoRA r8 lr 0.01 seed 0 46.4% test against the frontier's 70.2%.
+    # So training refuses a backbone that is not that one: runs of two backbones would mix under one key.
+    PRETRAIN_VAL = 94.4
+
+    def check_backbone(self, backbone) -> None:
+        from factnet.app.demo.backbone import _checksum
+
+        self.backbone_sha = _checksum(backbone.state)[:16]
+        seen = {r["backbone_sha"] for r in fp.read_jsonl(self.runs_path) if "backbone_sha" in r}
+        if round(backbone.val_accuracy, 1) != self.PRETRAIN_VAL or seen - {self.backbone_sha}:
+            raise SystemExit(
+                f"the cached backbone {backbone.path} (pretraining val {backbone.val_accuracy:.1f}%, sha "
+                f"{self.backbone_sha}) is not the one the runs in {self.runs_path} were made with (val "
+                f"{self.PRETRAIN_VAL}%{', sha ' + ', '.join(sorted(seen)) if seen else ''}): set FACTNET_CACHE to "
+                "an empty folder so that this script pretrains it again, with one torch thread")
 
     def families(self):
         from factnet.app.demo.frontier_families import FrontierConfig, families
@@ -193,7 +213,8 @@ class Wide(Backend):
                          seed)
         return {"val": result.val_accuracy, "test": result.test_accuracy, "params": result.params,
                 "bytes": result.bytes, "step_ms": result.step_ms, "epoch_losses": list(result.epoch_losses),
-                "seconds": time.perf_counter() - start, "method_repr": repr(result.method)}
+                "seconds": time.perf_counter() - start, "method_repr": repr(result.method),
+                "backbone_sha": self.backbone_sha}
 
     def header(self):
         return [
