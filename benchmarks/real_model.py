@@ -268,6 +268,10 @@ def report(args) -> None:
               "the classifier are not targets. Rank caps, as factnet warned:", ""]
     for (method, rank), ws in warned.items():
         lines += [f"- {NAMES[method]} r{rank}: " + " / ".join(ws)]
+    if OUT == Path("docs/real_model"):
+        lines += ["", "The bytes frontier on this model (every PEFT tuner that builds on its 1x1 convolutions, every factnet "
+                  "format at 1, 2, 4 bits and full precision, budgets 1 KB to 1 MB, the lr validated per family): "
+                  "[frontier/README.md](frontier/README.md), `benchmarks/bytes_frontier.py --model lite0`."]
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -104,6 +104,34 @@ def adapted_modules(model: torch.nn.Module) -> list[str]:
     return sorted({s.matrix.name for s in Tensorizer(model).slices})
 
 
+# PEFT tuners by name: (config class, rank -> its options); each is given the modules factnet targets and the head via
+# ``modules_to_save``. ``rank`` is the tuner's one size knob (OFT and BOFT: the block size; IA3 has none). "vera" is
+# PEFT's VeRA; factnet's own formats are "tt", "tucker" and "fact-<format>" (e.g. "fact-vera").
+PEFT_TUNERS = {
+    "lora": ("LoraConfig", lambda r: {"r": r, "lora_alpha": r}),
+    "vera": ("VeraConfig", lambda r: {"r": r, "save_projection": False}),
+    "loha": ("LoHaConfig", lambda r: {"r": r, "alpha": r}),
+    "lokr": ("LoKrConfig", lambda r: {"r": r, "alpha": r}),
+    "ia3": ("IA3Config", lambda r: {"feedforward_modules": []}),
+    "oft": ("OFTConfig", lambda b: {"r": 0, "oft_block_size": b}),
+    "boft": ("BOFTConfig", lambda b: {"boft_block_size": b}),
+    "hra": ("HRAConfig", lambda r: {"r": r}),
+    "hira": ("HiraConfig", lambda r: {"r": r}),
+}
+
+
+def peft_bytes_no_head(model) -> int:
+    """PEFT's adapter state dict without the head (``modules_to_save``) as one safetensors file, as the wide
+    backbone's frontier counts PEFT files."""
+    import peft
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in peft.get_peft_model_state_dict(model).items() if HEAD not in k}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(state, str(Path(tmp) / "adapter.safetensors"))
+        return (Path(tmp) / "adapter.safetensors").stat().st_size
+
+
 def _bytes_of(save) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save(Path(tmp))
@@ -122,25 +150,24 @@ def setup(method: str, model: torch.nn.Module, rank: int, seed: int, bits: int |
         params = [p for p in model.parameters()]
         info["bytes"] = lambda: _bytes_of(lambda d: __import__("safetensors.torch").torch.save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")))
-    elif method in ("lora", "vera"):
+    elif method in PEFT_TUNERS:
         import peft
 
         targets = adapted_modules(model)
-        if method == "lora":
-            config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, modules_to_save=[HEAD])
-        else:
-            config = peft.VeraConfig(r=rank, target_modules=targets, modules_to_save=[HEAD], save_projection=False)
+        class_name, options = PEFT_TUNERS[method]
+        config = getattr(peft, class_name)(target_modules=targets, modules_to_save=[HEAD], **options(rank))
         model = peft.get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
         info["bytes"] = lambda: _bytes_of(model.save_pretrained)
+        info["bytes_no_head"] = lambda: peft_bytes_no_head(model)
         info["targets"] = len(targets)
-    elif method in ("tt", "tucker"):
+    elif method in ("tt", "tucker") or method.startswith("fact-"):
         from factnet import Tensorizer
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            adapter = Tensorizer(model).decompose(method, rank=rank, train_head=True, seed=seed, bits=bits,
-                                                  head_bits=head_bits)
+            adapter = Tensorizer(model).decompose(method.removeprefix("fact-"), rank=rank, train_head=True, seed=seed,
+                                                  bits=bits, head_bits=head_bits)
         info["warnings"] = [str(w.message) for w in caught]
         info["scale"] = adapter.settings.scale
         params = list(adapter.trainable_parameters())

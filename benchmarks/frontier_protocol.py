@@ -1,0 +1,593 @@
+"""The bytes-frontier protocol, model-agnostic: families, learning-rate validation, the run order, the choice at
+every byte budget, and the outputs (CSV, figure, README tables). `benchmarks/bytes_frontier.py` gives it a model
+(a `Backend`: the wide ViT of the embedded task, or EfficientNet-Lite0 on Fashion-MNIST) and the command line.
+
+Protocol (nothing is chosen on test):
+
+1. **Learning rate, per family**, on seed 0 at the family's reference setting: the candidates `LRS`, the same for
+   PEFT tuners and factnet formats, widened one ladder step (`LADDER`) at a time while the best sits on an edge;
+   a candidate above an lr whose run collapsed (validation at chance) is not run.
+2. **Every other setting** of the family at that lr, seed 0, in an order that covers the byte budgets first: for
+   each budget from the smallest, each family's largest setting whose file fits (file bytes measured on an
+   untrained adapter before training: they do not depend on the values), then the rest.
+3. **A family's point at a budget**: its setting (at its lr) with the best seed-0 validation accuracy among those
+   whose file fits (ties: the smaller file). The chosen points run seeds 1 and 2: first the table's (at each
+   budget the best factnet point and the best PEFT point by mean validation accuracy over the seeds run), then
+   the rest of every family's envelope.
+4. **The table**: at each budget, factnet's best (of every factnet family's point, by mean validation accuracy)
+   and PEFT's best likewise, with test accuracy mean ± sample std over the seeds run (3 when finished).
+
+Runs are appended to the backend's ``runs.jsonl``, one JSON object a line, keyed by `Backend.key`; a key already
+there is never rerun. A key found in an older runs file (`Backend.reused`) is copied over (with ``from``) when its
+trainable-parameter count equals what the installed factnet builds now (so a run of a setting whose adapter the
+library has since changed, e.g. a rank cap lifted, is rerun).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KB = 1000
+BUDGETS = tuple(2 ** k * KB for k in range(11))  # 1 KB ... 1024 KB (KB = 1000 bytes, as docs/bytes counts)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # every family's candidates
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # how far an edge may widen
+BITS = (1, 2, 4, None)  # factnet families: trained at these bits (None: full precision)
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One line of the figure: a PEFT tuner, or a factnet format at one bit width, over its settings."""
+
+    name: str  # "PEFT LoRA", "factnet tt 2-bit", "factnet vera fp32"
+    kind: str  # "peft" | "factnet"
+    method: str  # the tuner or the format
+    bits: int | None
+    settings: tuple[str, ...]  # setting labels, smallest first ("r 8", "block 4", "r 2, 16 vectors")
+    reference: str  # the setting the learning rate is validated at
+
+
+@dataclass
+class Point:
+    """One setting of a family at the family's chosen lr, with its runs by seed."""
+
+    family: Family
+    setting: str
+    lr: float
+    bytes: int
+    runs: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def val0(self) -> float:
+        return self.runs[0]["val"]
+
+    def stat(self, what: str) -> tuple[float, float, int]:
+        values = [r[what] for r in self.runs.values()]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+    @property
+    def label(self) -> str:
+        return f"{self.setting}, lr {self.lr:g}"
+
+
+class Backend:
+    """What a model gives the protocol. Subclasses: `bytes_frontier.Wide`, `bytes_frontier.Lite0`."""
+
+    name = ""
+    title = ""  # the figure's title
+    out: Path  # folder of runs.jsonl, README.md
+    csv: Path
+    figure: Path
+    chance = 10.0  # validation accuracy (%) of a run that predicts one class
+
+    def families(self) -> tuple[list[Family], list[str]]:
+        """The families to run and notes on what was left out (and why)."""
+        raise NotImplementedError
+
+    def measure(self, family: Family, setting: str) -> tuple[int, int]:
+        """(file bytes without the head, trainable parameters without the head) of an untrained adapter."""
+        raise NotImplementedError
+
+    def key(self, family: Family, setting: str, lr: float, seed: int) -> str:
+        raise NotImplementedError
+
+    def reused(self, key: str) -> dict | None:
+        """A finished run of ``key`` from an older runs file, normalized (val, test, params, bytes, seconds)."""
+        return None
+
+    def train(self, family: Family, setting: str, lr: float, seed: int) -> dict:
+        """Train one run: a dict with val, test (%), bytes, params, seconds (and anything else to keep)."""
+        raise NotImplementedError
+
+    def header(self) -> list[str]:
+        """README lines under the title: commands, machine, task and recipe."""
+        return []
+
+    @property
+    def runs_path(self) -> Path:
+        return self.out / "runs.jsonl"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.out / "plan.json"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def normalize(record: dict) -> dict:
+    """Older runs files name the accuracies val_accuracy / test_accuracy (docs/frontier, docs/bytes before)."""
+    out = dict(record)
+    if "val" not in out and "val_accuracy" in out:
+        out["val"], out["test"] = out["val_accuracy"], out["test_accuracy"]
+    return out
+
+
+def collapsed(record: dict, chance: float) -> bool:
+    val = record.get("val")
+    return val is None or not math.isfinite(val) or val < 1.2 * chance
+
+
+# ---- the state: what ran, what the protocol chooses ------------------------------------------------------
+class State:
+    """The runs so far and every choice the protocol makes from them."""
+
+    def __init__(self, backend: Backend, families: list[Family], plan: dict[str, dict[str, list[int]]]):
+        self.backend, self.families, self.plan = backend, families, plan  # plan: family -> setting -> [bytes, params]
+        self.records: dict[str, dict] = {r["key"]: normalize(r) for r in read_jsonl(backend.runs_path)}
+
+    def run_of(self, family: Family, setting: str, lr: float, seed: int) -> dict | None:
+        return self.records.get(self.backend.key(family, setting, lr, seed))
+
+    def usable(self, family: Family, setting: str) -> bool:
+        """In the plan (it builds, its file is at most the largest budget); a family the plan has not measured
+        yet (a report before the runner planned it) keeps every setting."""
+        return family.name not in self.plan or setting in self.plan[family.name]
+
+    # -- step 1: the learning rate
+    def lr_state(self, family: Family) -> tuple[float | None, float | None, dict[float, dict]]:
+        """(the next lr to run at the reference, the chosen lr, {lr: seed-0 run at the reference})."""
+        grid = list(LRS)
+        while True:
+            runs = {lr: r for lr in grid if (r := self.run_of(family, family.reference, lr, 0)) is not None}
+            fallen = [lr for lr, r in runs.items() if "error" not in r and collapsed(r, self.backend.chance)]
+            ceiling = min(fallen) if fallen else math.inf
+            pending = [lr for lr in grid if lr not in runs and lr <= ceiling]
+            if pending:
+                return pending[0], None, runs
+            chance = self.backend.chance
+            scored = {lr: r["val"] for lr, r in runs.items() if "error" not in r and not collapsed(r, chance)}
+            if not scored:
+                return None, None, runs
+            best = max(sorted(scored), key=lambda lr: scored[lr])  # ties: the smaller lr
+            i = LADDER.index(best)
+            if best == max(grid) and i + 1 < len(LADDER) and LADDER[i + 1] <= ceiling and LADDER[i + 1] not in grid:
+                grid.append(LADDER[i + 1])
+                continue
+            if best == min(grid) and i > 0 and LADDER[i - 1] not in grid:
+                grid.insert(0, LADDER[i - 1])
+                continue
+            return None, best, runs
+
+    # -- steps 2, 3: points
+    def points(self, family: Family) -> list[Point]:
+        """The family's settings at its chosen lr that have a seed-0 run, with every seed's run."""
+        _, lr, _ = self.lr_state(family)
+        if lr is None:
+            return []
+        out = []
+        for setting in family.settings:
+            if not self.usable(family, setting):
+                continue
+            runs = {s: r for s in SEEDS if (r := self.run_of(family, setting, lr, s)) is not None and "error" not in r}
+            if 0 in runs and not collapsed(runs[0], -1):  # a NaN run has no point
+                out.append(Point(family, setting, lr, runs[0]["bytes"], runs))
+        return out
+
+    def choose(self, family: Family, budget: int) -> Point | None:
+        fits = [p for p in self.points(family) if p.bytes <= budget]
+        return max(fits, key=lambda p: (p.val0, -p.bytes)) if fits else None
+
+    def best(self, kind: str, budget: int) -> Point | None:
+        """Of ``kind``'s families' points at ``budget``, the best by mean validation accuracy over its seeds."""
+        chosen = [p for f in self.families if f.kind == kind for p in [self.choose(f, budget)] if p is not None]
+        return max(chosen, key=lambda p: (p.stat("val")[0], -p.bytes)) if chosen else None
+
+    # -- the run order
+    def next_run(self) -> tuple[Family, str, float, int, str] | None:
+        """(family, setting, lr, seed, why) of the next run, or None when the protocol is done."""
+        for family in self.families:  # 1: the learning rates
+            lr, _, _ = self.lr_state(family)
+            if lr is not None and self.usable(family, family.reference):
+                return family, family.reference, lr, 0, "lr validation"
+        pending = {}
+        for family in self.families:  # 2: the other settings, budgets covered first
+            _, lr, _ = self.lr_state(family)
+            if lr is None:
+                continue
+            todo = [s for s in family.settings if self.usable(family, s) and self.run_of(family, s, lr, 0) is None]
+            if todo:
+                pending[family.name] = (family, lr, todo)
+        for budget in BUDGETS:
+            for family, lr, todo in pending.values():
+                fits = [s for s in todo if self.plan[family.name][s][0] <= budget]
+                if fits:
+                    largest = max(fits, key=lambda s: self.plan[family.name][s][0])
+                    return family, largest, lr, 0, f"seed 0, <= {budget // KB} KB"
+        for family, lr, todo in pending.values():
+            return family, todo[0], lr, 0, "seed 0, larger than every budget"
+        for budget in BUDGETS:  # 3: the table's points
+            for kind in ("factnet", "peft"):
+                point = self.best(kind, budget)
+                if point is not None and (seed := self._missing_seed(point)) is not None:
+                    return point.family, point.setting, point.lr, seed, f"table point at {budget // KB} KB"
+        for budget in BUDGETS:  # 4: every family's envelope
+            for family in self.families:
+                point = self.choose(family, budget)
+                if point is not None and (seed := self._missing_seed(point)) is not None:
+                    return family, point.setting, point.lr, seed, f"envelope at {budget // KB} KB"
+        return None
+
+    def _missing_seed(self, point: Point) -> int | None:
+        for seed in SEEDS:
+            if self.run_of(point.family, point.setting, point.lr, seed) is None:
+                return seed
+        return None
+
+
+# ---- running -------------------------------------------------------------------------------------------------
+def make_plan(backend: Backend, families: list[Family], log=print, notes: list | None = None) -> dict:
+    """{family: {setting: [file bytes, params]}} for the settings that build and whose file is at most the largest
+    budget; a setting whose adapter is the same as a smaller one's (a rank capped by the groups) is left out."""
+    plan: dict[str, dict[str, list[int]]] = {}
+    for family in families:
+        plan[family.name] = {}
+        seen: dict[int, str] = {}
+        for setting in family.settings:
+            try:
+                size, params = backend.measure(family, setting)
+            except Exception as exc:  # noqa: BLE001 - a setting the library refuses: noted, not run
+                note = f"{family.name} {setting} does not build: `{type(exc).__name__}: {str(exc)[:160]}`"
+            else:
+                note = (f"{family.name} {setting} builds the same adapter as {seen[params]} ({params:,} parameters, "
+                        "a rank the groups cap): left out") if params in seen else None
+            if note:
+                log("note: " + note)
+                if notes is not None:
+                    notes.append(note)
+                continue
+            seen[params] = setting
+            if size > BUDGETS[-1]:
+                continue
+            plan[family.name][setting] = [size, params]
+    return plan
+
+
+def fingerprint(families: list[Family]) -> str:
+    """A hash of the installed factnet's sources, the PEFT and torch versions and the families: when it is unchanged,
+    every setting's file size is too."""
+    import hashlib
+
+    import factnet
+    import peft
+    import torch
+
+    digest = hashlib.sha256(f"{peft.__version__} {torch.__version__} {families!r}".encode())
+    for path in sorted(Path(factnet.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def import_reusable(state: State) -> int:
+    """Copy into the runs file every run of an older runs file that the protocol could ask for (any setting in the
+    plan, any lr of `LADDER`, any seed) whose key and trainable-parameter count match: the protocol then uses them
+    as its own, and a report shows them before the runner reaches them."""
+    backend, count = state.backend, 0
+    with open(backend.runs_path, "a", encoding="utf-8") as handle:
+        for family in state.families:
+            for setting, (size, params) in state.plan.get(family.name, {}).items():
+                for lr in LADDER:
+                    for seed in SEEDS:
+                        key = backend.key(family, setting, lr, seed)
+                        old = backend.reused(key)
+                        if key in state.records or old is None or old.get("params") != params:
+                            continue
+                        record = {**old, "key": key, "model": backend.name, "family": family.name,
+                                  "kind": family.kind, "method": family.method, "bits": family.bits,
+                                  "setting": setting, "lr": lr, "seed": seed, "bytes": size}
+                        handle.write(json.dumps(record) + "\n")
+                        state.records[key] = record
+                        count += 1
+    return count
+
+
+def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = None, dry: bool = False,
+        skip: tuple[str, ...] = ()) -> None:
+    """Train what the protocol asks for, one run at a time, until it is done (or ``stop_at``, ``max_runs``).
+    ``skip``: families whose name contains one of these are not run by this call (the report still shows them)."""
+    families, notes = backend.families()
+    skipped = [f.name for f in families if any(s in f.name for s in skip)]
+    if skipped:
+        print(f"skipped by --skip in this call: {', '.join(skipped)}", flush=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    print(f"{len(families)} families; measuring every setting's file...", flush=True)
+    plan_notes: list[str] = []
+    stamp = fingerprint(families)
+    old = json.loads(backend.plan_path.read_text()) if backend.plan_path.exists() else {}
+    if old.get("fingerprint") == stamp:  # same library, same families: the sizes measured before hold
+        plan, plan_notes = old["families"], old.get("plan_notes", [])
+        print("the plan's file sizes are reused (same factnet sources, PEFT and families)", flush=True)
+    else:
+        plan = make_plan(backend, families, notes=plan_notes)
+    backend.out.mkdir(parents=True, exist_ok=True)
+    backend.plan_path.write_text(json.dumps({"fingerprint": stamp, "families": plan, "notes": notes,
+                                             "plan_notes": plan_notes}, indent=1) + "\n")
+    print(f"{sum(len(v) for v in plan.values())} settings within {BUDGETS[-1]:,} bytes", flush=True)
+    state = State(backend, [f for f in families if f.name not in skipped], plan)
+    imported = import_reusable(state)
+    if imported:
+        print(f"{imported} runs copied from older runs files (same key and parameter count)", flush=True)
+    done = 0
+    while (nxt := state.next_run()) is not None:
+        family, setting, lr, seed, why = nxt
+        if dry:
+            print(f"next: {family.name} {setting} lr {lr:g} seed {seed} ({why})")
+            return
+        if stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= stop_at:
+            print(f"stop-at {stop_at} UTC reached; next would be {family.name} {setting} lr {lr:g} seed {seed}")
+            return
+        key = backend.key(family, setting, lr, seed)
+        base = {"key": key, "model": backend.name, "family": family.name, "kind": family.kind, "method": family.method,
+                "bits": family.bits, "setting": setting, "lr": lr, "seed": seed}
+        old = backend.reused(key)
+        params = plan[family.name][setting][1]
+        if old is not None and old.get("params") == params:
+            record = {**old, **base, "bytes": plan[family.name][setting][0], "from": old.get("from", "older runs")}
+        else:
+            if max_runs is not None and done >= max_runs:
+                print(f"{done} runs trained (--max-runs {max_runs}); next would be {family.name} {setting} lr {lr:g} "
+                      f"seed {seed} ({why})")
+                return
+            start = time.perf_counter()
+            try:
+                record = {**base, **backend.train(family, setting, lr, seed)}
+                record.setdefault("seconds", time.perf_counter() - start)
+            except Exception as exc:  # noqa: BLE001 - recorded, the protocol moves on
+                import traceback
+
+                record = {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6),
+                          "seconds": time.perf_counter() - start}
+            done += 1
+        with open(backend.runs_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        state.records[key] = record
+        text = record["error"][:200] if "error" in record else (
+            f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, "
+            f"{record.get('seconds', 0):.0f} s"
+            + (f", reused from {record['from']}" if "from" in record else ""))
+        print(f"[{dt.datetime.now():%H:%M}] {family.name} {setting} lr {lr:g} seed {seed} ({why}): {text}", flush=True)
+    print("the protocol is done: every run it asks for has finished", flush=True)
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------
+def _kb(n: int) -> str:
+    return f"{n // KB:,} KB"
+
+
+def _ms(point: Point | None, what: str = "test") -> str:
+    if point is None:
+        return ""
+    m, s, n = point.stat(what)
+    return f"{m:.1f} ± {s:.1f} (n={n})"
+
+
+COLUMNS = ("budget_bytes", "factnet_family", "factnet_setting", "factnet_bytes", "factnet_val_mean",
+           "factnet_test_mean", "factnet_test_std", "factnet_seeds", "peft_family", "peft_setting", "peft_bytes",
+           "peft_val_mean", "peft_test_mean", "peft_test_std", "peft_seeds", "difference")
+
+
+def table_rows(state: State) -> list[dict]:
+    rows = []
+    for budget in BUDGETS:
+        row: dict = {"budget_bytes": budget}
+        for kind in ("factnet", "peft"):
+            p = state.best(kind, budget)
+            if p is None:
+                row.update({f"{kind}_{c}": "" for c in ("family", "setting", "bytes", "val_mean", "test_mean",
+                                                           "test_std", "seeds")})
+                continue
+            vm, _, _ = p.stat("val")
+            tm, ts, n = p.stat("test")
+            row.update({f"{kind}_family": p.family.name, f"{kind}_setting": p.label, f"{kind}_bytes": p.bytes,
+                        f"{kind}_val_mean": round(vm, 2), f"{kind}_test_mean": round(tm, 2),
+                        f"{kind}_test_std": round(ts, 2), f"{kind}_seeds": n})
+        both = row["factnet_test_mean"] != "" and row["peft_test_mean"] != ""
+        row["difference"] = round(row["factnet_test_mean"] - row["peft_test_mean"], 2) if both else ""
+        rows.append(row)
+    return rows
+
+
+def write_csv(state: State) -> Path:
+    path = state.backend.csv
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table_rows(state))
+    return path
+
+
+def plot(state: State, extra=None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(15, 8))
+    formats = sorted({f.method for f in state.families if f.kind == "factnet"})
+    tuners = [f.method for f in state.families if f.kind == "peft"]
+    fcolors, pcolors = plt.get_cmap("tab10"), plt.get_cmap("Dark2")
+    styles = {1: ":", 2: "-.", 4: "--", None: "-"}
+    markers = {1: "v", 2: "s", 4: "D", None: "o"}
+    for family in state.families:
+        env, last = [], None
+        for budget in BUDGETS:
+            p = state.choose(family, budget)
+            if p is not None and p is not last:
+                env.append(p)
+                last = p
+        if not env:
+            continue
+        xs = [p.bytes for p in env]
+        stats = [p.stat("test") for p in env]
+        if family.kind == "factnet":
+            style = dict(color=fcolors(formats.index(family.method) % 10), linestyle=styles[family.bits],
+                         marker=markers[family.bits], linewidth=1.2)
+        else:
+            style = dict(color=pcolors(tuners.index(family.method) % 8), linestyle=(0, (6, 2)), marker="x",
+                         linewidth=2.0)
+        ax.errorbar(xs, [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], label=family.name, capsize=2,
+                    markersize=4, alpha=0.85, **style)
+    for kind, marker, color in (("factnet", "*", "red"), ("peft", "P", "black")):
+        chosen = {}
+        for budget in BUDGETS:
+            p = state.best(kind, budget)
+            if p is not None:
+                chosen[(p.family.name, p.setting)] = p
+        if chosen:
+            ax.scatter([p.bytes for p in chosen.values()], [p.stat("test")[0] for p in chosen.values()], s=220,
+                       marker=marker, facecolors="none", edgecolors=color, linewidths=1.8, zorder=5,
+                       label=f"{'factnet' if kind == 'factnet' else 'PEFT'}'s best at some budget (mean val)")
+    if extra:
+        extra(ax)
+    for budget in BUDGETS:
+        ax.axvline(budget, color="gray", alpha=0.15, linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter file bytes without the head (log; grey lines: the budgets, 1 KB to 1,024 KB)")
+    ax.set_ylabel("test accuracy % (mean ± std over the seeds run)")
+    ax.set_title(state.backend.title + "\neach family's point at every budget, chosen on seed-0 validation",
+                 fontsize=11)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(state.backend.figure, dpi=90)
+    plt.close(fig)
+    return state.backend.figure
+
+
+def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
+    b = state.backend
+    lines = [f"# {b.title}: the bytes frontier", "", f"![test accuracy vs file bytes]({b.figure.name})"
+             if b.figure.parent == b.out else f"![test accuracy vs file bytes]({_rel(b.figure, b.out)})", ""]
+    lines += b.header() + [""]
+    records = list(state.records.values())
+    finished = [r for r in records if "error" not in r]
+    reused = [r for r in finished if "from" in r]
+    hours = sum(r.get("seconds", 0) for r in finished if "from" not in r) / 3600
+    lines += [f"**Runs:** {len(finished)} finished runs in `{_rel(b.runs_path, Path('.'))}` ({len(reused)} of them "
+              "copied from older runs files, same key and parameter count; the file also keeps older runs no family "
+              f"here asks for), {len(records) - len(finished)} failed; "
+              + ", ".join(f"seed {s}: {sum(1 for r in finished if r['seed'] == s)}" for s in SEEDS)
+              + f". Training time of the runs not copied: {hours:.1f} h.",
+              ""]
+    planned = all(f.name in state.plan for f in state.families)
+    nxt = state.next_run() if planned else None
+    lines += [("**Not planned yet:** some families were added since the runner last measured the settings; run the "
+               "command to plan and train them." if not planned else "**Not finished:** the protocol's next run is "
+               + f"{nxt[0].name} {nxt[1]} lr {nxt[2]:g} seed {nxt[3]} "
+               f"({nxt[4]}); rerun the command to resume." if nxt else "**Finished:** every run the protocol asks for "
+               "has run."), ""]
+    lines += ["## factnet against PEFT at each budget", "",
+              "At each budget (file bytes without the head; 1 KB = 1000 B), each family's point is its setting with "
+              "the best seed-0 validation accuracy among those whose file fits; factnet's best and PEFT's best are the "
+              "family points with the best mean validation accuracy over the seeds run. Test: mean ± std (n seeds). "
+              f"Also in [{b.csv.name}]({_rel(b.csv, b.out)}).", "",
+              "| budget | factnet's best | bytes | val | test | PEFT's best | bytes | val | test | factnet − PEFT |",
+              "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for budget in BUDGETS:
+        f, p = state.best("factnet", budget), state.best("peft", budget)
+        cells = []
+        for point in (f, p):
+            cells += ([f"{point.family.name}, {point.label}", f"{point.bytes:,}", _ms(point, "val"), _ms(point)]
+                      if point else ["—", "", "", ""])
+        diff = f"{f.stat('test')[0] - p.stat('test')[0]:+.1f}" if f and p else ""
+        lines.append(f"| {_kb(budget)} | " + " | ".join(cells) + f" | {diff} |")
+    lines += ["", "## The learning rate of each family", "",
+              "Seed 0 at the family's reference setting, validation accuracy per candidate (— : collapsed to one "
+              "class, or not finite); the chosen lr in bold. Larger candidates than a collapsed one are not run.", "",
+              "| family | reference | lr: seed-0 val | chosen |", "|---|---|---|---:|"]
+    for family in state.families:
+        nxt_lr, lr, runs = state.lr_state(family)
+        if not state.usable(family, family.reference):
+            lines.append(f"| {family.name} | {family.reference} (does not build) | | |")
+            continue
+        cells = []
+        for l in sorted(runs):
+            r = runs[l]
+            v = "error" if "error" in r else ("—" if collapsed(r, b.chance) else f"{r['val']:.1f}")
+            cells.append(f"**{l:g}: {v}**" if l == lr else f"{l:g}: {v}")
+        lines.append(f"| {family.name} | {family.reference} | {' / '.join(cells)} | "
+                     f"{f'{lr:g}' if lr is not None else ('next ' + format(nxt_lr, 'g') if nxt_lr else '—')} |")
+    lines += ["", "## Each family's point at each budget", "",
+              "The setting (seed-0 validation choice) and its test accuracy, mean over the seeds run [n]. Empty: "
+              "nothing of the family fits, or none of its settings has run yet.", ""]
+    shown = [x for x in BUDGETS]
+    lines += ["| family | " + " | ".join(_kb(x) for x in shown) + " |", "|---|" + "---|" * len(shown)]
+    for family in state.families:
+        cells = []
+        for budget in shown:
+            p = state.choose(family, budget)
+            cells.append(f"{p.setting}: {p.stat('test')[0]:.1f} [{p.stat('test')[2]}]" if p else "")
+        lines.append(f"| {family.name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Every setting run at its family's lr", "",
+              "| family | setting | lr | params | file bytes | val (seed 0) | val | test |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for family in state.families:
+        for p in sorted(state.points(family), key=lambda p: p.bytes):
+            params = p.runs[0].get("params")
+            lines.append(f"| {family.name} | {p.setting} | {p.lr:g} | {params:,} | {p.bytes:,} | {p.val0:.1f} | "
+                         f"{_ms(p, 'val')} | {_ms(p)} |" if params is not None else
+                         f"| {family.name} | {p.setting} | {p.lr:g} | | {p.bytes:,} | {p.val0:.1f} | {_ms(p, 'val')} | "
+                         f"{_ms(p)} |")
+    errors = [r for r in records if "error" in r]
+    fallen = [r for r in finished if collapsed(r, b.chance)]
+    lines += ["", "## What did not run, or failed", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += [f"- {n}" for n in plan_notes]
+    lines += [f"- run `{r['family']} {r['setting']} lr {r['lr']:g} seed {r['seed']}` failed: `{r['error'][:300]}`"
+              for r in errors]
+    if fallen:
+        lines += ["- collapsed to one class (validation at chance), seed-0 lr candidates mostly: " + ", ".join(
+            f"{r['family']} {r['setting']} lr {r['lr']:g} seed {r['seed']}" for r in fallen)]
+    hand = b.out / "notes.md"  # hand-written notes on the runs, kept apart from the generated tables
+    if hand.exists():
+        lines += ["", hand.read_text(encoding="utf-8").strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _rel(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path, start)
+
+
+def report(backend: Backend, extra_plot=None) -> None:
+    families, notes = backend.families()
+    plan_file = json.loads(backend.plan_path.read_text()) if backend.plan_path.exists() else {"families": {}}
+    plan = plan_file["families"]
+    plan_notes = [n for n in plan_file.get("plan_notes", [])]
+    state = State(backend, families, plan)
+    print(write_csv(state))
+    print(plot(state, extra_plot))
+    (backend.out / "README.md").write_text(readme(state, notes, plan_notes), encoding="utf-8")
+    print(backend.out / "README.md")

@@ -1,0 +1,75 @@
+"""The bytes-frontier protocol (benchmarks/frontier_protocol.py) on a fake model: lr validation with widening and
+the collapse ceiling, the choice at a budget, the run order, resuming, and the outputs (CSV columns, README)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import frontier_protocol as fp  # noqa: E402
+
+pytest.importorskip("matplotlib")
+
+
+class Fake(fp.Backend):
+    """Two families; accuracy peaks at lr 0.1 for PEFT (on the edge: widened) and 0.01 for factnet; lr 0.3
+    collapses PEFT; bytes grow with the rank."""
+
+    name, title, chance = "fake", "fake model", 10.0
+
+    def __init__(self, out: Path):
+        self.out, self.csv, self.figure = out, out / "frontier_bytes.csv", out / "frontier_bytes.png"
+        self.trained: list[str] = []
+
+    def families(self):
+        return [fp.Family("PEFT X", "peft", "x", None, ("r 1", "r 8"), "r 1"),
+                fp.Family("factnet tt 2-bit", "factnet", "tt", 2, ("r 1", "r 4", "r 64"), "r 4")], ["a note"]
+
+    def measure(self, family, setting):
+        r = int(setting.split()[1])
+        size = {"x": 3000 * r, "tt": 500 * r}[family.method]
+        return size, r * 10
+
+    def key(self, family, setting, lr, seed):
+        return f"{family.name}/{setting}/{lr:g}/{seed}"
+
+    def train(self, family, setting, lr, seed):
+        self.trained.append(self.key(family, setting, lr, seed))
+        r = int(setting.split()[1])
+        if family.method == "x":
+            val = 10.0 if lr >= 0.3 else 60 + 100 * lr + r
+        else:
+            val = 70 - abs(lr - 0.01) * 100 + r / 8
+        return {"val": val, "test": val + seed, "bytes": self.measure(family, setting)[0], "params": r * 10,
+                "seconds": 0.0}
+
+
+def test_protocol_end_to_end(tmp_path):
+    backend = Fake(tmp_path)
+    fp.run(backend)
+    state = fp.State(backend, backend.families()[0], json.loads(backend.plan_path.read_text())["families"])
+    peft, fact = state.families
+    _, lr, runs = state.lr_state(peft)
+    assert lr == pytest.approx(0.1) and 0.3 in runs and 1.0 not in runs  # widened to 0.3, which collapsed
+    assert state.lr_state(fact)[1] == pytest.approx(0.01)
+    assert state.next_run() is None
+    # the choice at a budget: the best seed-0 val among the settings whose file fits
+    assert state.choose(fact, 1999).setting == "r 1" and state.choose(fact, 40_000).setting == "r 64"
+    assert state.choose(peft, 2000) is None
+    # chosen points have three seeds; a rerun trains nothing (resumable)
+    assert set(state.choose(fact, 40_000).runs) == {0, 1, 2}
+    again = Fake(tmp_path)
+    fp.run(again)
+    assert again.trained == []
+    fp.report(backend)
+    rows = list(csv.DictReader(open(backend.csv)))
+    assert set(fp.COLUMNS) <= set(rows[0]) and len(rows) == len(fp.BUDGETS)
+    row = {int(r["budget_bytes"]): r for r in rows}[4000]
+    assert row["factnet_family"] == "factnet tt 2-bit" and row["peft_family"] == "PEFT X"
+    text = (tmp_path / "README.md").read_text()
+    assert "a note" in text and "| 4 KB |" in text
