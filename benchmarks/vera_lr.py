@@ -36,7 +36,7 @@ PLAN = [("vera", 192, 1.0, None, None, (0,)), ("vera", 192, None, 1.0, None, (0,
         ("vera", 192, None, 1.0, 1, (0,)), ("vera", 16, None, 1.0, 1, (0,)), ("vera", 1024, None, 1.0, 1, (0,)),
         ("vera", 4096, None, 1.0, 2, (0,)), ("vera", 192, None, 1.0, 2, (0,), 1e-2),
         ("cp-seeded", 1024, None, 1.0, 2, (0,), 1e-2), ("vera", 512, None, 1.0, 2, (0, 1, 2)),
-        ("tt-scaled", 8, None, 1.0, 2, (0,), 1e-2), ("vera", 192, None, 1.0, 2, (0,), 0.3),
+        ("vera", 192, None, 1.0, 2, (0,), 0.3), ("tt-scaled", 8, None, 1.0, 2, (0,), 1e-2),
         ("cp-seeded", 4096, None, 1.0, 2, (0,))]  # (7th: its lr)
 
 
