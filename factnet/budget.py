@@ -175,6 +175,7 @@ class FormatRule:
     bits: int | None | str
     lr: float
     measured: str
+    max_bytes: int | None = None  # a larger budget spends only this many: more bought nothing measured
 
 
 # The format a byte budget takes when none is named (`choose_format`), from the wide backbone's runs (docs/bytes:
@@ -189,7 +190,9 @@ AUTO_RULE: tuple[FormatRule, ...] = (
                                       "backbone's bytes frontier (80.0% test at 4.0 KB against 1-bit FacT-TT's 75.3)"),
     FormatRule(5_760, "vera", 2, 0.1, "from vera r192 at 2 bits (5,760 bytes of factors) factnet's vera led the wide "
                                       "backbone's bytes frontier (88.3 ± 1.0% test at 7.0 KB, r512 89.8 ± 2.8 at "
-                                      "11.2 KB, r1024 89.2 at 19.5 KB)"),
+                                      "11.2 KB, r1024 89.2 at 19.5 KB); above r4096's 64,320 bytes of factors (89.2) "
+                                      "more rank bought nothing, so a larger budget spends that much",
+               max_bytes=64_320),
 )
 
 
@@ -218,8 +221,9 @@ def choose_format(shapes: list[tuple[int, int, int]], budget: Budget, itemsize: 
     for rule in reversed(lines):
         auto = choose_bits and rule.bits == "auto"
         width = bits if not choose_bits else None if auto else rule.bits
+        spent = budget if rule.max_bytes is None else Budget(min(budget.amount, rule.max_bytes), True)
         try:
-            return AutoChoice(rule.format, choose(rule.format, shapes, budget, width, itemsize, auto), rule)
+            return AutoChoice(rule.format, choose(rule.format, shapes, spent, width, itemsize, auto), rule)
         except FactnetError:
             continue
     # nothing fits: the smallest line's error says what its rank 1 needs

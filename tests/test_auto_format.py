@@ -24,18 +24,19 @@ def _data_bytes(path) -> int:
 
 def _expected(tensorizer: factnet.Tensorizer, budget: str):
     """The rule read by hand: the last line starting at or below the budget whose format fits some rank at its
-    bits, and that choice."""
+    bits (within its ``max_bytes``), and that choice."""
     amount = read_budget(budget).amount
     for rule in sorted(AUTO_RULE, key=lambda r: r.min_bytes, reverse=True):
         if rule.min_bytes <= amount:
+            spent = amount if rule.max_bytes is None else min(amount, rule.max_bytes)
             try:
-                return rule, tensorizer.budget_choice(rule.format, budget, rule.bits)
+                return rule, tensorizer.budget_choice(rule.format, f"{spent}B", rule.bits)
             except FactnetError:
                 continue
     raise AssertionError("no line fits")
 
 
-@pytest.mark.parametrize("budget", ["2KB", "4KB", "8KB", "32KB", "128KB"])
+@pytest.mark.parametrize("budget", ["2KB", "4KB", "8KB", "32KB", "128KB", "1MB"])
 @pytest.mark.parametrize("spelled", [None, "auto"])
 def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(budget, spelled, tmp_path):
     tensorizer = factnet.Tensorizer(tiny_vit())
@@ -48,6 +49,8 @@ def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(b
     assert adapter.num_parameters() == choice.params
     saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
     assert _data_bytes(saved.path) == choice.bytes <= read_budget(budget).amount
+    if adapter.picked.rule.max_bytes is not None:  # more bytes than the rule found useful are not spent
+        assert choice.bytes <= adapter.picked.rule.max_bytes
     text = repr(adapter)
     assert f"picked by the budget: {expected} rank {choice.rank}" in text
     assert adapter.picked.rule.measured in text  # says why
