@@ -76,7 +76,7 @@ class Adapter(nn.Module):
                     fmt.projections_per_slice))
         self.head = head
         self._merged = False
-        self.picked: AutoChoice | None = None  # what a byte budget with no format chose, and why (`Tensorizer.decompose`)
+        self.picked: AutoChoice | None = None  # what a byte budget with no format chose, and why (`decompose`)
         self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
         self._increments: dict[str, tuple[list[NormalForm], torch.dtype, list[Increment]]] = {}
         self._cuts: dict[str, tuple[NormalForm, torch.dtype, dict[str, Increment]]] = {}

@@ -207,7 +207,8 @@ class AutoChoice:
     def __str__(self) -> str:
         bits = "full precision" if self.choice.bits is None else f"{self.choice.bits} bit{'s' * (self.choice.bits > 1)}"
         return (f"{self.format} rank {self.choice.rank}, {bits}: {self.choice.params:,} parameters in "
-                f"{self.choice.bytes:,} bytes of factors; train it at lr {self.rule.lr:g} (AdamW); {self.rule.measured}")
+                f"{self.choice.bytes:,} bytes of factors; train it at lr {self.rule.lr:g} (AdamW); "
+                f"{self.rule.measured}")
 
 
 def choose_format(shapes: list[tuple[int, int, int]], budget: Budget, itemsize: int, bits: int | None = None,

@@ -149,18 +149,17 @@ class Tensorizer:
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
         fits (see `rank_for_budget`); a budget in bytes picks the bits too unless ``bits`` is given (None: full
         precision; see `budget_choice`), and with no ``format`` (or ``"auto"``) the format too (`auto_choice`:
-        `factnet.budget.AUTO_RULE`, measured; ``print(adapter)`` says what it picked and why). By default the parametrization is rank-stable, so one learning rate
-        serves every rank: ``s = g·ρ`` with ``ρ`` from `stable_scale` and gain ``g = gain`` (default
-        `DEFAULT_GAIN`), and each factor used times its `Format.multipliers` (docs/scale/README.md);
-        ``scale=`` is the paper's parametrization, its ``s`` itself (the presets' values), as saved.
-        ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names the task head
-        (found automatically on timm models and for modules named head/classifier/fc); it stays
-        trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible.
-        ``name`` registers it in ``model.factnet`` (an `AdapterSet`) beside any adapters the model
-        already has; the new one becomes the active one. ``bits`` (1, 2, 4, 8) trains the factors as a
-        ``bits``-bit file stores them (quantized in the forward, straight-through gradient), so
-        ``adapter.save`` then writes exactly the trained model in ``bits`` bits; ``head_bits`` does the same
-        for the head (`factnet.head_bits`).
+        `factnet.budget.AUTO_RULE`, measured; ``print(adapter)`` says what it picked and why). By default the
+        parametrization is rank-stable, so one learning rate serves every rank: ``s = g·ρ`` with ``ρ`` from
+        `stable_scale` and gain ``g = gain`` (default `DEFAULT_GAIN`), and each factor used times its
+        `Format.multipliers` (docs/scale/README.md); ``scale=`` is the paper's parametrization, its ``s`` itself
+        (the presets' values), as saved. ``dropout`` acts in factor space (the paper uses 0.1); ``head`` names
+        the task head (found automatically on timm models and for modules named head/classifier/fc); it stays
+        trainable unless ``train_head=False``. ``seed`` makes the factor init reproducible. ``name`` registers
+        it in ``model.factnet`` (an `AdapterSet`) beside any adapters the model already has; the new one becomes
+        the active one. ``bits`` (1, 2, 4, 8) trains the factors as a ``bits``-bit file stores them (quantized
+        in the forward, straight-through gradient), so ``adapter.save`` then writes exactly the trained model in
+        ``bits`` bits; ``head_bits`` does the same for the head (`factnet.head_bits`).
         """
         picked = None
         if format is None or (isinstance(format, str) and format == "auto"):
