@@ -191,7 +191,9 @@ class State:
                 continue
             runs = {s: r for s in SEEDS if (r := self.run_of(family, setting, lr, s)) is not None and "error" not in r}
             if 0 in runs and not collapsed(runs[0], -1):  # a NaN run has no point
-                out.append(Point(family, setting, lr, runs[0]["bytes"], runs))
+                # the file size the installed factnet writes (the plan's), else the run's own
+                size = self.plan.get(family.name, {}).get(setting, [runs[0]["bytes"]])[0]
+                out.append(Point(family, setting, lr, size, runs))
         return out
 
     def choose(self, family: Family, budget: int) -> Point | None:
