@@ -492,13 +492,13 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
     lines = [f"# {b.title}: the bytes frontier", "", f"![test accuracy vs file bytes]({b.figure.name})"
              if b.figure.parent == b.out else f"![test accuracy vs file bytes]({_rel(b.figure, b.out)})", ""]
     lines += b.header() + [""]
-    records = list(state.records.values())
+    records = [r for r in state.records.values() if r.get("model") == b.name]  # not the older runs the file keeps
     finished = [r for r in records if "error" not in r]
     reused = [r for r in finished if "from" in r]
     hours = sum(r.get("seconds", 0) for r in finished if "from" not in r) / 3600
     lines += [f"**Runs:** {len(finished)} finished runs in `{_rel(b.runs_path, Path('.'))}` ({len(reused)} of them "
-              "copied from older runs files, same key and parameter count; the file also keeps older runs no family "
-              f"here asks for), {len(records) - len(finished)} failed; "
+              "copied from older runs files, same key and parameter count; the file may also keep older runs of "
+              f"other benchmarks), {len(records) - len(finished)} failed; "
               + ", ".join(f"seed {s}: {sum(1 for r in finished if r['seed'] == s)}" for s in SEEDS)
               + f". Training time of the runs not copied: {hours:.1f} h.",
               ""]
