@@ -147,7 +147,13 @@ class State:
         self.records: dict[str, dict] = {r["key"]: normalize(r) for r in read_jsonl(backend.runs_path)}
 
     def run_of(self, family: Family, setting: str, lr: float, seed: int) -> dict | None:
-        return self.records.get(self.backend.key(family, setting, lr, seed))
+        """The run, unless the installed factnet builds this setting with another parameter count than the run
+        had (a library change, e.g. a rank cap lifted): such a run is stale and runs again."""
+        record = self.records.get(self.backend.key(family, setting, lr, seed))
+        planned = self.plan.get(family.name, {}).get(setting)
+        if record is not None and planned and record.get("params") not in (None, planned[1]):
+            return None
+        return record
 
     def usable(self, family: Family, setting: str) -> bool:
         """In the plan (it builds, its file is at most the largest budget); a family the plan has not measured
