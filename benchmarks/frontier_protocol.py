@@ -147,7 +147,13 @@ class State:
         self.records: dict[str, dict] = {r["key"]: normalize(r) for r in read_jsonl(backend.runs_path)}
 
     def run_of(self, family: Family, setting: str, lr: float, seed: int) -> dict | None:
-        return self.records.get(self.backend.key(family, setting, lr, seed))
+        """The run, unless the installed factnet builds this setting with another parameter count than the run
+        had (a library change, e.g. a rank cap lifted): such a run is stale and runs again."""
+        record = self.records.get(self.backend.key(family, setting, lr, seed))
+        planned = self.plan.get(family.name, {}).get(setting)
+        if record is not None and planned and record.get("params") not in (None, planned[1]):
+            return None
+        return record
 
     def usable(self, family: Family, setting: str) -> bool:
         """In the plan (it builds, its file is at most the largest budget); a family the plan has not measured
@@ -191,7 +197,9 @@ class State:
                 continue
             runs = {s: r for s in SEEDS if (r := self.run_of(family, setting, lr, s)) is not None and "error" not in r}
             if 0 in runs and not collapsed(runs[0], -1):  # a NaN run has no point
-                out.append(Point(family, setting, lr, runs[0]["bytes"], runs))
+                # the file size the installed factnet writes (the plan's), else the run's own
+                size = self.plan.get(family.name, {}).get(setting, [runs[0]["bytes"]])[0]
+                out.append(Point(family, setting, lr, size, runs))
         return out
 
     def choose(self, family: Family, budget: int) -> Point | None:
@@ -490,13 +498,13 @@ def readme(state: State, notes: list[str], plan_notes: list[str]) -> str:
     lines = [f"# {b.title}: the bytes frontier", "", f"![test accuracy vs file bytes]({b.figure.name})"
              if b.figure.parent == b.out else f"![test accuracy vs file bytes]({_rel(b.figure, b.out)})", ""]
     lines += b.header() + [""]
-    records = list(state.records.values())
+    records = [r for r in state.records.values() if r.get("model") == b.name]  # not the older runs the file keeps
     finished = [r for r in records if "error" not in r]
     reused = [r for r in finished if "from" in r]
     hours = sum(r.get("seconds", 0) for r in finished if "from" not in r) / 3600
     lines += [f"**Runs:** {len(finished)} finished runs in `{_rel(b.runs_path, Path('.'))}` ({len(reused)} of them "
-              "copied from older runs files, same key and parameter count; the file also keeps older runs no family "
-              f"here asks for), {len(records) - len(finished)} failed; "
+              "copied from older runs files, same key and parameter count; the file may also keep older runs of "
+              f"other benchmarks), {len(records) - len(finished)} failed; "
               + ", ".join(f"seed {s}: {sum(1 for r in finished if r['seed'] == s)}" for s in SEEDS)
               + f". Training time of the runs not copied: {hours:.1f} h.",
               ""]
