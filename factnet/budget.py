@@ -179,15 +179,15 @@ class FormatRule:
 
 
 # The format a byte budget takes when none is named (`choose_format`), from the wide backbone's runs (docs/bytes:
-# bytes frontier and vera_lr.md; test %, seed 0 unless a ± says 3 seeds; file bytes as saved then, with the old
-# ~0.8 KB header). 1-bit FacT-TT: r4 2.0 KB 72.2, r16 3.9 KB 75.3; vera (seeded A, B, trained per-slice b and d,
-# lr 0.1): 1 bit r16 2.6 KB 57.2, r192 4.0 KB 80.0; 2 bits r192 7.0 KB 88.3 ± 1.0, r512 11.2 KB 89.8 ± 2.8,
-# r1024 19.5 KB 89.2, r4096 65.6 KB 89.2.
+# fixed_lr.md and vera_lr.md; test %, seed 0 unless a ± says 3 seeds). 1-bit FacT-TT: r4 2.0 KB 72.2, r16 3.9 KB
+# 75.3 (73.5 on vera_lr.md's re-pretrained backbone); vera (seeded A, B, trained per-slice b and d, lr 0.1): 1 bit
+# r16 2.6 KB 57.2, r192 4.0 KB 80.0; 2 bits r192 7.0 KB 88.3 ± 1.0, r512 11.2 KB 89.8 ± 2.8, r1024 19.5 KB 89.2,
+# r4096 65.6 KB 89.2 (r192 1 bit and r512 up on the re-pretrained backbone, where r192 2 bits scored 87.7).
 AUTO_RULE: tuple[FormatRule, ...] = (
     FormatRule(0, "tt", "auto", 1e-2, "below about 3 KB of factors low-bit FacT-TT was factnet's best on the wide "
                                       "backbone (1 bit: 72-75% test at 2-4 KB files)"),
-    FormatRule(2_880, "vera", 1, 0.1, "from vera r192 at 1 bit (2,880 bytes of factors) factnet's vera led the wide "
-                                      "backbone's bytes frontier (80.0% test at 4.0 KB against 1-bit FacT-TT's 75.3)"),
+    FormatRule(2_880, "vera", 1, 0.1, "from vera r192 at 1 bit (2,880 bytes of factors) factnet's vera led on the wide "
+                                      "backbone (80.0% test at 4.0 KB against 1-bit FacT-TT r16's 73.5 at 3.5 KB)"),
     FormatRule(5_760, "vera", 2, 0.1, "from vera r192 at 2 bits (5,760 bytes of factors) factnet's vera led the wide "
                                       "backbone's bytes frontier (88.3 ± 1.0% test at 7.0 KB, r512 89.8 ± 2.8 at "
                                       "11.2 KB, r1024 89.2 at 19.5 KB); above r4096's 64,320 bytes of factors (89.2) "
