@@ -148,9 +148,8 @@ def as_dense(increment: Increment) -> Increment:
 
 def effective_weight(weight: Tensor, increments: list[Increment], scale: float) -> Tensor:
     """``W + s·Σ ΔW`` as a new ``(d_out, d_in)`` tensor, one ``addmm`` pass over ``W`` each."""
-    if any(inc.diagonal for inc in increments):  # (merge and benchmarks only: the kernel runs them thin)
-        return weight + scale * sum(delta_weight(inc) for inc in increments).reshape(weight.shape)
-    if not weight.is_contiguous():  # keep the layout (Conv1D's transposed weight): same GEMM as the base
+    # a transposed layout (Conv1D's weight) is kept for the base's GEMM; a diagonal increment has its own ΔW
+    if not weight.is_contiguous() or any(inc.diagonal for inc in increments):
         return weight + scale * sum(delta_weight(inc) for inc in increments) if increments else weight
     result = weight
     for inc in increments:

@@ -255,6 +255,19 @@ def randomize_factors(adapter: factnet.Adapter, std: float = 0.5, seed: int = 0)
                 factor.copy_(torch.randn(factor.shape, generator=generator, dtype=torch.float64) * std)
 
 
+def mixed_against_alone(model: nn.Module, x: torch.Tensor, order: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-sample mixed output, the same rows from each adapter alone)`` for the adapters named in ``order``
+    (one name per sample of ``x``), without grad."""
+    with torch.no_grad():
+        alone = {}
+        for name in dict.fromkeys(order):
+            model.factnet.activate(name)
+            alone[name] = model(x)
+        with model.factnet.per_sample(order):
+            mixed = model(x)
+    return mixed, torch.stack([alone[name][i] for i, name in enumerate(order)])
+
+
 def perturb_head(adapter: factnet.Adapter, seed: int) -> None:
     """Add N(0, 1) noise (from generator ``seed``) to the adapter's head parameters, in place: a head of its own."""
     generator = torch.Generator().manual_seed(seed)

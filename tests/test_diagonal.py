@@ -1,9 +1,9 @@
 """Diagonal rank letters (`Format.diagonal_letters`): VeRA's ``a``, cp-seeded's ``a``.
 
 A letter the trained factors carry only diagonally is not capped by the matrix side, and a diagonal core is
-kept as its diagonal (``NormalForm.core: (n, r)``), never as an ``r x r`` matrix. Every check here runs a rank *above* the matrices' side (48) against
-the dense oracle (tensorly's reconstruction written into the weights): forward, gradients, merge, mixed batches,
-a low-bit file, and budgets that pick such a rank.
+kept as its diagonal (``NormalForm.core: (n, r)``), never as an ``r x r`` matrix. Every check here runs a rank
+*above* the matrices' side (48) against the dense oracle (tensorly's reconstruction written into the weights):
+forward, gradients, merge, mixed batches, a low-bit file, and budgets that pick such a rank.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import factnet
-from conftest import effective_params, factor_leaves, oracle_forward, randomize_factors, tiny_vit
+from conftest import (effective_params, factor_leaves, mixed_against_alone, oracle_forward, randomize_factors,
+                      tiny_vit)
 from factnet.quant import fake_quantize
 from torch.func import functional_call
 
@@ -35,7 +36,7 @@ def _adapted(fmt: str, name: str = "default", seed: int = 1, rank: int = RANK):
 def test_diagonal_letters_are_derived_from_the_trained_factors():
     assert factnet.get_format("vera", 1).diagonal_letters == "a"  # d: ia (b holds no rank letter)
     assert factnet.get_format("cp-seeded", 1).diagonal_letters == "a"
-    for name in ("tt", "tucker", "cp", "batch-matrix", "tensor-ring", "tt-seeded"):  # a trained factor holds j/k/another
+    for name in ("tt", "tucker", "cp", "batch-matrix", "tensor-ring", "tt-seeded"):  # a trained factor holds j or k
         assert factnet.get_format(name, 1).diagonal_letters == "", name
 
 
@@ -119,15 +120,7 @@ def test_mixed_batch_equals_each_adapter_alone(fmt):
     _, model, _ = _adapted(fmt, name="a", seed=1)
     other = factnet.Tensorizer(model).decompose(fmt, rank=RANK + 7, scale=SCALE, name="b", seed=2, train_head=False)
     randomize_factors(other, std=0.3, seed=2)
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        alone = {}
-        for name in ("a", "b"):
-            model.factnet.activate(name)
-            alone[name] = model(x)
-        with model.factnet.per_sample(["a", "b", "b", "a"]):
-            mixed = model(x)
-    expected = torch.cat([alone["a"][:1], alone["b"][1:3], alone["a"][3:]])
+    mixed, expected = mixed_against_alone(model, torch.randn(4, 3, 32, 32, dtype=torch.float64), ["a", "b", "b", "a"])
     torch.testing.assert_close(mixed, expected, rtol=1e-10, atol=1e-10)
 
 
