@@ -27,7 +27,7 @@ from factnet.calls import Call, Traffic
 from factnet.errors import FactnetError
 from factnet.guard import WeightWatch
 from factnet.head_bits import quantized_head
-from factnet.kernel import Increment
+from factnet.increment import Increment
 from factnet.mixing import Mix, check_batch
 
 if TYPE_CHECKING:

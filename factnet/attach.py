@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from factnet.kernel import Increment, adapted_linear, base_op, effective_weight
+from factnet.increment import Increment, effective_weight
+from factnet.kernel import adapted_linear, base_op
 from factnet.slices import Matrix, StandIn
 
 __all__ = ["AdaptedMatrix", "Sites", "base_weight", "readers", "weight_view"]

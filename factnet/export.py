@@ -1,6 +1,6 @@
 """Export an adapter as a PEFT LoRA adapter directory: exact wherever a module's increment is low rank.
 
-One placement's share of a module's increment is, in normal form (see `factnet.kernel`),
+One placement's share of a module's increment is, in normal form (see `factnet.increment`),
 
     ΔW = P_out · coreᵀ · P_in,   P_in: (m_in·α, d_in),  core: (m_in·α, m_out·β),  P_out: (d_out, m_out·β)
 
@@ -39,7 +39,7 @@ from factnet.adapter import Adapter
 from factnet.attach import AdaptedMatrix
 from factnet.errors import FactnetError
 from factnet.files import write_atomically
-from factnet.kernel import Increment, as_dense
+from factnet.increment import Increment, as_dense
 from factnet.slices import Matrix
 
 __all__ = ["ExportReport", "ExportedMatrix", "export_lora", "lora_factors", "relative_error", "truncated_svd"]

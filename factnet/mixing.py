@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from factnet.attach import AdaptedMatrix, _from_linear, to_linear
 from factnet.errors import FactnetError
-from factnet.kernel import Increment, delta_rows, effective_weight
+from factnet.increment import Increment, effective_weight
+from factnet.kernel import delta_rows
 
 if TYPE_CHECKING:
     from factnet.adapter import Adapter

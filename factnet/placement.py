@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from factnet.formats import NormalForm
-from factnet.kernel import Increment
+from factnet.increment import Increment
 
 __all__ = ["Placement", "cut", "shared_placement"]
 

@@ -15,7 +15,8 @@ from kernel_support import check_gradients
 import factnet
 from factnet import autotune
 from factnet.errors import FactnetError
-from factnet.kernel import Increment, _ActivationLinear, adapted_linear, delta_rows
+from factnet.increment import Increment
+from factnet.kernel import _ActivationLinear, adapted_linear, delta_rows
 from factnet.products import outer, times_t
 
 SCALE = 1.7

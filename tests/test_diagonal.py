@@ -168,7 +168,8 @@ def _block_oracle(a_t, core, b_t, out_scale, m_in, m_out):
 def test_diagonal_rows_by_thin_products_or_the_dense_delta(rows, rank, dense, layout):
     """Both ways `diagonal_rows` runs (thin products; the dense ``ΔW`` where that costs less) against the block
     oracle, values and gradients (gradcheck)."""
-    from factnet.kernel import Increment, _builds_delta, diagonal_rows
+    from factnet.diagonal import builds_delta, diagonal_rows
+    from factnet.increment import Increment
 
     torch.manual_seed(0)
     d, dt = 6, torch.float64
@@ -181,7 +182,7 @@ def test_diagonal_rows_by_thin_products_or_the_dense_delta(rows, rank, dense, la
                torch.randn(m_in, m_out * d, dtype=dt) if scaled else None]
     x, a_t, core, b_t, out_scale = (t if t is None else t.requires_grad_() for t in tensors)
     increment = Increment(a_t, core, b_t, m_in, m_out, out_scale)
-    assert _builds_delta(increment, rows) == dense
+    assert builds_delta(increment, rows) == dense
     expected = 0.7 * x @ _block_oracle(a_t, core, b_t, out_scale, m_in, m_out).t()
     torch.testing.assert_close(diagonal_rows(x, increment, 0.7), expected, rtol=1e-12, atol=1e-12)
     inputs = [t for t in (x, a_t, core, b_t, out_scale) if t is not None]

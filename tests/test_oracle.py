@@ -16,7 +16,8 @@ from conftest import blockwise_delta
 
 import factnet
 from factnet import Tensorizer
-from factnet.kernel import Increment, adapted_linear, delta_weight
+from factnet.increment import Increment, delta_weight
+from factnet.kernel import adapted_linear
 
 SCALE = 1.7
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from factnet.formats import NormalForm
-from factnet.kernel import delta_weight
+from factnet.increment import delta_weight
 from factnet.placement import Placement, cut
 
 N, A, B, D = 6, 3, 2, 5
