@@ -7,9 +7,9 @@ group's share of ``ΔW`` for that module:
     ΔW[(q, k), (p, j)] = Σ_αβ b_t[q, β, k] · core[(p, α), (q, β)] · a_t[p, α, j]
 
 with ``a_t: (g_in, α, d_in / m_in)`` and ``b_t: (g_out, β, d_out / m_out)`` shared by all
-blocks when ``g == 1`` (one GEMM on the reshaped activations) or one per block (``g == m``); projections are stored rank-major
-(``a_t`` is ``P_inᵀ``). The dense ``ΔW`` (`delta_weight`) serves merging and parametrized weights,
-``W + s·ΔW`` (`effective_weight`) the kernel's merged GEMM (`factnet.kernel`).
+blocks when ``g == 1`` (one GEMM on the reshaped activations) or one per block (``g == m``);
+projections are stored rank-major (``a_t`` is ``P_inᵀ``). The dense ``ΔW`` (`delta_weight`) serves
+merging and parametrized weights, ``W + s·ΔW`` (`effective_weight`) the kernel's merged GEMM (`factnet.kernel`).
 """
 
 from __future__ import annotations

@@ -5,18 +5,8 @@ A group tensor ``ΔW`` has three modes: ``i`` (slice), ``j`` (input), ``k`` (out
 A format names its factors with einsum letters (``{"sigma": "iab", "u": "ja", "v": "kb"}``
 is FacT-TT); every other letter is a rank index of size at most ``rank`` (see `Format.sizes`).
 From that alone the base class derives the shapes, the parameter count, the rank-stable scale
-(`Format.stable_scale`), the dense reconstruction and the *normal form* every kernel uses:
-
-    ΔW[i] = P_in[i] @ core[i] @ P_out[i]ᵀ,   P_in: (d_in, a), core: (a, b), P_out: (d_out, b)
-
-``P_in`` is the factor holding ``j``, ``P_out`` the one holding ``k`` (per slice when it
-also holds ``i``), and ``core`` contracts all other factors; a rank index shared by
-``P_in`` and ``P_out`` becomes an identity in the core. Where every rank index of both
-projections is shared (CP, VeRA, batch-matrix), the core is diagonal: it is kept as its diagonal
-``core: (n | 1, a)`` (``None`` where it is the identity), never as an ``a x a`` matrix, and a factor
-holding only ``i`` and ``k`` (VeRA's ``b``) stays a per-slice scaling of the output,
-``out_scale: (n | 1, d_out)``, so ``ΔW[i] = P_in[i] diag(core[i]) P_out[i]ᵀ diag(out_scale[i])``: a step
-costs thin products and per-slice scalings only, whatever the rank.
+(`Format.stable_scale`), the dense reconstruction and the *normal form* every kernel uses,
+``ΔW[i] = P_in[i] @ core[i] @ P_out[i]ᵀ`` (`factnet.formats.normal_form`: how the factors contract into it).
 
 A rank letter that the *trained* factors carry only diagonally (each trained factor holding it holds
 no other letter but ``i``: VeRA's ``a`` in ``d: ia``, its ``A``, ``B`` being seeded) is a *diagonal
@@ -29,37 +19,18 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import opt_einsum
 import torch
 from torch import Tensor
 
 from factnet.errors import FactnetError
+from factnet.formats import normal_form
+from factnet.formats.normal_form import MODES, NormalForm
 from factnet.plans import planned
 
-__all__ = ["Format", "NormalForm", "available_formats", "get_format"]
-
-MODES = "ijk"
+__all__ = ["Format", "available_formats", "get_format"]
 _REGISTRY: dict[str, type[Format]] = {}
-
-
-@dataclass(frozen=True)
-class NormalForm:
-    """Factors of a group in normal form, laid out for BLAS (rank-major projections).
-
-    ``p_in_t: (n | 1, a, d_in)``, ``core: (n, a, b)``, ``p_out_t: (n | 1, b, d_out)``; the
-    leading size is ``n`` when the projection differs per slice, else 1 (shared). A diagonal core
-    (``a == b``) is its diagonal, ``core: (n | 1, a)``, or ``None`` for the identity; only then may
-    ``out_scale: (n | 1, d_out)`` scale each slice's output (``ΔW[i] ← ΔW[i] diag(out_scale[i])``).
-    """
-
-    p_in_t: Tensor
-    core: Tensor | None
-    p_out_t: Tensor
-    out_scale: Tensor | None = None
 
 
 class Format:
@@ -243,7 +214,7 @@ class Format:
     @property
     def projections_per_slice(self) -> tuple[bool, bool]:
         """Whether ``P_in`` / ``P_out`` of the normal form differ per slice (their factor holds mode ``i``)."""
-        return _normal_plan(type(self)).per_slice
+        return normal_form.per_slice(self.factors)
 
     def reconstruct(self, factors: dict[str, Tensor]) -> Tensor:
         """Dense ``(n, d_in, d_out)`` tensor by the format's own einsum."""
@@ -251,103 +222,12 @@ class Format:
         return planned(self.equation, *(tuple(t.shape) for t in operands))(*operands)
 
     def normal_form(self, factors: dict[str, Tensor]) -> NormalForm:
-        """``(P_in, core, P_out)`` with ``ΔW[i] = P_in[i] core[i] P_out[i]ᵀ``; see module doc."""
-        plan = _normal_plan(type(self))
-        n = _mode_size(self.factors, factors, "i")
-        p_in = _side(factors, self.factors, plan.in_factors, plan.in_letters)
-        p_out = _side(factors, self.factors, plan.out_factors, plan.out_letters)
-        p_in_t = _projection(p_in, plan.in_letters, "j", plan.in_ranks)
-        p_out_t = _projection(p_out, plan.out_letters, "k", plan.in_ranks if plan.diagonal else plan.out_ranks)
-        operands = [factors[name] for name in plan.rest]
-        if plan.diagonal:  # core[i] = diag(c[i]): kept as c, never as an a x a matrix
-            out_scale = None
-            if plan.out_scales:
-                out_scale = _side(factors, self.factors, plan.out_scales, _union(self.factors[f] for f in plan.out_scales))
-                out_scale = out_scale.reshape(-1, out_scale.shape[-1])  # (n | 1, d_out)
-            if not operands:
-                ones = None if out_scale is None else p_in_t.new_ones(1, p_in_t.shape[1])
-                return NormalForm(p_in_t, ones, p_out_t, out_scale)
-            diagonal = operands[0] if plan.core_equation is None else planned(
-                plan.core_equation, *(tuple(t.shape) for t in operands))(*operands)
-            diagonal = diagonal.reshape(n if "i" in plan.core_equation_output else 1, -1)
-            return NormalForm(p_in_t, diagonal, p_out_t, out_scale)
-        operands += [torch.eye(p_in.shape[plan.in_letters.index(c)], dtype=p_in_t.dtype,
-                               device=p_in_t.device) for c in plan.shared]
-        if plan.core_equation is None:  # the core is a single factor already in (i, a, b) order
-            core = operands[0]
-        else:
-            core = planned(plan.core_equation, *(tuple(t.shape) for t in operands))(*operands)
-        if "i" not in plan.core_equation_output:
-            core = core.unsqueeze(0).expand(n, *core.shape)
-        a, b = p_in_t.shape[1], p_out_t.shape[1]
-        return NormalForm(p_in_t, core.reshape(n, a, b), p_out_t)
+        """``(P_in, core, P_out)`` with ``ΔW[i] = P_in[i] core[i] P_out[i]ᵀ`` (`factnet.formats.normal_form`)."""
+        return normal_form.build(self.factors, factors)
 
     def core_plan_report(self, n: int, d_in: int, d_out: int) -> str:
         """opt-einsum's path and cost for building the cores of a ``(n, d_in, d_out)`` group."""
-        plan = _normal_plan(type(self))
-        if plan.diagonal:
-            letters = ", ".join(plan.shared)
-            if not plan.rest:
-                return f"core: the identity over {letters} (no core, no contraction)"
-            how = f"the factor {plan.rest[0]}" if plan.core_equation is None else plan.core_equation
-            scaled = f"; {', '.join(plan.out_scales)} scales the output" if plan.out_scales else ""
-            return f"core: diagonal over {letters} ({how}), kept as a vector (no {letters}x{letters} core){scaled}"
-        if plan.core_equation is None:
-            return "core: a factor as is (no contraction)"
-        sizes = self.sizes(n, d_in, d_out)
-        shapes = [tuple(sizes[c] for c in self.factors[name]) for name in plan.rest]
-        shapes += [(sizes[c], sizes[c]) for c in plan.shared]
-        _, info = opt_einsum.contract_path(plan.core_equation, *shapes, shapes=True, optimize="optimal")
-        return f"core: {plan.core_equation}\n{info}"
-
-
-@dataclass(frozen=True)
-class _NormalPlan:
-    in_factors: tuple[str, ...]  # the factors holding j (VeRA: ``A``), their product the input projection
-    out_factors: tuple[str, ...]  # the factors holding k and a rank letter (VeRA: ``B``; TT: ``v``)
-    out_scales: tuple[str, ...]  # diagonal cores: the factors holding only i, k (VeRA's ``b``), an output scaling
-    in_letters: str  # the letters of the input projection (their product)
-    out_letters: str
-    in_ranks: str  # their rank letters, in the order of the projections' rank axes
-    out_ranks: str
-    rest: tuple[str, ...]
-    shared: tuple[str, ...]  # rank letters of both projections: an identity each in the core
-    core_equation: str | None  # (diagonal: the rest's product over ``i`` and the shared letters)
-    core_equation_output: str
-    diagonal: bool  # every rank letter of both projections shared: the core is diagonal, kept as its diagonal
-    per_slice: tuple[bool, bool]  # whether P_in / P_out of the normal form differ per slice
-
-
-@functools.cache
-def _normal_plan(cls: type[Format]) -> _NormalPlan:
-    """How `Format.normal_form` contracts the factors of ``cls`` (derived once per class)."""
-    factors = cls.factors
-    in_factors = tuple(name for name, letters in factors.items() if "j" in letters)
-    out_factors = tuple(name for name, letters in factors.items() if "k" in letters)
-    in_letters, out_letters = (_union(factors[name] for name in side) for side in (in_factors, out_factors))
-    in_ranks = "".join(c for c in in_letters if c not in MODES)
-    out_ranks = "".join(c for c in out_letters if c not in MODES)
-    rest = tuple(name for name in factors if name not in in_factors + out_factors)
-    diagonal = set(in_ranks) == set(out_ranks)
-    out_scales = tuple(name for name in out_factors if set(factors[name]) <= {"i", "k"}) if diagonal else ()
-    if out_scales:
-        out_factors = tuple(name for name in out_factors if name not in out_scales)
-        out_letters = _union(factors[name] for name in out_factors)
-    fresh = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "".join(factors.values()))
-    renamed = {c: next(fresh) for c in out_ranks if c in in_ranks}
-    rest_letters = "".join(factors[name] for name in rest)
-    if diagonal:  # the core's only entries: its diagonal, the rest contracted over (i and) the shared letters
-        inputs = [factors[name] for name in rest]
-        output = ("i" if "i" in rest_letters else "") + in_ranks
-    else:
-        inputs = [factors[name] for name in rest] + [c + renamed[c] for c in renamed]
-        slice_letter = "i" if any("i" in letters for letters in inputs) else ""
-        output = slice_letter + in_ranks + "".join(renamed.get(c, c) for c in out_ranks)
-    equation = ",".join(inputs) + "->" + output
-    trivial = not inputs or (len(inputs) == 1 and inputs[0] == output)
-    return _NormalPlan(in_factors, out_factors, out_scales, in_letters, out_letters, in_ranks, out_ranks, rest,
-                       tuple(renamed), None if trivial else equation, output, diagonal,
-                       ("i" in in_letters, "i" in out_letters))
+        return normal_form.core_report(self.factors, self.sizes(n, d_in, d_out))
 
 
 @functools.cache
@@ -357,20 +237,6 @@ def _diagonal_letters(cls: type[Format]) -> str:
     letters = dict.fromkeys(c for held in cls.factors.values() for c in held if c not in MODES)
     return "".join(c for c in letters if all(set(held) <= {"i", c} for held in trained if c in held)
                    and any(c in held for held in trained))
-
-
-def _union(letters: Iterable[str]) -> str:
-    """The letters of several factors, each once, in order of appearance."""
-    return "".join(dict.fromkeys("".join(letters)))
-
-
-def _side(factors: dict[str, Tensor], declared: dict[str, str], names: tuple[str, ...], letters: str) -> Tensor:
-    """The product of the factors ``names`` (those holding one mode) over ``letters``: the factor itself if one."""
-    if len(names) == 1:
-        return factors[names[0]]
-    operands = [factors[name] for name in names]
-    equation = ",".join(declared[name] for name in names) + "->" + letters
-    return planned(equation, *(tuple(t.shape) for t in operands))(*operands)
 
 
 @functools.cache
@@ -397,24 +263,6 @@ def _sampled_second_moments(fmt: Format, shapes: dict[str, tuple[int, ...]]) -> 
         for name, tensor in factors.items():
             totals[name] += tensor.square().mean().item() / draws
     return totals
-
-
-def _projection(factor: Tensor, letters: str, mode: str, rank_order: str) -> Tensor:
-    """A factor holding ``mode`` as a rank-major projection ``(n | 1, rank…, d)``, its rank axes in
-    ``rank_order``, contiguous."""
-    ranks = [letters.index(c) for c in rank_order]
-    slice_axis = [letters.index("i")] if "i" in letters else []
-    order = slice_axis + ranks + [letters.index(mode)]
-    projection = factor.permute(order)
-    lead = projection.shape[0] if slice_axis else 1
-    return projection.reshape(lead, -1, factor.shape[letters.index(mode)]).contiguous()
-
-
-def _mode_size(declared: dict[str, str], factors: dict[str, Tensor], mode: str) -> int:
-    for name, letters in declared.items():
-        if mode in letters:
-            return factors[name].shape[letters.index(mode)]
-    raise AssertionError(f"no factor holds mode {mode!r}")  # excluded by _check_declaration
 
 
 def _uniform(tensor: Tensor, bound: float, generator: torch.Generator | None) -> None:
