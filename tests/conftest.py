@@ -11,6 +11,7 @@ so it also gives the reference gradients.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import tensorly as tl
@@ -418,3 +419,13 @@ def assert_same_model(model: nn.Module, before: dict, tol: float | None = None) 
     assert after["adapter"] is before["adapter"]
     if before["adapter"] is None:
         assert "factnet" not in dict(model.named_children())
+
+
+def assert_refused(model: nn.Module, match: str, call: Callable[[], object]) -> str:
+    """``call()`` raises FactnetError matching ``match`` and leaves ``model`` exactly as it was (`snapshot`);
+    returns the error's message."""
+    before = snapshot(model)
+    with pytest.raises(factnet.FactnetError, match=match) as info:
+        call()
+    assert_same_model(model, before)
+    return str(info.value)

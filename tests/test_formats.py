@@ -12,7 +12,16 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import factnet
-from conftest import BUILTIN_FORMATS, USER_FORMATS, assert_close, dense_core, oracle_forward, randomize_factors
+from conftest import (
+    BUILTIN_FORMATS,
+    USER_FORMATS,
+    TinyNet,
+    assert_close,
+    assert_refused,
+    dense_core,
+    oracle_forward,
+    randomize_factors,
+)
 
 FORMATS = factnet.available_formats()
 # formats whose projections share every rank letter: the core is diagonal (the identity for batch-matrix)
@@ -29,6 +38,36 @@ def test_registry_lists_builtin_and_user_formats():
         assert isinstance(fmt, factnet.Format)
         assert fmt.name == name and fmt.rank == 3
         assert factnet.get_format(fmt) is fmt  # an instance passes through
+
+
+# ---- ranks and names refused, by get_format and through the Tensorizer -----------------------------------
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TinyNet(d=4, odd=True).double()
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.5, True, "4", float("nan")])
+def test_rank_must_be_a_positive_integer(model, rank):
+    tensorizer = factnet.Tensorizer(model)
+    assert_refused(model, "rank", lambda: tensorizer.decompose("tt", rank=rank))
+    with pytest.raises(factnet.FactnetError, match="rank"):
+        factnet.get_format("tt", rank)
+    with pytest.raises(factnet.FactnetError, match="rank"):
+        tensorizer.num_parameters("tt", rank)
+
+
+def test_missing_rank(model):
+    assert_refused(model, "needs a rank", lambda: factnet.Tensorizer(model).decompose("tt"))
+
+
+def test_unknown_format_lists_the_known_ones(model):
+    message = assert_refused(model, "unknown format 'tensor-train'",
+                             lambda: factnet.Tensorizer(model).decompose("tensor-train", rank=2))
+    for name in factnet.available_formats():
+        assert name in message
+    with pytest.raises(factnet.FactnetError, match="known formats"):
+        factnet.get_format("TT", 2)
 
 
 @st.composite
