@@ -2,7 +2,8 @@
 
 Models are `TinyNet`s (Linear (d, d), (3d, d), (4d, d), (d, 4d), optionally a whole (d+1, d));
 hypothesis draws the format's rank, which blocks of which matrices are targeted, how slices
-are grouped (groups may split one matrix), the scale and the input shape.
+are grouped (groups may split one matrix), the scale and the input shape. One layer's kernel
+(`adapted_linear`, `_ActivationLinear`) is also checked alone: gradcheck and the block-wise dense oracle.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from conftest import (
     TinyNet,
     assert_close,
+    blockwise_delta,
     effective_params,
     oracle_forward,
     randomize_factors,
@@ -28,6 +30,8 @@ from kernel_support import (
 )
 
 import factnet
+from factnet.increment import Increment, delta_weight
+from factnet.kernel import _ActivationLinear, adapted_linear
 
 
 # ---- forward, gradients, merge (float64) -----------------------------------------------------------
@@ -135,3 +139,83 @@ def test_gradient_accumulation_matches_sum_of_two_steps():
     (model(x1).square().sum() + model(x2).square().sum()).backward()
     for name, param in adapter.named_parameters():
         assert_close(accumulated[name], param.grad, 1e-12, name)
+
+
+# ---- one layer: gradcheck and the block-wise dense oracle ------------------------------------------------
+SCALE = 1.7
+
+
+@pytest.mark.parametrize("path", ["auto", "activation"])
+@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out", "alpha", "beta"),
+                         [(1, 3, 1, 1, 3, 2), (4, 1, 1, 1, 3, 2), (1, 1, 1, 1, 3, 2), (1, 3, 1, 3, 6, 2),
+                          (4, 1, 4, 1, 3, 4)])
+def test_kernel_gradcheck(path: str, m_in: int, m_out: int, g_in: int, g_out: int, alpha: int, beta: int) -> None:
+    torch.manual_seed(0)
+    d, dt = 5, torch.float64
+    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
+    inputs = (torch.randn(7, m_in * d, dtype=dt, requires_grad=True),
+              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
+              torch.randn(m_in * alpha, m_out * beta, dtype=dt, requires_grad=True),
+              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
+
+    def run(x, a_t, core, b_t):
+        return adapted_linear(x, weight, bias, [Increment(a_t, core, b_t, m_in, m_out)], SCALE, 0.0, path)
+
+    assert torch.autograd.gradcheck(run, inputs)
+    # and the value equals the block-wise dense oracle
+    x, a_t, core, b_t = (t.detach() for t in inputs)
+    delta = blockwise_delta(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d)
+    torch.testing.assert_close(run(x, a_t, core, b_t), x @ (weight + SCALE * delta).T + bias)
+
+
+@pytest.mark.parametrize("path", ["auto", "activation", "merged"])
+@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out", "alpha", "beta"),
+                         [(1, 1, 1, 1, 3, 3), (1, 3, 1, 1, 9, 3), (1, 3, 1, 3, 6, 2), (4, 1, 1, 1, 3, 12),
+                          (4, 1, 4, 1, 2, 8), (1, 1, 1, 1, 7, 7)])
+def test_kernel_without_core(path: str, m_in: int, m_out: int, g_in: int, g_out: int, alpha: int, beta: int) -> None:
+    """``core=None`` (the identity, a diagonal core folded into a projection): block ``p`` of the hidden
+    activations meets block ``p`` of the other side; gradients by gradcheck, values against the dense oracle,
+    and the seeded (frozen) projection gets no gradient."""
+    torch.manual_seed(0)
+    d, dt = 5, torch.float64
+    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
+    inputs = (torch.randn(7, m_in * d, dtype=dt, requires_grad=True),
+              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
+              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
+
+    def run(x, a_t, b_t):
+        return adapted_linear(x, weight, bias, [Increment(a_t, None, b_t, m_in, m_out)], SCALE, 0.0, path)
+
+    assert torch.autograd.gradcheck(run, inputs)
+    x, a_t, b_t = (t.detach() for t in inputs)
+    delta = blockwise_delta(weight, a_t, None, b_t, m_in, m_out, g_in, g_out, d)
+    torch.testing.assert_close(run(x, a_t, b_t), x @ (weight + SCALE * delta).T + bias)
+    torch.testing.assert_close(delta_weight(Increment(a_t, None, b_t, m_in, m_out)), delta)
+    frozen, trained = a_t.clone(), b_t.clone().requires_grad_()
+    run(x, frozen, trained).sum().backward()
+    both = a_t.clone().requires_grad_(), b_t.clone().requires_grad_()
+    run(x, *both).sum().backward()
+    assert frozen.grad is None and torch.equal(trained.grad, both[1].grad)
+
+
+@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out"), [(1, 3, 1, 1), (4, 1, 1, 1), (1, 3, 1, 3), (4, 1, 4, 1)])
+def test_dropout_kernel_with_fixed_mask(m_in: int, m_out: int, g_in: int, g_out: int) -> None:
+    """Factor-space dropout: gradcheck with a fixed mask, and the value against the dense formula."""
+    torch.manual_seed(0)
+    d, alpha, beta, dt = 5, 3, 2, torch.float64
+    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
+    mask = torch.bernoulli(torch.full((9, m_out * beta), 0.7, dtype=dt)) / 0.7
+    inputs = (torch.randn(9, m_in * d, dtype=dt, requires_grad=True),
+              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
+              torch.randn(m_in * alpha, m_out * beta, dtype=dt, requires_grad=True),
+              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
+
+    def run(x, a_t, core, b_t):
+        return _ActivationLinear.apply(x, weight, bias, SCALE, ((m_in, m_out),), False, False, (mask,), a_t, core, b_t)
+
+    assert torch.autograd.gradcheck(run, inputs)
+    x, a_t, core, b_t = (t.detach() for t in inputs)
+    u = torch.cat([x[:, p * d:(p + 1) * d] @ a_t[p if g_in > 1 else 0].T for p in range(m_in)], dim=1)
+    hidden = (u @ core) * mask * SCALE
+    increment = torch.cat([hidden[:, q * beta:(q + 1) * beta] @ b_t[q if g_out > 1 else 0] for q in range(m_out)], 1)
+    torch.testing.assert_close(run(x, a_t, core, b_t), x @ weight.T + bias + increment)

@@ -12,12 +12,9 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import blockwise_delta
 
 import factnet
 from factnet import Tensorizer
-from factnet.increment import Increment, delta_weight
-from factnet.kernel import adapted_linear
 
 SCALE = 1.7
 
@@ -102,59 +99,6 @@ def test_gradients_match_dense_autograd(fmt: str) -> None:
     assert trainable == {f"factnet.adapters.default.groups.{k}.factors.{n}" for k, g in adapter.groups.items() for n in g.factors}
 
 
-@pytest.mark.parametrize("path", ["auto", "activation"])
-@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out", "alpha", "beta"),
-                         [(1, 3, 1, 1, 3, 2), (4, 1, 1, 1, 3, 2), (1, 1, 1, 1, 3, 2), (1, 3, 1, 3, 6, 2),
-                          (4, 1, 4, 1, 3, 4)])
-def test_kernel_gradcheck(path: str, m_in: int, m_out: int, g_in: int, g_out: int, alpha: int, beta: int) -> None:
-    torch.manual_seed(0)
-    d, dt = 5, torch.float64
-    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
-    inputs = (torch.randn(7, m_in * d, dtype=dt, requires_grad=True),
-              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
-              torch.randn(m_in * alpha, m_out * beta, dtype=dt, requires_grad=True),
-              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
-
-    def run(x, a_t, core, b_t):
-        return adapted_linear(x, weight, bias, [Increment(a_t, core, b_t, m_in, m_out)], SCALE, 0.0, path)
-
-    assert torch.autograd.gradcheck(run, inputs)
-    # and the value equals the block-wise dense oracle
-    x, a_t, core, b_t = (t.detach() for t in inputs)
-    delta = blockwise_delta(weight, a_t, core, b_t, m_in, m_out, g_in, g_out, d)
-    torch.testing.assert_close(run(x, a_t, core, b_t), x @ (weight + SCALE * delta).T + bias)
-
-
-@pytest.mark.parametrize("path", ["auto", "activation", "merged"])
-@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out", "alpha", "beta"),
-                         [(1, 1, 1, 1, 3, 3), (1, 3, 1, 1, 9, 3), (1, 3, 1, 3, 6, 2), (4, 1, 1, 1, 3, 12),
-                          (4, 1, 4, 1, 2, 8), (1, 1, 1, 1, 7, 7)])
-def test_kernel_without_core(path: str, m_in: int, m_out: int, g_in: int, g_out: int, alpha: int, beta: int) -> None:
-    """``core=None`` (the identity, a diagonal core folded into a projection): block ``p`` of the hidden
-    activations meets block ``p`` of the other side; gradients by gradcheck, values against the dense oracle,
-    and the seeded (frozen) projection gets no gradient."""
-    torch.manual_seed(0)
-    d, dt = 5, torch.float64
-    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
-    inputs = (torch.randn(7, m_in * d, dtype=dt, requires_grad=True),
-              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
-              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
-
-    def run(x, a_t, b_t):
-        return adapted_linear(x, weight, bias, [Increment(a_t, None, b_t, m_in, m_out)], SCALE, 0.0, path)
-
-    assert torch.autograd.gradcheck(run, inputs)
-    x, a_t, b_t = (t.detach() for t in inputs)
-    delta = blockwise_delta(weight, a_t, None, b_t, m_in, m_out, g_in, g_out, d)
-    torch.testing.assert_close(run(x, a_t, b_t), x @ (weight + SCALE * delta).T + bias)
-    torch.testing.assert_close(delta_weight(Increment(a_t, None, b_t, m_in, m_out)), delta)
-    frozen, trained = a_t.clone(), b_t.clone().requires_grad_()
-    run(x, frozen, trained).sum().backward()
-    both = a_t.clone().requires_grad_(), b_t.clone().requires_grad_()
-    run(x, *both).sum().backward()
-    assert frozen.grad is None and torch.equal(trained.grad, both[1].grad)
-
-
 def test_paper_counts_vit_base() -> None:
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
     assert Tensorizer(model).num_parameters("tt", 4) == 8448 == 2 * 768 * 4 + 144 * 4**2
@@ -164,42 +108,6 @@ def test_paper_counts_vit_base() -> None:
     adapter = Tensorizer(model).decompose("tt", rank=4)
     assert adapter.num_parameters() == 8448
     assert adapter.num_head_parameters() == 768 * 100 + 100
-
-
-@pytest.mark.parametrize("rows", [1000, 1001, 37])
-@pytest.mark.parametrize("blocks", [1, 4])
-def test_outer_product_chunks_exact(rows: int, blocks: int) -> None:
-    """The chunked ``Σ_n r_pᵀ x_p`` equals one plain matrix product, remainders included."""
-    from factnet.products import outer
-
-    r, x = torch.randn(rows, blocks * 3, dtype=torch.float64), torch.randn(rows, blocks * 5, dtype=torch.float64)
-    expected = r.reshape(rows * blocks, 3).t() @ x.reshape(rows * blocks, 5)
-    torch.testing.assert_close(outer(r, x, blocks, 1)[0], expected)
-
-
-@pytest.mark.parametrize(("m_in", "m_out", "g_in", "g_out"), [(1, 3, 1, 1), (4, 1, 1, 1), (1, 3, 1, 3), (4, 1, 4, 1)])
-def test_dropout_kernel_with_fixed_mask(m_in: int, m_out: int, g_in: int, g_out: int) -> None:
-    """Factor-space dropout: gradcheck with a fixed mask, and the value against the dense formula."""
-    from factnet.kernel import _ActivationLinear
-
-    torch.manual_seed(0)
-    d, alpha, beta, dt = 5, 3, 2, torch.float64
-    weight, bias = torch.randn(m_out * d, m_in * d, dtype=dt), torch.randn(m_out * d, dtype=dt)
-    mask = torch.bernoulli(torch.full((9, m_out * beta), 0.7, dtype=dt)) / 0.7
-    inputs = (torch.randn(9, m_in * d, dtype=dt, requires_grad=True),
-              torch.randn(g_in, alpha, d, dtype=dt, requires_grad=True),
-              torch.randn(m_in * alpha, m_out * beta, dtype=dt, requires_grad=True),
-              torch.randn(g_out, beta, d, dtype=dt, requires_grad=True))
-
-    def run(x, a_t, core, b_t):
-        return _ActivationLinear.apply(x, weight, bias, SCALE, ((m_in, m_out),), False, False, (mask,), a_t, core, b_t)
-
-    assert torch.autograd.gradcheck(run, inputs)
-    x, a_t, core, b_t = (t.detach() for t in inputs)
-    u = torch.cat([x[:, p * d:(p + 1) * d] @ a_t[p if g_in > 1 else 0].T for p in range(m_in)], dim=1)
-    hidden = (u @ core) * mask * SCALE
-    increment = torch.cat([hidden[:, q * beta:(q + 1) * beta] @ b_t[q if g_out > 1 else 0] for q in range(m_out)], 1)
-    torch.testing.assert_close(run(x, a_t, core, b_t), x @ weight.T + bias + increment)
 
 
 def test_dropout_changes_training_output_only() -> None:
