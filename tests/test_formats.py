@@ -70,6 +70,24 @@ def test_unknown_format_lists_the_known_ones(model):
         factnet.get_format("TT", 2)
 
 
+# ---- rank sizes: each letter capped by what its factors allow, worked out by hand from the letters --------
+@pytest.mark.parametrize(("name", "shape", "rank", "expected"), [
+    ("tucker", (1, 16, 24), 8, {"a": 1, "b": 8, "c": 8}),  # one slice: the slice mode's rank is 1
+    ("tucker", (3, 16, 2), 8, {"a": 3, "b": 6, "c": 2}),  # b <= a·c = 6 (the core unfolded)
+    ("tucker", (40, 16, 24), 8, {"a": 8, "b": 8, "c": 8}),  # nothing capped
+    ("tt", (2, 4, 16), 8, {"a": 4, "b": 8}),  # a <= d_in; b <= n·a = 8
+    ("tt", (1, 4, 16), 8, {"a": 4, "b": 4}),  # b <= n·a = 4: sigma[0] is 4x4 at most
+    ("batch-matrix", (5, 3, 16), 8, {"r": 3}),  # per slice u_i v_iᵀ: r <= min(d_in, d_out)
+    ("cp", (5, 3, 16), 8, {"r": 3}),  # the hyperedge r: at most max_rank = min(d_in, d_out)
+    ("tensor-ring", (1, 2, 2), 3, {"a": 3, "b": 3, "c": 3}),  # each <= product of two others: never capped here
+])
+def test_sizes_per_mode(name, shape, rank, expected):
+    fmt = factnet.get_format(name, rank)
+    sizes = fmt.sizes(*shape)
+    assert {c: sizes[c] for c in expected} == expected
+    assert fmt.capped(*shape) == {c: s for c, s in expected.items() if s < rank}
+
+
 @st.composite
 def problem(draw, name):
     """``(format, n, d_in, d_out)`` with a rank the format accepts."""

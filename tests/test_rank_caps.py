@@ -1,7 +1,7 @@
 """Rank means "at most that, in each mode": a group too small for it gets the largest rank it allows.
 
-Expected sizes are worked out here by hand from each format's letters (an independent reference
-for `Format.sizes`); the adapter built on capped groups is checked against the dense oracle.
+The sizes themselves are `Format.sizes`' (tests/test_formats.py); here, what a capped group does: its
+message, the adapter built on it against the dense oracle, budgets and files.
 """
 
 from __future__ import annotations
@@ -17,23 +17,6 @@ from torch import nn
 import factnet
 from conftest import TinyNet, oracle_forward, randomize_factors
 from factnet import Tensorizer
-
-
-@pytest.mark.parametrize(("name", "shape", "rank", "expected"), [
-    ("tucker", (1, 16, 24), 8, {"a": 1, "b": 8, "c": 8}),  # one slice: the slice mode's rank is 1
-    ("tucker", (3, 16, 2), 8, {"a": 3, "b": 6, "c": 2}),  # b <= a·c = 6 (the core unfolded)
-    ("tucker", (40, 16, 24), 8, {"a": 8, "b": 8, "c": 8}),  # nothing capped
-    ("tt", (2, 4, 16), 8, {"a": 4, "b": 8}),  # a <= d_in; b <= n·a = 8
-    ("tt", (1, 4, 16), 8, {"a": 4, "b": 4}),  # b <= n·a = 4: sigma[0] is 4x4 at most
-    ("batch-matrix", (5, 3, 16), 8, {"r": 3}),  # per slice u_i v_iᵀ: r <= min(d_in, d_out)
-    ("cp", (5, 3, 16), 8, {"r": 3}),  # the hyperedge r: at most max_rank = min(d_in, d_out)
-    ("tensor-ring", (1, 2, 2), 3, {"a": 3, "b": 3, "c": 3}),  # each <= product of two others: never capped here
-])
-def test_sizes_per_mode(name, shape, rank, expected):
-    fmt = factnet.get_format(name, rank)
-    sizes = fmt.sizes(*shape)
-    assert {c: sizes[c] for c in expected} == expected
-    assert fmt.capped(*shape) == {c: s for c, s in expected.items() if s < rank}
 
 
 def test_one_slice_tucker_is_built_with_one_message():

@@ -67,3 +67,30 @@ def test_only_a_head():
 
     model = Classifier()
     assert_refused(model, "no default targets", lambda: factnet.Tensorizer(model))
+
+
+# ---- default targets ---------------------------------------------------------------------------
+def test_default_targets_skip_position_bias_mlps_and_tiny_matrices():
+    class Block(nn.Module):
+        def __init__(self, d=64):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+            self.coords = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 1))  # tiny: 2 and 1 wide
+            self.cpb_mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))  # by name
+
+    model = nn.Sequential(Block(), Block())
+    modules = {s.module for s in factnet.Tensorizer(model).slices}
+    assert modules == {f"{b}.{m}" for b in "01" for m in ("qkv", "proj")}
+    # named explicitly, they are still adaptable
+    assert factnet.Tensorizer(model, ["*.coords.0"]).group_shapes() == {"2x2": (64, 2, 2)}
+
+
+def test_swinv2_defaults_are_the_block_matrices_and_the_table_stays_readable():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swinv2_tiny_window8_256", img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
+                              num_heads=(2, 4), num_classes=3)
+    tz = factnet.Tensorizer(model)
+    assert {s.module.rsplit(".", 1)[-1] for s in tz.slices} == {"qkv", "proj", "fc1", "fc2"}
+    assert not any("cpb" in s.module for s in tz.slices)
+    table = str(factnet.Tensorizer(model, ["*.cpb_mlp.0"]))
+    assert "0..255 (256 blocks)" in table and max(len(line) for line in table.splitlines()) < 120
