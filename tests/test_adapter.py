@@ -257,28 +257,6 @@ def test_counts_and_shapes_agree_with_the_dry_run(fmt, vit):
     assert adapter.num_parameters() == dry == sum(p.numel() for p in adapter.parameters())
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_plan_report_names_the_equation_and_groups(fmt, vit):
-    rank = min(2, factnet.get_format(fmt, 1).max_rank(24, 48, 48))
-    adapter = factnet.Tensorizer(vit).group("stage").decompose(fmt, rank=rank, scale=3.0)
-    report = adapter.plan_report()
-    assert isinstance(report, str)
-    assert adapter.format.equation in report
-    assert fmt in report
-    for group in ("blocks.0", "blocks.1"):
-        assert group in report
-
-
-def test_tensorizer_repr_is_a_table(vit):
-    text = repr(factnet.Tensorizer(vit, ["blocks.*.attn.qkv[q,v]", "blocks.1.mlp.fc2"]))
-    lines = text.splitlines()
-    assert lines[0].startswith("Tensorizer(VisionTransformer")
-    assert "48x48" in lines[0] and "module" in lines[1]
-    assert any("blocks.0.attn.qkv" in line and "q,v" in line and "144x48" in line for line in lines)
-    assert any("blocks.1.mlp.fc2" in line and "0,1,2,3" in line for line in lines)
-    assert not any("head" in line.split()[0] for line in lines[2:])
-
-
 # ---- the per-step normal-form cache must never serve stale factors ------------------------------
 def test_factors_replaced_through_data_are_seen_by_merge(vit, images):
     """`torch.nn.utils.vector_to_parameters` assigns ``param.data``; merge() must use the new values."""

@@ -1,5 +1,5 @@
-"""`factnet.Tensorizer`: a model, group names or decompose options it cannot take raise FactnetError
-naming the problem and leave the model untouched."""
+"""`factnet.Tensorizer`: its table of what it found; a model, group names or decompose options it cannot take
+raise FactnetError naming the problem and leave the model untouched."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ from conftest import TinyNet, assert_refused
 def model():
     torch.manual_seed(0)
     return TinyNet(d=4, odd=True).double()
+
+
+# ---- the table -----------------------------------------------------------------------------------
+def test_tensorizer_repr_is_a_table(vit):
+    text = repr(factnet.Tensorizer(vit, ["blocks.*.attn.qkv[q,v]", "blocks.1.mlp.fc2"]))
+    lines = text.splitlines()
+    assert lines[0].startswith("Tensorizer(VisionTransformer")
+    assert "48x48" in lines[0] and "module" in lines[1]
+    assert any("blocks.0.attn.qkv" in line and "q,v" in line and "144x48" in line for line in lines)
+    assert any("blocks.1.mlp.fc2" in line and "0,1,2,3" in line for line in lines)
+    assert not any("head" in line.split()[0] for line in lines[2:])
 
 
 # ---- the model ------------------------------------------------------------------------------------
