@@ -3,7 +3,8 @@
 A `diagonal` `factnet.increment.Increment` (core ``(m_in, m_out, α)``, the diagonals of its ``α x α``
 blocks, and an optional output scaling ``out_scale: (m_in, d_out)``) never forms an ``α x α`` core: its
 ``s · x ΔWᵀ`` runs as ``u = x P_in``, ``h = u ⊙ core``, ``z = h P_out``, ``z ⊙ out_scale`` through autograd, or
-through its dense ``ΔW`` where that costs fewer multiply-adds (`diagonal_rows`).
+through its dense ``ΔW`` where that costs fewer multiply-adds (`diagonal_rows`); its dropout drops the rows it
+reads (`dropout_mask`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def builds_delta(increment: Increment, rows: int) -> bool:
 
 
 def dropout_mask(rows: int, width: int, dropout: float, like: Tensor) -> Tensor:
-    """A ``(rows, width)`` dropout mask, kept entries ``1 / (1 - dropout)`` (uniform draws: 3x faster than
-    ``bernoulli_`` here, and as seeded)."""
+    """A ``(rows, width)`` dropout mask for the rows a diagonal increment reads, kept entries ``1 / (1 - dropout)``
+    (uniform draws: 3x faster than ``bernoulli_`` here, and as seeded)."""
     keep = 1.0 - dropout
     return torch.rand(rows, width, dtype=like.dtype, device=like.device).lt_(keep).div_(keep)
