@@ -20,10 +20,8 @@ from conftest import (
 from torch import nn
 
 import factnet
-import factnet.files
-import factnet.io
+import factnet.file.container
 import factnet.quant
-import factnet.spec
 
 FORMATS = factnet.available_formats()
 
@@ -107,7 +105,7 @@ def rewrite_spec(path: os.PathLike, edit, rename: dict | None = None, edit_tenso
     edit(spec)
     text = json.dumps(spec)
     safetensors.torch.save_file(tensors, str(path), metadata={"factnet": text,
-                                                              "factnet.sha256": factnet.spec._checksum(text, tensors)})
+                                                              "factnet.sha256": factnet.file.container.checksum(text, tensors)})
 
 
 def rejected(model: nn.Module, path: os.PathLike, match: str) -> str:

@@ -30,9 +30,9 @@ from io_support import (
 from torch import nn
 
 import factnet
-import factnet.files
-import factnet.io
-import factnet.spec
+import factnet.file.info
+import factnet.file.spec
+import factnet.file.templates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +57,7 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     adapter.save(path)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
-    assert spec["factnet_format_version"] == factnet.io.FORMAT_VERSION == 4
+    assert spec["factnet_format_version"] == factnet.file.spec.FORMAT_VERSION == 4
     assert (spec["format"], spec["rank"], spec["factors"], spec["scale"], spec["dropout"]) == (
         "tt", 3, "iab,ja,kb", 10.0, 0.1)
     assert spec["head"] == ["head"] and spec["held"] == "float32" and "dtype" not in spec
@@ -70,7 +70,7 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     assert spec["base"] == {"sha256": digest[:16], "matrices": 8}
     # the default targets grouped by shape: not listed, the SHA-256 of their templates kept to check them
     (name, members), = ((g, adapter.group(g).slices) for g in adapter.group_names)
-    templates = factnet.spec.group_templates({name: members})
+    templates = factnet.file.templates.group_templates({name: members})
     assert templates == {name: {"shape": [2 * 12, 48, 48], "slices": [  # q, k, v, proj, 4 fc1, 4 fc2 per layer
         "blocks.{0-1}.attn.qkv[0-2]", "blocks.{0-1}.attn.proj", "blocks.{0-1}.mlp.fc1[0-3]",
         "blocks.{0-1}.mlp.fc2[0-3]"]}}  # fused qkv and fc1 cut along d_out, fc2 along d_in, proj whole
@@ -94,7 +94,7 @@ def test_custom_slices_list_their_templates(tmp_path):
     torch.manual_seed(0)
     adapter = factnet.Tensorizer(tiny_vit(), ["blocks.*.attn.qkv[q,v]"]).decompose("tt", rank=2)
     adapter.save(tmp_path / "a.safetensors", include_head=False)
-    spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    spec = factnet.file.info.load_spec(tmp_path / "a.safetensors")
     assert spec["groups"] == {"48x48": {"shape": [4, 48, 48], "slices": ["blocks.{0-1}.attn.qkv[0,2]"]}}
     assert "default_groups" not in spec and "head_shapes" not in spec
 

@@ -34,9 +34,9 @@ from io_support import (
 from legacy_files import save_legacy
 
 import factnet
-import factnet.files
-import factnet.io
-import factnet.spec
+import factnet.file.container
+import factnet.file.info
+import factnet.file.spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +70,7 @@ def _partial_writer(exception: BaseException):
 def test_crash_mid_save_leaves_the_old_file(saved, monkeypatch, exception):
     base, path, factors, head, old_bytes, adapter = saved
     train(adapter, seed=5)  # the new save would hold other values
-    monkeypatch.setattr(factnet.files, "save_file", _partial_writer(exception))
+    monkeypatch.setattr(factnet.file.container, "save_file", _partial_writer(exception))
     with pytest.raises(type(exception)):
         adapter.save(path)
     monkeypatch.undo()
@@ -214,9 +214,9 @@ def test_wrong_model_lists_the_first_mismatches(tmp_path, saved_on, loaded_on, n
         save_legacy(tensorizer.decompose("tt", rank=2), path)
     else:  # (the default targets, in a group of another name than by shape: listed)
         tensorizer.group({"all": "*"}).decompose("tt", rank=2).save(path)
-        assert list(factnet.io.load_spec(path)["groups"]) == ["all"]
-    fingerprints = {"saved": factnet.io.load_spec(path)["base"]["sha256"],
-                    "model": factnet.spec._fingerprint(factnet.spec._matrices(tiny_vit(**loaded_on), ["head"]))}
+        assert list(factnet.file.info.load_spec(path)["groups"]) == ["all"]
+    fingerprints = {"saved": factnet.file.info.load_spec(path)["base"]["sha256"],
+                    "model": factnet.file.spec.fingerprint(factnet.file.spec.base_matrices(tiny_vit(**loaded_on), ["head"]))}
     message = rejected(tiny_vit(**loaded_on), path, "does not fit this model")
     assert named.format(**fingerprints) in message and "same depth, width and module names" in message
     if "embed_dim" in loaded_on:
@@ -230,8 +230,8 @@ def test_wrong_model_of_a_file_of_the_default_targets(tmp_path, saved_on, loaded
     torch.manual_seed(0)
     path = tmp_path / "a.safetensors"
     factnet.Tensorizer(tiny_vit(**saved_on)).decompose("tt", rank=2).save(path)
-    saved = factnet.io.load_spec(path)["base"]
-    model = factnet.spec._fingerprint(factnet.spec._matrices(tiny_vit(**loaded_on), ["head"]))
+    saved = factnet.file.info.load_spec(path)["base"]
+    model = factnet.file.spec.fingerprint(factnet.file.spec.base_matrices(tiny_vit(**loaded_on), ["head"]))
     message = rejected(tiny_vit(**loaded_on), path, "does not fit this model")
     assert (f"it was saved from a base model with 8 matrices outside the head (fingerprint {saved['sha256']}), this "
             f"model has {12 if 'depth' in loaded_on else 8} (fingerprint {model}); it adapts that model's default "
@@ -291,7 +291,7 @@ def saved_v2(tmp_path):
         "extra-key"])
 def test_crafted_spec(saved_v2, edit, match):
     base, path = saved_v2
-    assert factnet.io.load_spec(path)["groups"]["4x4"]["slices"] == ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]
+    assert factnet.file.info.load_spec(path)["groups"]["4x4"]["slices"] == ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]
     rewrite_spec(path, edit)
     rejected(copy.deepcopy(base), path, match)
 

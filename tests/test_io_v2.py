@@ -17,9 +17,9 @@ from io_support import factors_of, head_parameters, read_header, rejected, rewri
 from v1_fixture import DATA, FILES, build_model
 
 import factnet
-import factnet.files
-import factnet.io
-import factnet.spec
+import factnet.file.info
+import factnet.file.spec
+import factnet.file.templates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def test_v1_fixture_loads_bitwise(name):
     every factor and head tensor equal to the file's, read with safetensors directly."""
     path = DATA / f"{name}.safetensors"
     expected = safetensors.torch.load_file(str(path))
-    assert factnet.io.load_spec(path)["factnet_format_version"] == 1
+    assert factnet.file.info.load_spec(path)["factnet_format_version"] == 1
     settings, targets, include_head = FILES[name]
     model = build_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -83,7 +83,7 @@ def test_storage_dtype(trained, tmp_path, dtype, code, itemsize):
     parameters = adapter.num_parameters() + adapter.num_head_parameters()
     assert os.path.getsize(path) == 8 + length + itemsize * parameters
     assert {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} == {code}
-    assert factnet.io.load_spec(path)["dtype"] == str(dtype).removeprefix("torch.")
+    assert factnet.file.info.load_spec(path)["dtype"] == str(dtype).removeprefix("torch.")
     stored = split_packs(path, adapter)
     fresh = copy.deepcopy(base)
     loaded = factnet.load(fresh, path)
@@ -139,7 +139,7 @@ def test_vit_b_tt_r8_bf16_file_size(tmp_path):
 
 # ---- the slice-map templates -------------------------------------------------------------------------------
 def _expanded(spec: dict) -> dict[str, set[tuple[str, int]]]:
-    return {group: {pair for text in entry["slices"] for pair in factnet.spec._parse_template(text).expand()}
+    return {group: {pair for text in entry["slices"] for pair in factnet.file.templates.parse_template(text).expand()}
             for group, entry in spec["groups"].items()}
 
 
@@ -159,16 +159,16 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
     adapter = factnet.Tensorizer(model, [f"{m}[{','.join(b)}]" for m, b in targets.items()]).group(
         rng.choice(["stage", "shape"])).decompose("cp", rank=2)
     adapter.save(tmp_path / "a.safetensors")
-    spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    spec = factnet.file.info.load_spec(tmp_path / "a.safetensors")
     if "default_groups" in spec:  # (every default target chosen: the slice map is not written, its digest is)
-        spec["groups"] = factnet.spec.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
-        assert spec["default_groups"]["sha256"] == factnet.spec.groups_digest(
+        spec["groups"] = factnet.file.templates.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
+        assert spec["default_groups"]["sha256"] == factnet.file.templates.groups_digest(
             {g: adapter.group(g).slices for g in adapter.group_names})
     assert _expanded(spec) == {g: {(p.module, p.index) for p in adapter.group(g).slices} for g in adapter.group_names}
     for group, entry in spec["groups"].items():  # whole matrices have no brackets, cut ones do
         sides = {p.module: p.side for p in adapter.group(group).slices}
         for text in entry["slices"]:
-            template = factnet.spec._parse_template(text)
+            template = factnet.file.templates.parse_template(text)
             assert {sides[m] == "none" for m, _ in template.expand()} == {template.blocks is None}
     loaded = factnet.load(copy.deepcopy(base), tmp_path / "a.safetensors")
     assert [p.qualified_name for g in loaded.group_names for p in loaded.group(g).slices] == \
@@ -177,7 +177,7 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
 
 def test_templates_of_the_swin_stages():
     adapter = factnet.Tensorizer(tiny_swin()).group("shape").decompose("tt", rank=2)
-    groups = factnet.spec.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
+    groups = factnet.file.templates.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
     assert groups["24x24"]["slices"] == [
         "layers.0.blocks.{0-1}.attn.qkv[0-2]", "layers.0.blocks.{0-1}.attn.proj", "layers.0.blocks.{0-1}.mlp.fc1[0-3]",
         "layers.0.blocks.{0-1}.mlp.fc2[0-3]"]
@@ -185,10 +185,10 @@ def test_templates_of_the_swin_stages():
 
 
 def test_runs():
-    assert factnet.spec._runs([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
-    assert factnet.spec._parse_runs("0-2,5,7-8") == [(0, 2), (5, 5), (7, 8)]
+    assert factnet.file.templates.runs([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
+    assert factnet.file.templates.parse_runs("0-2,5,7-8") == [(0, 2), (5, 5), (7, 8)]
     for bad in ["", "2-1", "1,1", "3,1", "01", "1-", "-1", "a", "1,,2"]:
-        assert factnet.spec._parse_runs(bad) is None, bad
+        assert factnet.file.templates.parse_runs(bad) is None, bad
 
 
 # ---- crafted version-2 specs (valid checksum) -------------------------------------------------------------
@@ -201,7 +201,7 @@ def saved(tmp_path):
     train(adapter)
     path = tmp_path / "adapter.safetensors"
     save_legacy(adapter, path)
-    assert factnet.io.load_spec(path)["groups"] == {
+    assert factnet.file.info.load_spec(path)["groups"] == {
         "4x4": {"shape": [12, 4, 4], "slices": ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]}}
     return base, path
 
@@ -242,7 +242,7 @@ def test_fingerprint_is_the_sha256_of_the_listing():
     model = TinyNet(d=4)
     listing = "".join(f"{name}\tlinear\t{m.out_features}\t{m.in_features}\n"
                       for name, m in sorted(model.named_children()) if name != "head")
-    assert factnet.spec._fingerprint(factnet.spec._matrices(model, ["head"])) == \
+    assert factnet.file.spec.fingerprint(factnet.file.spec.base_matrices(model, ["head"])) == \
         hashlib.sha256(f"4\n{listing}".encode()).hexdigest()[:16]
 
 
@@ -252,10 +252,10 @@ def test_fingerprint_mismatch_outside_the_adapted_matrices(tmp_path):
     torch.manual_seed(0)
     factnet.Tensorizer(tiny_vit(), ["blocks.*.attn.qkv[q,v]"]).decompose("tt", rank=2).save(tmp_path / "a.safetensors")
     other = tiny_vit(mlp_ratio=2.0)
-    fingerprint = factnet.spec._fingerprint(factnet.spec._matrices(other, ["head"]))
+    fingerprint = factnet.file.spec.fingerprint(factnet.file.spec.base_matrices(other, ["head"]))
     before = snapshot(other)
     message = rejected(other, tmp_path / "a.safetensors", "does not fit this model")
-    saved = factnet.io.load_spec(tmp_path / "a.safetensors")["base"]["sha256"]
+    saved = factnet.file.info.load_spec(tmp_path / "a.safetensors")["base"]["sha256"]
     assert (f"it was saved from a base model with 8 matrices outside the head (fingerprint {saved}), this model has "
             f"8 (fingerprint {fingerprint}); the 2 matrices it adapts match, so others differ; load it onto the "
             "architecture it was saved from") in message

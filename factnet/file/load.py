@@ -1,10 +1,11 @@
-"""Saving an adapter and rebuilding it on a fresh copy of the base model (`load`, `load_many`).
+"""Rebuilding an adapter from its file on a fresh copy of the base model (`load`, `load_many`).
 
-The file (`factnet.files`) holds the factors, the head and a JSON spec (`factnet.spec`): its groups'
-slice maps (as name templates, or the rule that gives them from the model's default targets) and a
-fingerprint of the base model. `load` reads it verified, checks the model against the spec
-(`factnet.fit`), rebuilds the slices on the model, splits the packed tensors by them (version 4) and
-attaches the adapter; on any error the model is left unchanged. Files of every version, 1 to 4, load.
+The file holds the factors, the head and a JSON spec (`factnet.file.spec`): its groups' slice maps (as name
+templates, or the rule that gives them from the model's default targets) and a fingerprint of the base model.
+`load` reads it verified (`factnet.file.info`), checks the model against the spec (`factnet.file.compat`),
+rebuilds the slices on the model (`factnet.file.rebuild`), splits the packed tensors by them (version 4,
+`factnet.file.packs`) and attaches the adapter; on any error the model is left unchanged. Files of every
+version, 1 to 4, load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,75 +22,28 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from factnet.adapter import Adapter, _in_head
-from factnet.adapter_set import AdapterSet
+from factnet.adapter import Adapter
+from factnet.adapter_set import AdapterSet, in_head
 from factnet.errors import FactnetError
-from factnet.files import (
-    Saved,
-    _fspath,
-    factor_shapes,
-    file_info,
-    load_spec,
-    read,
-    unpack,
-    write,
-    write_atomically,
+from factnet.file.compat import (
+    check_base,
+    check_dtypes,
+    check_matrices,
+    check_settings,
+    check_tensors,
+    registered_format,
 )
-from factnet.fit import (
-    _check_base,
-    _check_dtypes,
-    _check_matrices,
-    _check_settings,
-    _check_tensors,
-    _cut_blocks,
-    _listing,
-    _registered_format,
-)
+from factnet.file.container import file_path
+from factnet.file.info import read
+from factnet.file.packs import factor_shapes, unpack
+from factnet.file.rebuild import rebuild_default, rebuild_listed, rebuild_templates
+from factnet.file.spec import base_matrices
 from factnet.formats import Format
-from factnet.spec import (
-    _SHOWN,
-    FORMAT_VERSION,
-    STORAGE_DTYPES,
-    _malformed,
-    _matrices,
-    _parse_template,
-    _slice_map,
-    groups_digest,
-)
 from factnet.tensorizer import Tensorizer
 
-__all__ = ["FORMAT_VERSION", "STORAGE_DTYPES", "file_info", "load", "load_many", "load_spec", "save",
-           "write_atomically"]
+__all__ = ["load", "load_many"]
 
 
-def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True,
-         dtype: torch.dtype | None = None, *, bits: int | None = None, head_bits: int | None = None,
-         group: int = 64) -> Saved:
-    """Write ``adapter`` to ``path``: one safetensors file, atomically (see the module doc).
-
-    From a model sharded with FSDP2 (``fully_shard``), call it on every rank: the full factors are
-    gathered and rank 0 writes the one file.
-
-    Holds the factors and, unless ``include_head=False``, the parameters of the trainable head, as they
-    are (``dtype=None``) or cast to ``dtype`` (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
-    ``torch.float64``): ``torch.bfloat16`` stores 2 bytes a parameter, and `load` casts the values back to
-    the model's dtypes. The size is the tensors' bytes plus the header: the tensors are packed, one per
-    dtype, and the spec names the default targets by their grouping rule instead of listing them (format
-    version 4, `factnet.files`): with the default targets the header is 500 to 700 bytes (ViT-B,
-    EfficientNet-Lite0 and every family of tests/zoo.py); other slices are listed as templates, which add their
-    length.
-
-    ``bits`` (1, 2, 4 or 8) stores the factors low-bit, ``head_bits`` the head: ``bits``-bit codes with a
-    float16 scale (and offset) per ``group`` values (`factnet.quant`), about ``bits/8`` bytes a parameter;
-    `load` reads them back as float32 values, exactly the stored ones, into the model's dtypes. Returns the file's path and size and, per low-bit tensor, the relative
-    error of its stored values (`factnet.files.Saved`).
-    """
-    if not isinstance(adapter, Adapter):
-        raise FactnetError(f"save needs a factnet Adapter, got {type(adapter).__name__}")
-    return write(adapter, path, include_head, dtype, bits, head_bits, group)
-
-
-# ---- load ------------------------------------------------------------------------------------
 def load(model: nn.Module, path: str | os.PathLike[str], name: str = "default") -> Adapter:
     """Rebuild the adapter saved at ``path`` on ``model`` (the base model, possibly carrying other
     adapters) as adapter ``name`` of ``model.factnet``, and return it, active, with its factors and
@@ -104,7 +58,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], name: str = "default") 
     if not isinstance(model, nn.Module):
         raise FactnetError(f"load needs a torch.nn.Module, got {type(model).__name__}")
     AdapterSet.check_addable(model, name)
-    path = _fspath(path)
+    path = file_path(path)
     loaded = _prepare(model, path, _Caches(model))
     _warn_mha_dropout([loaded])
     return _attach(model, loaded, name)
@@ -125,7 +79,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         raise FactnetError(f"load_many needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise FactnetError("load_many takes a list of adapter files; for one file use factnet.load(model, path)")
-    files = [_fspath(p) for p in paths]
+    files = [file_path(p) for p in paths]
     names = [pathlib.Path(f).stem for f in files] if names is None else list(names)
     if len(names) != len(files):
         raise FactnetError(f"load_many got {len(files)} files but {len(names)} names; pass one name per file")
@@ -204,7 +158,7 @@ class _Caches:
     def matrices_of(self, head: Sequence[str]) -> dict[str, dict[str, Any]]:
         key = tuple(head)
         if key not in self.matrices:
-            self.matrices[key] = _matrices(self.model, head)
+            self.matrices[key] = base_matrices(self.model, head)
         return self.matrices[key]
 
     def head_parameters(self, head: Sequence[str]) -> dict[str, nn.Parameter]:
@@ -212,25 +166,25 @@ class _Caches:
             self.parameters = {n: p for n, p in self.model.named_parameters() if not n.startswith("factnet.")}
         key = tuple(head)
         if key not in self.heads:
-            self.heads[key] = {n: p for n, p in self.parameters.items() if _in_head(n, head)}
+            self.heads[key] = {n: p for n, p in self.parameters.items() if in_head(n, head)}
         return self.heads[key]
 
 
 def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     """Read ``path`` and check it against ``model`` (nothing is changed)."""
     spec, tensors = read(path)
-    fmt = _registered_format(spec)
+    fmt = registered_format(spec)
     version = spec["factnet_format_version"]
     listing = json.dumps(spec["matrices"], sort_keys=True) if version == 1 else spec["base"]["sha256"]
     if (tuple(spec["head"]), listing) not in caches.checked:
-        (_check_matrices if version == 1 else _check_base)(caches.matrices_of(spec["head"]), spec, path)
+        (check_matrices if version == 1 else check_base)(caches.matrices_of(spec["head"]), spec, path)
         caches.checked.add((tuple(spec["head"]), listing))
     if "default_groups" in spec:  # (version 4: the model's default targets, grouped by a rule)
         key: tuple = ("default", spec["default_groups"]["by"], spec["default_groups"]["sha256"])
-        build = _rebuild_default
+        build = rebuild_default
     else:  # (versions 3 and 4 have version 2's slice maps)
         key = (min(version, 2), json.dumps(spec["groups"], sort_keys=True))
-        build = _rebuild_v1 if version == 1 else _rebuild
+        build = rebuild_listed if version == 1 else rebuild_templates
     if key not in caches.tensorizers:
         caches.tensorizers[key] = build(model, spec, path, caches.matrices_of(spec["head"]))
     tensorizer = caches.tensorizers[key]
@@ -242,16 +196,16 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     else:
         head_parameters = [key[len("head."):] for key in tensors if key.startswith("head.")]
     head = caches.head_parameters(spec["head"])
-    _check_tensors(head, spec, fmt, tensorizer, tensors, head_parameters, path)
-    _check_dtypes(model, spec, tensors, head, head_parameters, path)
-    _check_settings(model, spec, fmt, tensorizer)
+    check_tensors(head, spec, fmt, tensorizer, tensors, head_parameters, path)
+    check_dtypes(model, spec, tensors, head, head_parameters, path)
+    check_settings(model, spec, fmt, tensorizer)
     return _Loaded(path, spec, fmt, tensorizer, tensors, head_parameters)
 
 
 def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     """Add the adapter of a checked file to ``model`` as ``name``, its factors and head values in before it
     joins ``model.factnet``: other threads' calls find it whole or not at all. Built directly, not by
-    `Tensorizer.decompose`, whose checks `_check_settings` made (decompose walks every module of the model,
+    `Tensorizer.decompose`, whose checks `check_settings` made (decompose walks every module of the model,
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
     low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
@@ -276,81 +230,3 @@ def _warn_mha_dropout(loaded: Sequence[_Loaded]) -> None:
            for item in loaded):
         warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                       "applied as a merged weight", stacklevel=3)
-
-
-def _rebuild_v1(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
-    """Version 1: the slices of every group on ``model``, checked against the saved slice map."""
-    group_of = {(s["module"], s["block"]): group for group, entry in spec["groups"].items() for s in entry["slices"]}
-    tensorizer = _tensorizer(model, group_of, path)
-    rebuilt = _slice_map(tensorizer.groups)
-    if rebuilt != spec["groups"]:
-        wrong = [g for g in spec["groups"] if rebuilt.get(g) != spec["groups"][g]]
-        raise FactnetError(f"{path}: the slice map of groups {wrong[:_SHOWN]} does not match this model's matrices "
-                           "(block offsets or shapes differ); the file was not written by adapter.save()")
-    return tensorizer
-
-
-def _rebuild(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
-    """Version 2: the slice templates of every group expanded and rebuilt on ``model`` (in the model's
-    order, as `Tensorizer` makes them), checked against each group's shape and cut."""
-    available = sum(_cut_blocks(m) for m in matrices.values())
-    wanted = sum(group["shape"][0] for group in spec["groups"].values())
-    if wanted > available:
-        raise FactnetError(f"{path}: its slice map has {wanted} slices, but this model's matrices have "
-                           f"{available}; the file was not written by adapter.save() for this model")
-    group_of: dict[tuple[str, int], str] = {}
-    whole: set[str] = set()
-    for group, entry in spec["groups"].items():
-        for text in entry["slices"]:
-            template = _parse_template(text)
-            for module, block in template.expand():  # type: ignore[union-attr]
-                if (module, block) in group_of:
-                    raise _malformed(path, f"slice {module}[{block}] is in its slice map twice")
-                group_of[(module, block)] = group
-                if template.blocks is None:  # type: ignore[union-attr]
-                    whole.add(module)
-    tensorizer = _tensorizer(model, group_of, path)
-    for group, entry in spec["groups"].items():
-        members = tensorizer.groups.get(group, ())
-        shape = [len(members), members[0].d_in, members[0].d_out] if members else [0]
-        wrong = [f"{p.module} is " + ("whole here, cut into blocks in the file" if p.side == "none" else
-                                      "cut into blocks here, whole in the file")
-                 for p in members if (p.side == "none") != (p.module in whole)]
-        if shape != entry["shape"] or wrong:
-            problem = _listing(wrong) if wrong else f"shape {shape}, not {entry['shape']}"
-            raise FactnetError(f"{path}: the slice map of group {group!r} does not match this model's matrices "
-                               f"({problem}); the file was not written by adapter.save() for this model")
-    return tensorizer
-
-
-def _rebuild_default(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
-    """Version 4, ``default_groups``: the model's default targets grouped by the spec's rule, checked against
-    the digest of the slice map they were saved with."""
-    rule = spec["default_groups"]
-    try:
-        tensorizer = Tensorizer(model).group(rule["by"])
-    except FactnetError as error:
-        raise FactnetError(f"{path}: its slices, this model's default targets grouped by {rule['by']}, cannot be "
-                           f"rebuilt on it ({error})") from None
-    digest = groups_digest(tensorizer.groups)
-    if digest != rule["sha256"]:
-        raise FactnetError(f"{path}: its slices are the default targets grouped by {rule['by']} of the model it was "
-                           f"saved from (slice map {rule['sha256']}), but on this model they give another slice map "
-                           f"({digest}: {', '.join(f'{g} {s}' for g, s in tensorizer.group_shapes().items())}); load "
-                           f"it onto the architecture it was saved from, with the factnet that saved it "
-                           f"({spec['factnet_version']}) or one whose default targets are the same")
-    return tensorizer
-
-
-def _tensorizer(model: nn.Module, group_of: Mapping[tuple[str, int], str], path: str) -> Tensorizer:
-    """The `Tensorizer` of exactly the slices ``(module, block)`` of ``group_of``, grouped by it."""
-    blocks: dict[str, list[str]] = {}
-    for module, block in group_of:
-        blocks.setdefault(module, []).append(str(block))
-    try:
-        tensorizer = Tensorizer(model, [f"{module}[{','.join(b)}]" for module, b in blocks.items()])
-        return tensorizer.group(lambda piece: group_of.get((piece.module, piece.index), ""))
-    except FactnetError as error:
-        raise FactnetError(f"{path}: its slice map does not match this model ({error})") from None
-
-
