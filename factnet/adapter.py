@@ -63,7 +63,8 @@ class Adapter(nn.Module):
         self.group_names = list(groups)
         self.seed = seed  # group number g's seeded factors (`Format.seeded`) are drawn from seed + g
         self.groups = nn.ModuleDict(
-            {group_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable, seed + number)
+            {group_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable,
+                                        seed + number)
              for number, (g, members) in enumerate(groups.items())}
         )
         self.matrices: dict[str, Matrix] = {}

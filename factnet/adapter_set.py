@@ -530,4 +530,5 @@ _NO_SETTINGS = _NoSettings()
 
 
 def in_head(parameter: str, head: list[str]) -> bool:
+    """Whether ``parameter`` (a name) belongs to one of the ``head`` modules."""
     return any(parameter.startswith(h + ".") for h in head)

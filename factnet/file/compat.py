@@ -169,7 +169,7 @@ def check_dtypes(model: nn.Module, spec: dict[str, Any], tensors: Mapping[str, T
         wrong = [key for key, value in tensors.items() if value.dtype != STORAGE_DTYPES[storage]]
         if wrong:
             raise malformed(path, f"its spec says it stores {storage}, but {wrong[0]} is "
-                                   f"{tensors[wrong[0]].dtype}")
+                                  f"{tensors[wrong[0]].dtype}")
         return
     wanted = {key: factor_dtype(model) for key in tensors if key.startswith("factors.")}
     wanted |= {f"head.{p}": head[p].dtype for p in head_parameters}

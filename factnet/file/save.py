@@ -32,8 +32,8 @@ def save(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = Tr
 
     ``bits`` (1, 2, 4 or 8) stores the factors low-bit, ``head_bits`` the head: ``bits``-bit codes with a
     float16 scale (and offset) per ``group`` values (`factnet.quant`), about ``bits/8`` bytes a parameter;
-    `load` reads them back as float32 values, exactly the stored ones, into the model's dtypes. Returns the file's path and size and, per low-bit tensor, the relative
-    error of its stored values (`Saved`).
+    `load` reads them back as float32 values, exactly the stored ones, into the model's dtypes. Returns the
+    file's path and size and, per low-bit tensor, the relative error of its stored values (`Saved`).
     """
     if not isinstance(adapter, Adapter):
         raise FactnetError(f"save needs a factnet Adapter, got {type(adapter).__name__}")

@@ -197,7 +197,7 @@ def parse_spec(text: str, path: str) -> dict[str, Any]:
     """The spec's JSON, checked for its size, version and layout (not yet against a model)."""
     if len(text) > MAX_SPEC_CHARACTERS:
         raise malformed(path, f"its spec is {len(text):,} characters long, more than the {MAX_SPEC_CHARACTERS:,} "
-                               "any adapter needs")
+                              "any adapter needs")
     try:
         spec = json.loads(text)
     except (ValueError, RecursionError):  # (RecursionError: JSON nested deeper than Python's stack)
@@ -221,7 +221,7 @@ def parse_spec(text: str, path: str) -> dict[str, Any]:
         raise malformed(path, f"storage dtype {spec['dtype']!r} is not one of {list(STORAGE_DTYPES)}")
     if not re.fullmatch(f"[0-9a-f]{{{FINGERPRINT_DIGITS}}}", spec["base"]["sha256"]):
         raise malformed(path, f"the base model's fingerprint {spec['base']['sha256']!r} is not "
-                               f"{FINGERPRINT_DIGITS} hex digits")
+                              f"{FINGERPRINT_DIGITS} hex digits")
     for name, group in spec.get("groups", {}).items():
         shape = group["shape"]
         if len(shape) != 3 or min(shape) < 1:
@@ -230,11 +230,11 @@ def parse_spec(text: str, path: str) -> dict[str, Any]:
         if None in templates:
             bad = group["slices"][templates.index(None)]
             raise malformed(path, f"group {name!r} has the slice template {bad!r} (expected a module name with "
-                                   "numeric runs such as 'blocks.{0-11}.attn.qkv[0-2]')")
+                                  "numeric runs such as 'blocks.{0-11}.attn.qkv[0-2]')")
         count = sum(t.size for t in templates)  # type: ignore[union-attr]
         if count != shape[0]:
             raise malformed(path, f"the slice templates of group {name!r} stand for {count} slices, but its shape "
-                                   f"{shape} has {shape[0]}")
+                                  f"{shape} has {shape[0]}")
     if version == 3:
         _check_bits(spec["bits"], path)
     if version == 4:
@@ -255,14 +255,14 @@ def _check_v4(spec: dict[str, Any], path: str) -> None:
     for name, shape in head.items():
         if not name or len(shape) > 8 or min(shape, default=1) < 1 or math.prod(shape) > _MAX_QUANTIZED:
             raise malformed(path, f"head parameter {name!r} has shape {shape}, not up to 8 positive sizes of at "
-                                   f"most {_MAX_QUANTIZED} values")
+                                  f"most {_MAX_QUANTIZED} values")
     if "dtype" in spec and "held" in spec:
         raise malformed(path, "it has both a storage dtype and the dtypes values were held in")
     held = spec.get("held", {})
     for key, dtype in (held.items() if isinstance(held, dict) else [(None, held)]):
         if dtype not in STORAGE_DTYPES or key not in (None, "factors", *head):
             raise malformed(path, f"it says values {key or 'all'} were held in {dtype!r} (expected 'factors' or a "
-                                   f"head parameter, and one of {list(STORAGE_DTYPES)})")
+                                  f"head parameter, and one of {list(STORAGE_DTYPES)})")
     bits = spec.get("bits")
     if bits is not None:
         _check_widths(bits, path)
@@ -280,7 +280,7 @@ def _check_bits(bits: dict[str, Any], path: str) -> None:
             raise malformed(path, f"it lists {name!r} as low-bit, but its {kind} are not stored low-bit")
         if not 1 <= len(shape) <= 8 or min(shape) < 1 or math.prod(shape) > _MAX_QUANTIZED:
             raise malformed(path, f"low-bit tensor {name!r} has shape {shape}, not 1 to 8 positive sizes of at most "
-                                   f"{_MAX_QUANTIZED} values")
+                                  f"{_MAX_QUANTIZED} values")
 
 
 def _check_widths(bits: dict[str, Any], path: str) -> None:
