@@ -31,8 +31,8 @@ from torch import nn
 
 import factnet
 import factnet.file.info
-import factnet.file.spec
 import factnet.file.templates
+import factnet.file.validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +57,7 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     adapter.save(path)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
-    assert spec["factnet_format_version"] == factnet.file.spec.FORMAT_VERSION == 4
+    assert spec["factnet_format_version"] == factnet.file.validate.FORMAT_VERSION == 4
     assert (spec["format"], spec["rank"], spec["factors"], spec["scale"], spec["dropout"]) == (
         "tt", 3, "iab,ja,kb", 10.0, 0.1)
     assert spec["head"] == ["head"] and spec["held"] == "float32" and "dtype" not in spec

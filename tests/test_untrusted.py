@@ -29,8 +29,8 @@ from legacy_files import save_legacy
 import factnet
 import factnet.file.container
 import factnet.file.info
-import factnet.file.spec
 import factnet.file.templates
+import factnet.file.validate
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 FUZZ = settings(max_examples=60, deadline=timedelta(seconds=20), derandomize=True,
@@ -176,7 +176,7 @@ def test_spec_edits_with_a_recomputed_checksum_are_loaded_or_refused(which, pick
     "[" * 100_000 + "]" * 100_000,  # found: RecursionError from json.loads, not a FactnetError
     '{"a":' * 100_000 + "1" + "}" * 100_000,
     '{"factnet_format_version": ' + "9" * 5000 + "}",  # int() of a huge literal
-    "x" * (factnet.file.spec.MAX_SPEC_CHARACTERS + 1),  # huge JSON: refused unparsed
+    "x" * (factnet.file.validate.MAX_SPEC_CHARACTERS + 1),  # huge JSON: refused unparsed
 ])
 def test_hostile_json_is_refused(text):
     assert _outcome(_with_spec(PLAIN, lambda spec: text)) == ["refused"] * 3

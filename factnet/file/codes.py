@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from factnet.file.spec import malformed
+from factnet.file.validate import malformed
 from factnet.quant import Quantized, dequantize, quantize
 
 __all__ = ["code_parts", "from_codes", "low_bit_values", "to_codes"]
@@ -37,12 +37,14 @@ def from_codes(parts: Mapping[str, Tensor], shape: tuple[int, ...], width: int, 
     return dequantize(Quantized(parts["codes"], parts["scale"], parts.get("offset"), tuple(shape), width, group))
 
 
-def low_bit_values(bits: dict[str, Any], tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
-    """Version 3: ``tensors`` with each low-bit tensor's codes and constants turned back into its float32 values,
-    after checking that they hold exactly the values its spec shape says (so nothing larger than the file's own
+def low_bit_values(bits: Mapping[str, Any], shapes: Mapping[str, list[int]], tensors: dict[str, Tensor],
+                   name: str) -> dict[str, Tensor]:
+    """Version 3: ``tensors`` with each low-bit tensor of ``shapes`` (its codes and constants, in ``bits``:
+    ``{"factors": b | None, "head": b | None, "group": values per scale}``) turned back into its float32 values,
+    after checking that they hold exactly the values its shape says (so nothing larger than the file's own
     codes is ever allocated)."""
     found = dict(tensors)
-    for key, shape in bits["shapes"].items():
+    for key, shape in shapes.items():
         width, group = bits[key.partition(".")[0]], bits["group"]
         parts = {}
         for part, (dtype, size) in code_parts(math.prod(shape), width, group).items():

@@ -14,27 +14,28 @@ from torch import Tensor
 from factnet.file.codes import low_bit_values
 from factnet.file.container import file_path, read_tensors
 from factnet.file.packs import PACK_DTYPES, pack_layout
-from factnet.file.spec import malformed, parse_spec
+from factnet.file.spec import Spec, read_spec
+from factnet.file.validate import malformed
 
 __all__ = ["FileInfo", "file_info", "load_spec", "read"]
 
 
-def read(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read(name: str) -> tuple[Spec, dict[str, Tensor]]:
     """The spec and every tensor of an adapter file, once the checksum matches: of a version-4 file its packs
     (``{dtype name: values}``, each checked to be flat and of its name's dtype), which `factnet.file.packs.unpack`
     splits once the model's slices are known; of older files the tensors, low-bit ones read back as float32
     values."""
     spec, tensors = _read_stored(name)
-    if spec["factnet_format_version"] == 4 or "bits" not in spec:
+    if spec.low_bit is None:
         return spec, tensors
-    return spec, low_bit_values(spec["bits"], tensors, name)
+    return spec, low_bit_values(spec.bits, spec.low_bit, tensors, name)  # type: ignore[arg-type]
 
 
-def _read_stored(name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _read_stored(name: str) -> tuple[Spec, dict[str, Tensor]]:
     """The spec and the tensors of an adapter file as stored, once the checksum matches."""
     text, tensors = read_tensors(name)
-    spec = parse_spec(text, name)
-    if spec["factnet_format_version"] == 4:
+    spec = read_spec(text, name)
+    if spec.packed:
         for key, value in tensors.items():
             if PACK_DTYPES.get(key) != value.dtype or value.dim() != 1:
                 raise malformed(name, f"it holds the tensor {key!r} ({value.dtype}, shape {tuple(value.shape)}); a "
@@ -73,20 +74,20 @@ def file_info(path: str | os.PathLike[str]) -> FileInfo:
     spec, stored = _read_stored(name)
     with open(name, "rb") as handle:
         header = 8 + int.from_bytes(handle.read(8), "little")
-    if spec["factnet_format_version"] == 4:
-        shapes = {p: tuple(shape) for p, shape in spec.get("head_shapes", {}).items()}
+    if spec.packed:
+        shapes = {p: tuple(shape) for p, shape in spec.head_shapes.items()}
         parts = pack_layout(spec, {f"head.{p}": shape for p, shape in shapes.items()}, name)
         head_bytes = sum(count * PACK_DTYPES[pack].itemsize for _, _, pack, count in parts)
     else:
-        low = spec.get("bits", {}).get("shapes", {})  # (version 3: low-bit tensors as codes and constants)
+        low = spec.low_bit or {}  # (version 3: low-bit tensors as codes and constants)
         shapes = {key.removeprefix("head."): tuple(shape) for key, shape in low.items() if key.startswith("head.")}
         shapes |= {key.removeprefix("head."): tuple(value.shape) for key, value in stored.items()
                    if key.startswith("head.") and key.rpartition(".")[0] not in low}
         head_bytes = sum(value.nbytes for key, value in stored.items() if key.startswith("head."))
-    return FileInfo(name, spec, os.path.getsize(name), header, shapes, head_bytes)
+    return FileInfo(name, spec.written, os.path.getsize(name), header, shapes, head_bytes)
 
 
 def load_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The spec of an adapter file as a dict, as the file holds it (versions 1 to 4, `factnet.file.spec`; checked
     like `load` does, without a model)."""
-    return read(file_path(path))[0]
+    return read(file_path(path))[0].written

@@ -25,19 +25,12 @@ from tqdm import tqdm
 from factnet.adapter import Adapter
 from factnet.adapter_set import AdapterSet, in_head
 from factnet.errors import FactnetError
-from factnet.file.compat import (
-    check_base,
-    check_dtypes,
-    check_matrices,
-    check_settings,
-    check_tensors,
-    registered_format,
-)
+from factnet.file.compat import check_base, check_dtypes, check_settings, check_tensors, registered_format
 from factnet.file.container import file_path
 from factnet.file.info import read
 from factnet.file.packs import factor_shapes, unpack
 from factnet.file.rebuild import rebuild_default, rebuild_listed, rebuild_templates
-from factnet.file.spec import base_matrices
+from factnet.file.spec import Spec, base_matrices
 from factnet.formats import Format
 from factnet.tensorizer import Tensorizer
 
@@ -106,7 +99,7 @@ def load_many(model: nn.Module, paths: Iterable[str | os.PathLike[str]], names: 
         bar.reset()
         bar.set_description("load_many: attach")
         previous = model.factnet.active if isinstance(getattr(model, "factnet", None), AdapterSet) else None
-        heads = {p: value.detach().clone() for head in {tuple(item.spec['head']) for item in loaded}
+        heads = {p: value.detach().clone() for head in {tuple(item.spec.head) for item in loaded}
                  for p, value in caches.head_parameters(head).items()}
         adapters: dict[str, Adapter] = {}
         try:
@@ -136,7 +129,7 @@ class _Loaded:
     """A file read and checked against the model, ready to attach."""
 
     path: str
-    spec: dict[str, Any]
+    spec: Spec
     fmt: Format
     tensorizer: Tensorizer
     tensors: dict[str, Tensor]
@@ -174,28 +167,25 @@ def _prepare(model: nn.Module, path: str, caches: _Caches) -> _Loaded:
     """Read ``path`` and check it against ``model`` (nothing is changed)."""
     spec, tensors = read(path)
     fmt = registered_format(spec)
-    version = spec["factnet_format_version"]
-    listing = json.dumps(spec["matrices"], sort_keys=True) if version == 1 else spec["base"]["sha256"]
-    if (tuple(spec["head"]), listing) not in caches.checked:
-        (check_matrices if version == 1 else check_base)(caches.matrices_of(spec["head"]), spec, path)
-        caches.checked.add((tuple(spec["head"]), listing))
-    if "default_groups" in spec:  # (version 4: the model's default targets, grouped by a rule)
-        key: tuple = ("default", spec["default_groups"]["by"], spec["default_groups"]["sha256"])
+    if (tuple(spec.head), spec.base["sha256"]) not in caches.checked:
+        check_base(caches.matrices_of(spec.head), spec, path)
+        caches.checked.add((tuple(spec.head), spec.base["sha256"]))
+    if spec.default_groups is not None:  # the model's default targets, grouped by a rule
+        key: tuple = ("default", spec.default_groups["by"], spec.default_groups["sha256"])
         build = rebuild_default
-    else:  # (versions 3 and 4 have version 2's slice maps)
-        key = (min(version, 2), json.dumps(spec["groups"], sort_keys=True))
-        build = rebuild_listed if version == 1 else rebuild_templates
-    if key not in caches.tensorizers:
-        caches.tensorizers[key] = build(model, spec, path, caches.matrices_of(spec["head"]))
-    tensorizer = caches.tensorizers[key]
-    if version == 4:  # the packs split: the factors' shapes from the format and the slices, in the file's order
-        shapes = tensorizer.group_shapes()
-        tensors = unpack(spec, tensors, factor_shapes(fmt, {g: shapes[g] for g in spec.get("groups", shapes)}), path)
-    if version == 1:
-        head_parameters = list(spec["head_parameters"])
+    elif spec.listed is not None:
+        key, build = ("listed", json.dumps(spec.listed, sort_keys=True)), rebuild_listed
     else:
-        head_parameters = [key[len("head."):] for key in tensors if key.startswith("head.")]
-    head = caches.head_parameters(spec["head"])
+        key, build = ("templates", json.dumps(spec.groups, sort_keys=True)), rebuild_templates
+    if key not in caches.tensorizers:
+        caches.tensorizers[key] = build(model, spec, path, caches.matrices_of(spec.head))
+    tensorizer = caches.tensorizers[key]
+    if spec.packed:  # the packs split: the factors' shapes from the format and the slices, in the file's order
+        shapes = tensorizer.group_shapes()
+        tensors = unpack(spec, tensors, factor_shapes(fmt, {g: shapes[g] for g in spec.groups or shapes}), path)
+    head_parameters = spec.head_parameters if spec.head_parameters is not None else [
+        key[len("head."):] for key in tensors if key.startswith("head.")]
+    head = caches.head_parameters(spec.head)
     check_tensors(head, spec, fmt, tensorizer, tensors, head_parameters, path)
     check_dtypes(model, spec, tensors, head, head_parameters, path)
     check_settings(model, spec, fmt, tensorizer)
@@ -208,11 +198,11 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     `Tensorizer.decompose`, whose checks `check_settings` made (decompose walks every module of the model,
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
-    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec.get("dropout", 0.0),
-                      list(spec["head"]), name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
+    low_bit = spec.bits or {"factors": None, "group": 64}  # (trained on: saving again stores the same bits)
+    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec.scale, spec.dropout,
+                      list(spec.head), name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
                       bits=low_bit["factors"], group=low_bit["group"],
-                      stable="base_rank" in spec, seed=spec.get("seed", 0))
+                      stable=spec.stable, seed=spec.seed)
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})
@@ -226,7 +216,7 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
 
 
 def _warn_mha_dropout(loaded: Sequence[_Loaded]) -> None:
-    if any(item.spec.get("dropout", 0.0) > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
+    if any(item.spec.dropout > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
            for item in loaded):
         warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                       "applied as a merged weight", stacklevel=3)

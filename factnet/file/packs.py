@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from factnet.errors import FactnetError
 from factnet.file.codes import code_parts, from_codes
-from factnet.file.spec import STORAGE_DTYPES, malformed
+from factnet.file.validate import STORAGE_DTYPES, malformed
 
 if TYPE_CHECKING:
+    from factnet.file.spec import Spec
     from factnet.formats import Format
 
 __all__ = ["PACK_DTYPES", "factor_shapes", "pack", "pack_layout", "unpack"]
@@ -42,17 +43,17 @@ def pack(values: Iterable[Tensor]) -> dict[str, Tensor]:
     return {name: torch.cat(found) for name, found in packs.items()}
 
 
-def pack_layout(spec: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+def pack_layout(spec: Spec, shapes: Mapping[str, tuple[int, ...]],
                 name: str) -> list[tuple[str, str, str, int]]:
     """Where a version-4 file stores the tensors of ``shapes`` (in the packs' order): ``(tensor, part, pack,
     values)``, a part being ``values`` (in the dtype the spec gives) or low-bit ``codes``, ``scale``, ``offset``."""
-    bits, held = spec.get("bits") or {}, spec.get("held")
+    bits, held = spec.bits or {}, spec.held
     layout = []
     for key, shape in shapes.items():
         kind, count = key.partition(".")[0], math.prod(shape)
         width = bits.get(kind)
         if width is None:
-            dtype = spec.get("dtype") or (held if not isinstance(held, dict) else held.get(
+            dtype = spec.dtype or (held if not isinstance(held, dict) else held.get(
                 "factors" if kind == "factors" else key.removeprefix("head.")))
             if dtype is None:
                 raise malformed(name, f"it does not say in which dtype {key} is stored")
@@ -63,15 +64,15 @@ def pack_layout(spec: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
     return layout
 
 
-def unpack(spec: dict[str, Any], packs: Mapping[str, Tensor], factors: Mapping[str, tuple[int, ...]],
+def unpack(spec: Spec, packs: Mapping[str, Tensor], factors: Mapping[str, tuple[int, ...]],
            name: str) -> dict[str, Tensor]:
     """The tensors of a version-4 file (as `factnet.file.info.read` gives older files'): ``factors.<group>.<factor>``
     of the shapes ``factors`` (`factor_shapes` of the format and the slices rebuilt on the model, in order) and
     ``head.<name>`` of the spec's ``head_shapes``, split from ``packs`` after checking that each pack holds exactly
     the values they need (so a tensor of another size is an error, and nothing larger than the file's own values
     is allocated); low-bit tensors are read back as float32 values, the others copied out of their packs."""
-    bits = spec.get("bits") or {}
-    shapes = dict(factors) | {f"head.{p}": tuple(shape) for p, shape in spec.get("head_shapes", {}).items()}
+    bits = spec.bits or {}
+    shapes = dict(factors) | {f"head.{p}": tuple(shape) for p, shape in spec.head_shapes.items()}
     layout = pack_layout(spec, shapes, name)
     needed: dict[str, int] = {}
     for _, _, pack_name, count in layout:
@@ -80,9 +81,9 @@ def unpack(spec: dict[str, Any], packs: Mapping[str, Tensor], factors: Mapping[s
     if needed != held_values:
         wrong = [f"{p}: needs {needed.get(p, 0):,} values, holds {held_values.get(p, 0):,}"
                  for p in dict.fromkeys([*needed, *held_values]) if needed.get(p) != held_values.get(p)]
-        raise FactnetError(f"{name} does not hold the tensors its spec and this model need ({spec['format']} rank "
-                           f"{spec['rank']}, {len(factors)} factors" + (f", head {list(spec['head_shapes'])}"
-                                                                        if spec.get("head_shapes") else "")
+        raise FactnetError(f"{name} does not hold the tensors its spec and this model need ({spec.format} rank "
+                           f"{spec.rank}, {len(factors)} factors" + (f", head {list(spec.head_shapes)}"
+                                                                     if spec.head_shapes else "")
                            + f"): {'; '.join(wrong)}; load onto the architecture it was saved from (same head size)")
     found: dict[str, dict[str, Tensor]] = {}
     offsets = dict.fromkeys(packs, 0)

@@ -11,36 +11,37 @@ from torch import nn
 
 from factnet.errors import FactnetError
 from factnet.file.compat import cut_blocks, listing
-from factnet.file.spec import SHOWN, malformed
+from factnet.file.spec import Spec
+from factnet.file.validate import SHOWN, malformed
 from factnet.file.templates import groups_digest, parse_template, slice_listing
 from factnet.tensorizer import Tensorizer
 
 __all__ = ["rebuild_default", "rebuild_listed", "rebuild_templates"]
 
 
-def rebuild_listed(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
+def rebuild_listed(model: nn.Module, spec: Spec, path: str, matrices: dict[str, Any]) -> Tensorizer:
     """Version 1: the slices of every group on ``model``, checked against the saved slice map."""
-    group_of = {(s["module"], s["block"]): group for group, entry in spec["groups"].items() for s in entry["slices"]}
+    group_of = {(s["module"], s["block"]): group for group, entry in spec.listed.items() for s in entry["slices"]}
     tensorizer = _tensorizer(model, group_of, path)
     rebuilt = slice_listing(tensorizer.groups)
-    if rebuilt != spec["groups"]:
-        wrong = [g for g in spec["groups"] if rebuilt.get(g) != spec["groups"][g]]
+    if rebuilt != spec.listed:
+        wrong = [g for g in spec.listed if rebuilt.get(g) != spec.listed[g]]
         raise FactnetError(f"{path}: the slice map of groups {wrong[:SHOWN]} does not match this model's matrices "
                            "(block offsets or shapes differ); the file was not written by adapter.save()")
     return tensorizer
 
 
-def rebuild_templates(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
+def rebuild_templates(model: nn.Module, spec: Spec, path: str, matrices: dict[str, Any]) -> Tensorizer:
     """Version 2: the slice templates of every group expanded and rebuilt on ``model`` (in the model's
     order, as `Tensorizer` makes them), checked against each group's shape and cut."""
     available = sum(cut_blocks(m) for m in matrices.values())
-    wanted = sum(group["shape"][0] for group in spec["groups"].values())
+    wanted = sum(group["shape"][0] for group in spec.groups.values())
     if wanted > available:
         raise FactnetError(f"{path}: its slice map has {wanted} slices, but this model's matrices have "
                            f"{available}; the file was not written by adapter.save() for this model")
     group_of: dict[tuple[str, int], str] = {}
     whole: set[str] = set()
-    for group, entry in spec["groups"].items():
+    for group, entry in spec.groups.items():
         for text in entry["slices"]:
             template = parse_template(text)
             for module, block in template.expand():  # type: ignore[union-attr]
@@ -50,7 +51,7 @@ def rebuild_templates(model: nn.Module, spec: dict[str, Any], path: str, matrice
                 if template.blocks is None:  # type: ignore[union-attr]
                     whole.add(module)
     tensorizer = _tensorizer(model, group_of, path)
-    for group, entry in spec["groups"].items():
+    for group, entry in spec.groups.items():
         members = tensorizer.groups.get(group, ())
         shape = [len(members), members[0].d_in, members[0].d_out] if members else [0]
         wrong = [f"{p.module} is " + ("whole here, cut into blocks in the file" if p.side == "none" else
@@ -63,10 +64,10 @@ def rebuild_templates(model: nn.Module, spec: dict[str, Any], path: str, matrice
     return tensorizer
 
 
-def rebuild_default(model: nn.Module, spec: dict[str, Any], path: str, matrices: dict[str, Any]) -> Tensorizer:
+def rebuild_default(model: nn.Module, spec: Spec, path: str, matrices: dict[str, Any]) -> Tensorizer:
     """Version 4, ``default_groups``: the model's default targets grouped by the spec's rule, checked against
     the digest of the slice map they were saved with."""
-    rule = spec["default_groups"]
+    rule = spec.default_groups
     try:
         tensorizer = Tensorizer(model).group(rule["by"])
     except FactnetError as error:
@@ -78,7 +79,7 @@ def rebuild_default(model: nn.Module, spec: dict[str, Any], path: str, matrices:
                            f"saved from (slice map {rule['sha256']}), but on this model they give another slice map "
                            f"({digest}: {', '.join(f'{g} {s}' for g, s in tensorizer.group_shapes().items())}); load "
                            f"it onto the architecture it was saved from, with the factnet that saved it "
-                           f"({spec['factnet_version']}) or one whose default targets are the same")
+                           f"({spec.factnet_version}) or one whose default targets are the same")
     return tensorizer
 
 

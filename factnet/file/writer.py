@@ -16,7 +16,8 @@ from factnet.errors import FactnetError
 from factnet.file.codes import from_codes, to_codes
 from factnet.file.container import file_path, write_tensors
 from factnet.file.packs import factor_shapes, pack
-from factnet.file.spec import STORAGE_DTYPES, build_spec
+from factnet.file.spec import build_spec
+from factnet.file.validate import STORAGE_DTYPES
 from factnet.quant import check_bits
 
 if TYPE_CHECKING:
