@@ -1,4 +1,4 @@
-"""Helpers shared by the save/load tests (tests/test_io.py, tests/test_io_damage.py)."""
+"""Helpers shared by the save/load tests (tests/test_file_*.py), and their `saved` fixture."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import (
+    TinyNet,
     assert_same_model,
     randomize_factors,
     snapshot,
@@ -140,3 +141,17 @@ def round_trip(base: nn.Module, tmp_path: pathlib.Path, *inputs: torch.Tensor, i
         with torch.no_grad():
             assert torch.equal(fresh(*inputs), model(*inputs))
     return model, adapter, fresh, loaded
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A trained TinyNet adapter saved once: ``(base, path, factors, head, file bytes, adapter)`` (import it into a
+    test module to use it)."""
+    torch.manual_seed(0)
+    base = TinyNet(d=4)
+    model = copy.deepcopy(base)
+    adapter = factnet.Tensorizer(model).decompose("tt", rank=2)
+    train(adapter)
+    path = tmp_path / "adapter.safetensors"
+    adapter.save(path)
+    return base, path, factors_of(adapter), head_parameters(model, adapter), path.read_bytes(), adapter

@@ -1,6 +1,6 @@
 """factnet's writer of format versions 2 and 3 (one safetensors tensor per factor and head parameter; low-bit:
 codes, scale and offset per tensor), as it was at commit a364838, kept so that the tests can write files of
-those versions for any adapter (crafted specs, damaged files). `tests/test_io_versions.py` checks that it
+those versions for any adapter (crafted specs, damaged files). `tests/test_file_load.py` checks that it
 writes what that factnet wrote (the files of tests/v23_fixture.py).
 """
 

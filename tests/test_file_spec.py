@@ -1,10 +1,12 @@
-"""Format version 2: version-1 files still load bitwise, half-precision storage, the slice-map templates
-(checked against the slices themselves), crafted version-2 specs and the fingerprint mismatch message."""
+"""The spec: version-1 files still load bitwise, and every older spec read is upgraded into the current form;
+half-precision storage, the slice-map templates (checked against the slices themselves), crafted version-2
+specs and the fingerprint mismatch message."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import random
 
@@ -15,6 +17,8 @@ from conftest import TinyNet, snapshot, tiny_swin, tiny_vit
 from legacy_files import save_legacy
 from io_support import factors_of, head_parameters, read_header, rejected, rewrite_spec, split_packs, train
 from v1_fixture import DATA, FILES, build_model
+
+import v23_fixture
 
 import factnet
 import factnet.file.info
@@ -60,6 +64,42 @@ def test_v1_fixtures_load_many():
         expected = safetensors.torch.load_file(str(path))
         for (group, key), value in factors_of(adapters[name]).items():
             assert torch.equal(value, expected[f"factors.{group}.{key}"])
+
+
+# ---- older specs upgraded when read --------------------------------------------------------------------
+@pytest.mark.parametrize("name", [*FILES, *v23_fixture.FILES])
+def test_old_specs_read_as_the_spec_of_the_same_adapter_saved_now(name, tmp_path):
+    """A version-1/2/3 spec as read (`read_spec`) holds what the version-4 spec of the same adapter, loaded and
+    saved again, holds: format and factor letters, settings, head, the base model's fingerprint (version 1: of
+    its listing of matrices), the slice map (the digest of the templates where version 4 names the default
+    targets), storage dtype and bits; only the tensors' layout (packs) differs."""
+    path = DATA / f"{name}.safetensors"
+    if name in FILES:
+        model, save = build_model(), {"include_head": FILES[name][2]}
+    else:
+        head_bits = v23_fixture.FILES[name][1].get("head_bits")  # (a loaded adapter trains its head as held)
+        model, save = v23_fixture.build(name), v23_fixture.FILES[name][4] | ({"head_bits": head_bits} if head_bits
+                                                                             else {})
+    factnet.load(model, path).save(tmp_path / "now.safetensors", **save)
+    old, now = (factnet.file.info.read(str(p))[0] for p in (path, tmp_path / "now.safetensors"))
+    written = factnet.file.info.load_spec(path)
+    assert written["factnet_format_version"] == int(name[1]) and old.written == written and now.packed
+
+    def current(spec: factnet.file.spec.Spec) -> dict:
+        letters = spec.factors if isinstance(spec.factors, str) else ",".join(spec.factors.values())
+        return {"format": spec.format, "rank": spec.rank, "factors": letters, "scale": spec.scale,
+                "dropout": spec.dropout, "stable": spec.stable, "seed": spec.seed, "head": spec.head, "base": spec.base,
+                "dtype": spec.dtype, "bits": spec.bits}
+
+    assert current(old) == current(now)  # (version 1's base: the fingerprint of its listing, equal to the model's)
+    if name in FILES:  # version 1 lists every slice: kept as listed, checked against the model on load
+        assert (old.groups, old.default_groups, old.listed) == (None, None, written["groups"])
+    elif now.default_groups is not None:
+        digest = hashlib.sha256(json.dumps(old.groups, separators=(",", ":")).encode()).hexdigest()[:8]
+        assert old.groups == written["groups"] and digest == now.default_groups["sha256"]
+    else:
+        assert old.groups == now.groups
+    assert (old.low_bit, old.packed) == (written["bits"]["shapes"] if "bits" in written else None, False)
 
 
 # ---- half-precision storage ----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_bad_bits_are_errors(bits, head_bits, group, tmp_path):
 ])
 def test_crafted_low_bit_files_are_errors(edit, match, tmp_path):
     """Version 3 (tests/legacy_files.py): its ``bits`` lists each low-bit tensor's shape. (Version 4's:
-    tests/test_io_v4.py.)"""
+    tests/test_file_packs.py.)"""
     base, _, adapter = _adapted("tt")
     path = tmp_path / "a.safetensors"
     save_legacy(adapter, path, bits=2, head_bits=4)

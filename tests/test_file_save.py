@@ -18,13 +18,14 @@ from conftest import (
     tiny_torchvision_vit,
     tiny_vit,
 )
-from io_support import (
+from io_support import (  # noqa: F401 (saved: a fixture)
     FORMATS,
     assert_bitwise,
     factors_of,
     head_parameters,
     read_header,
     round_trip,
+    saved,
     train,
 )
 from torch import nn
@@ -200,3 +201,20 @@ def test_vit_b_tt_r8_file_size(tmp_path):
     for include_head in (False, True):  # version 2: the whole header (file bytes - tensor bytes) within 1 KiB
         file_bytes, tensor_bytes, _ = sizes[include_head]
         assert file_bytes - tensor_bytes <= 1024
+
+
+# ---- save errors --------------------------------------------------------------------------------------------
+def test_save_errors(saved, tmp_path):
+    _, path, _, _, data, adapter = saved
+    with pytest.raises(factnet.FactnetError, match="is a directory"):
+        adapter.save(tmp_path)
+    with pytest.raises(factnet.FactnetError, match="does not exist; create it"):
+        adapter.save(tmp_path / "missing" / "a.safetensors")
+    with pytest.raises(factnet.FactnetError, match="needs a factnet Adapter"):
+        factnet.save(adapter.groups, tmp_path / "b.safetensors")
+    with pytest.raises(factnet.FactnetError, match="expected a file path"):
+        adapter.save(None)
+    adapter.detach()
+    with pytest.raises(factnet.FactnetError, match="detached"):
+        adapter.save(path)
+    assert path.read_bytes() == data and sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]
