@@ -83,7 +83,7 @@ def test_not_a_module(saved):
         factnet.load({"weight": torch.ones(1)}, path)
 
 
-# ---- crafted version-2 specs (valid checksum; version 4's: tests/test_file_packs.py) -----------------------------
+# ---- crafted version-2 specs (valid checksum; version 4's: tests/test_file_packs.py) -----------------------
 @pytest.fixture
 def saved_v2(tmp_path):
     """A trained TinyNet adapter saved as a version-2 file (tests/legacy_files.py): ``(base, path)``."""

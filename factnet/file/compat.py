@@ -26,7 +26,8 @@ from factnet.file.templates import parse_template, runs
 from factnet.formats import Format, available_formats, get_format
 from factnet.tensorizer import Tensorizer
 
-__all__ = ["check_base", "check_dtypes", "check_settings", "check_tensors", "cut_blocks", "listing", "registered_format"]
+__all__ = ["check_base", "check_dtypes", "check_settings", "check_tensors", "cut_blocks", "listing",
+           "registered_format"]
 
 
 def registered_format(spec: Spec) -> Format:

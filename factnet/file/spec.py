@@ -23,11 +23,11 @@ format, the slices and ``head_shapes``). An adapter trained in the rank-stable p
 with seeded factors ``seed``. With the tensors packed (`factnet.file.packs`), a file of the default targets has a
 header (spec included) of 500 to 700 bytes on any model; a listed slice map adds its templates.
 
-Older versions still load, upgraded into a `Spec` when read: version 1 listed every matrix of the base model and every slice;
-version 2 wrote the ``groups`` templates always, ``dtype`` null for as held, the factor letters as a dict and
-one safetensors tensor per factor and head parameter; version 3 (low-bit) added ``bits`` with every low-bit
-tensor's shape (``"shapes": {tensor: shape}``), each stored as ``<name>.codes`` (uint8), ``<name>.scale`` and,
-above 1 bit, ``<name>.offset`` (float16) (`factnet.file.codes`).
+Older versions still load, upgraded into a `Spec` when read: version 1 listed every matrix of the base model
+and every slice; version 2 wrote the ``groups`` templates always, ``dtype`` null for as held, the factor letters
+as a dict and one safetensors tensor per factor and head parameter; version 3 (low-bit) added ``bits`` with
+every low-bit tensor's shape (``"shapes": {tensor: shape}``), each stored as ``<name>.codes`` (uint8),
+``<name>.scale`` and, above 1 bit, ``<name>.offset`` (float16) (`factnet.file.codes`).
 """
 
 from __future__ import annotations
