@@ -18,10 +18,12 @@ from conftest import (
     randomize_factors,
     snapshot,
 )
+from legacy_files import save_legacy
 from torch import nn
 
 import factnet
 import factnet.file.container
+import factnet.file.info
 import factnet.quant
 
 FORMATS = factnet.available_formats()
@@ -155,3 +157,18 @@ def saved(tmp_path):
     path = tmp_path / "adapter.safetensors"
     adapter.save(path)
     return base, path, factors_of(adapter), head_parameters(model, adapter), path.read_bytes(), adapter
+
+
+@pytest.fixture
+def saved_v2(tmp_path):
+    """A trained TinyNet adapter saved as a version-2 file (tests/legacy_files.py): ``(base, path)`` (import it
+    into a test module to use it)."""
+    torch.manual_seed(0)
+    base = TinyNet(d=4)
+    adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
+    train(adapter)
+    path = tmp_path / "v2.safetensors"
+    save_legacy(adapter, path)
+    assert factnet.file.info.load_spec(path)["groups"] == {
+        "4x4": {"shape": [12, 4, 4], "slices": ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]}}
+    return base, path

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyNet, tiny_vit
-from io_support import rejected, rewrite_spec, saved, train  # noqa: F401 (saved: a fixture)
+from conftest import tiny_vit
+from io_support import rejected, rewrite_spec, saved, saved_v2  # noqa: F401 (saved, saved_v2: fixtures)
 from legacy_files import save_legacy
 
 import factnet
@@ -84,18 +84,6 @@ def test_not_a_module(saved):
 
 
 # ---- crafted version-2 specs (valid checksum; version 4's: tests/test_file_packs.py) -----------------------
-@pytest.fixture
-def saved_v2(tmp_path):
-    """A trained TinyNet adapter saved as a version-2 file (tests/legacy_files.py): ``(base, path)``."""
-    torch.manual_seed(0)
-    base = TinyNet(d=4)
-    adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
-    train(adapter)
-    path = tmp_path / "v2.safetensors"
-    save_legacy(adapter, path)
-    return base, path
-
-
 @pytest.mark.parametrize("edit, match", [
     (lambda s: s.update(factnet_format_version=5), "factnet_format_version 5.*upgrade factnet"),
     (lambda s: s.update(factnet_format_version="2"), "malformed factnet spec"),

@@ -14,8 +14,16 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import TinyNet, snapshot, tiny_swin, tiny_vit
-from legacy_files import save_legacy
-from io_support import factors_of, head_parameters, read_header, rejected, rewrite_spec, split_packs, train
+from io_support import (  # noqa: F401 (saved_v2: a fixture)
+    factors_of,
+    head_parameters,
+    read_header,
+    rejected,
+    rewrite_spec,
+    saved_v2,
+    split_packs,
+    train,
+)
 from v1_fixture import DATA, FILES, build_model
 
 import v23_fixture
@@ -232,20 +240,6 @@ def test_runs():
 
 
 # ---- crafted version-2 specs (valid checksum) -------------------------------------------------------------
-@pytest.fixture
-def saved(tmp_path):
-    """A version-2 file (tests/legacy_files.py) of a trained TinyNet adapter."""
-    torch.manual_seed(0)
-    base = TinyNet(d=4)
-    adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
-    train(adapter)
-    path = tmp_path / "adapter.safetensors"
-    save_legacy(adapter, path)
-    assert factnet.file.info.load_spec(path)["groups"] == {
-        "4x4": {"shape": [12, 4, 4], "slices": ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]}}
-    return base, path
-
-
 def _group(spec: dict) -> dict:
     return spec["groups"]["4x4"]
 
@@ -271,8 +265,8 @@ def _group(spec: dict) -> dict:
 ], ids=["dtype-int8", "dtype-lies", "dtype-type", "fingerprint-format", "fingerprint-other", "no-base", "shape-2d",
         "shape-differs", "shape-huge", "duplicate-slice", "template-syntax", "template-brace", "template-runs",
         "template-huge", "template-huge-and-shape", "head-elsewhere"])
-def test_crafted_v2_spec(saved, edit, match):
-    base, path = saved
+def test_crafted_v2_spec(saved_v2, edit, match):
+    base, path = saved_v2
     rewrite_spec(path, edit)
     rejected(copy.deepcopy(base), path, match)
 
