@@ -16,7 +16,10 @@ from factnet.compression import compress, rank_sweep
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
 from factnet.formats import Format, available_formats, get_format
-from factnet.io import file_info, load, load_many, save, write_atomically
+from factnet.file.container import write_atomically
+from factnet.file.info import file_info
+from factnet.file.load import load, load_many
+from factnet.file.save import save
 from factnet.slices import Slice
 from factnet.tensorizer import Tensorizer, parse_budget
 from factnet.version import __version__ as __version__

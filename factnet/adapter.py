@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from factnet import attach as sites
-from factnet.adapter_set import AdapterSet, _in_head
+from factnet.adapter_set import AdapterSet, in_head
 from factnet.errors import FactnetError
 from factnet.factors import GroupFactors
 from factnet.formats import Format, NormalForm
@@ -23,7 +23,7 @@ from factnet.slices import Matrix, Slice
 
 if TYPE_CHECKING:
     from factnet.budget import AutoChoice
-    from factnet.files import Saved
+    from factnet.file.writer import Saved
 
 __all__ = ["Adapter", "GroupFactors"]
 
@@ -63,7 +63,8 @@ class Adapter(nn.Module):
         self.group_names = list(groups)
         self.seed = seed  # group number g's seeded factors (`Format.seeded`) are drawn from seed + g
         self.groups = nn.ModuleDict(
-            {_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable, seed + number)
+            {group_key(g): GroupFactors(fmt, members, dtype, reference.device, generator, bits, group, stable,
+                                        seed + number)
              for number, (g, members) in enumerate(groups.items())}
         )
         self.matrices: dict[str, Matrix] = {}
@@ -72,7 +73,7 @@ class Adapter(nn.Module):
             for matrix, chosen in _by_matrix(members).items():
                 self.matrices[matrix.name] = matrix
                 self.placements.setdefault(matrix.name, []).append(shared_placement(
-                    _key(group), tuple(chosen), tuple(members[p].index for p in chosen), *matrix.cut,
+                    group_key(group), tuple(chosen), tuple(members[p].index for p in chosen), *matrix.cut,
                     fmt.projections_per_slice))
         self.head = head
         self._merged = False
@@ -88,7 +89,7 @@ class Adapter(nn.Module):
         self._head_quantizer = None if head_bits is None else HeadQuantizer(
             head_modules(model, head), head_bits, self.settings.group, lambda: self.__dict__.get("model") is not None
             and self._set.active == self.name)
-        if register:  # (else the caller adds it once its values are in: `factnet.io`)
+        if register:  # (else the caller adds it once its values are in: `factnet.file.load`)
             AdapterSet.of(model).add(name, self)
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
@@ -249,10 +250,10 @@ class Adapter(nn.Module):
         """This adapter's head parameters by model name (the model's own while it is active)."""
         if self._head_state is not None:  # inactive: its values, the set's initial ones where it kept none
             initial = self._set._head_init
-            return {n: self._head_state.get(n, initial[n]) for n in initial if _in_head(n, self.head)}
+            return {n: self._head_state.get(n, initial[n]) for n in initial if in_head(n, self.head)}
         if self.__dict__.get("model") is None:
             raise FactnetError("adapter was detached, so its head is no longer known")
-        return {n: p for n, p in self._set._backbone_parameters() if _in_head(n, self.head)}
+        return {n: p for n, p in self._set._backbone_parameters() if in_head(n, self.head)}
 
     def head_values(self) -> dict[str, Tensor]:
         """The head as this adapter's forward uses it: `head_state`, detached, or for ``head_bits`` its
@@ -266,7 +267,7 @@ class Adapter(nn.Module):
         """The factors of group ``name`` (as in `group_names`)."""
         if name not in self.group_names:
             raise FactnetError(f"no group {name!r}; groups are {self.group_names}")
-        return self.groups[_key(name)]
+        return self.groups[group_key(name)]
 
     @torch.no_grad()
     def delta_weight(self, matrix: str) -> Tensor:
@@ -285,9 +286,9 @@ class Adapter(nn.Module):
         safetensors file at ``path`` (a str or os.PathLike), atomically; `factnet.load` rebuilds it.
         ``dtype`` (``torch.bfloat16``, ``torch.float16``, ``torch.float32`` or ``torch.float64``) stores the
         tensors cast to it (bfloat16: 2 bytes a parameter); `factnet.load` casts them to the model's dtypes.
-        ``bits``/``head_bits`` (1, 2, 4, 8) store the factors/head low-bit (see `factnet.io.save`); an adapter
+        ``bits``/``head_bits`` (1, 2, 4, 8) store the factors/head low-bit (see `factnet.save`); an adapter
         trained low-bit (``decompose(..., bits=b)``) stores its factors in ``b`` bits unless told otherwise."""
-        from factnet.files import write
+        from factnet.file.writer import write
 
         return write(self, path, include_head, dtype, bits, head_bits, group)
 
@@ -297,7 +298,7 @@ class Adapter(nn.Module):
         return sum(self.num_parameters_by_group().values())
 
     def num_parameters_by_group(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in self.groups[_key(name)].parameters()) for name in self.group_names}
+        return {name: sum(p.numel() for p in self.groups[group_key(name)].parameters()) for name in self.group_names}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What to give the optimizer: the factors, then the head (unless ``train_head=False``)."""
@@ -309,7 +310,7 @@ class Adapter(nn.Module):
         return sum(p.numel() for p in self.head_state().values()) if self.__dict__.get("model") is not None else 0
 
     def group_shapes(self) -> dict[str, tuple[int, int, int]]:
-        return {name: self.groups[_key(name)].shape for name in self.group_names}
+        return {name: self.groups[group_key(name)].shape for name in self.group_names}
 
     def plan_report(self, tokens: int = 1024) -> str:
         """The contractions the adapter runs, with opt-einsum's cost, for ``tokens`` rows of input."""
@@ -333,7 +334,7 @@ def factor_dtype(model: nn.Module) -> torch.dtype:
     return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _key(group: str) -> str:
+def group_key(group: str) -> str:
     """A ModuleDict-safe key for a group name (dots are not allowed there)."""
     return group.replace(".", "_")
 

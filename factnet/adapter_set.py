@@ -122,7 +122,7 @@ class AdapterSet(nn.Module):
             self.check_addable(self.model, name)
             self._traffic.check_quiet(self, f"add adapter {name!r}, which becomes the active one,")
             for param_name, param in self._backbone_parameters():
-                if _in_head(param_name, adapter.head) and param_name not in self._head_init:
+                if in_head(param_name, adapter.head) and param_name not in self._head_init:
                     self._head_init[param_name] = param.detach().clone()
             self._stash_head()
             adapter.train(self.model.training)
@@ -393,7 +393,7 @@ class AdapterSet(nn.Module):
             values = self._live_head[1]
         if adapter.settings.head_bits is None:
             return values
-        own = {n: v for n, v in values.items() if _in_head(n, adapter.head)}
+        own = {n: v for n, v in values.items() if in_head(n, adapter.head)}
         return values | quantized_head(adapter, own, adapter.settings.head_bits, adapter.settings.group)
 
     @contextmanager
@@ -437,7 +437,7 @@ class AdapterSet(nn.Module):
         """Keep the active adapter's head values with it before another takes the head."""
         adapter = self.active_adapter
         if adapter is not None and adapter.head:
-            values = {n: self.model.get_parameter(n) for n in self._head_init if _in_head(n, adapter.head)}
+            values = {n: self.model.get_parameter(n) for n in self._head_init if in_head(n, adapter.head)}
             adapter._head_state = {n: v.detach().clone() for n, v in values.items()  # only what training changed:
                                    if not torch.equal(v, self._head_init[n])}  # 1,000 untrained heads cost nothing
 
@@ -478,7 +478,7 @@ class AdapterSet(nn.Module):
         active = self.active_adapter
         head = active.head if active is not None else []
         for name, param in self._backbone_parameters():
-            param.requires_grad_(_in_head(name, head))
+            param.requires_grad_(in_head(name, head))
         if previous is not None and previous is not active:
             previous.requires_grad_(False)
         if active is not None:
@@ -529,5 +529,6 @@ class _NoSettings:
 _NO_SETTINGS = _NoSettings()
 
 
-def _in_head(parameter: str, head: list[str]) -> bool:
+def in_head(parameter: str, head: list[str]) -> bool:
+    """Whether ``parameter`` (a name) belongs to one of the ``head`` modules."""
     return any(parameter.startswith(h + ".") for h in head)

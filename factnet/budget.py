@@ -6,7 +6,7 @@ float16 constants of each group of 64 values) or at the factors' dtype without `
 cost nothing. With ``bits="auto"`` (``decompose``'s default) a byte budget chooses the bits too
 (`choose`): at each width of `BUDGET_BITS` the largest rank that fits, and of those `PREFERRED_BITS`
 (measured), more bits where they train as many parameters, 1 bit where 2 fit no rank (`_pick`). The
-header and the head are not counted (`factnet.files.Saved` reports the head's bytes apart).
+header and the head are not counted (`factnet.file.writer.Saved` reports the head's bytes apart).
 """
 
 from __future__ import annotations

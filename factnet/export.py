@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from factnet.adapter import Adapter
 from factnet.attach import AdaptedMatrix
 from factnet.errors import FactnetError
-from factnet.files import write_atomically
+from factnet.file.container import write_atomically
 from factnet.increment import Increment, as_dense
 from factnet.slices import Matrix
 

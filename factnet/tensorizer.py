@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from factnet.adapter import Adapter, _key
+from factnet.adapter import Adapter, group_key
 from factnet.adapter import factor_dtype as _factor_dtype
 from factnet.adapter_set import AdapterSet
 from factnet.attach import base_weight
@@ -192,7 +192,7 @@ class Tensorizer:
         capped = self.rank_report(fmt)
         if capped:
             warnings.warn(capped, stacklevel=2)
-        keys = [_key(group) for group in self.groups]
+        keys = [group_key(group) for group in self.groups]
         if len(set(keys)) != len(keys):
             raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")
         heads = self._heads(head) if train_head else []

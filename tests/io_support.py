@@ -1,4 +1,4 @@
-"""Helpers shared by the save/load tests (tests/test_io.py, tests/test_io_damage.py)."""
+"""Helpers shared by the save/load tests (tests/test_file_*.py), and their `saved` fixture."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import (
+    TinyNet,
     assert_same_model,
     randomize_factors,
     snapshot,
 )
+from legacy_files import save_legacy
 from torch import nn
 
 import factnet
-import factnet.files
-import factnet.io
+import factnet.file.container
+import factnet.file.info
 import factnet.quant
-import factnet.spec
 
 FORMATS = factnet.available_formats()
 
@@ -107,7 +108,7 @@ def rewrite_spec(path: os.PathLike, edit, rename: dict | None = None, edit_tenso
     edit(spec)
     text = json.dumps(spec)
     safetensors.torch.save_file(tensors, str(path), metadata={"factnet": text,
-                                                              "factnet.sha256": factnet.spec._checksum(text, tensors)})
+                                                              "factnet.sha256": factnet.file.container.checksum(text, tensors)})
 
 
 def rejected(model: nn.Module, path: os.PathLike, match: str) -> str:
@@ -142,3 +143,32 @@ def round_trip(base: nn.Module, tmp_path: pathlib.Path, *inputs: torch.Tensor, i
         with torch.no_grad():
             assert torch.equal(fresh(*inputs), model(*inputs))
     return model, adapter, fresh, loaded
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A trained TinyNet adapter saved once: ``(base, path, factors, head, file bytes, adapter)`` (import it into a
+    test module to use it)."""
+    torch.manual_seed(0)
+    base = TinyNet(d=4)
+    model = copy.deepcopy(base)
+    adapter = factnet.Tensorizer(model).decompose("tt", rank=2)
+    train(adapter)
+    path = tmp_path / "adapter.safetensors"
+    adapter.save(path)
+    return base, path, factors_of(adapter), head_parameters(model, adapter), path.read_bytes(), adapter
+
+
+@pytest.fixture
+def saved_v2(tmp_path):
+    """A trained TinyNet adapter saved as a version-2 file (tests/legacy_files.py): ``(base, path)`` (import it
+    into a test module to use it)."""
+    torch.manual_seed(0)
+    base = TinyNet(d=4)
+    adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
+    train(adapter)
+    path = tmp_path / "v2.safetensors"
+    save_legacy(adapter, path)
+    assert factnet.file.info.load_spec(path)["groups"] == {
+        "4x4": {"shape": [12, 4, 4], "slices": ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]}}
+    return base, path

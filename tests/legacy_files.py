@@ -1,6 +1,6 @@
 """factnet's writer of format versions 2 and 3 (one safetensors tensor per factor and head parameter; low-bit:
 codes, scale and offset per tensor), as it was at commit a364838, kept so that the tests can write files of
-those versions for any adapter (crafted specs, damaged files). `tests/test_io_versions.py` checks that it
+those versions for any adapter (crafted specs, damaged files). `tests/test_file_load.py` checks that it
 writes what that factnet wrote (the files of tests/v23_fixture.py).
 """
 
@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 import factnet
-import factnet.spec
+import factnet.file.container
+import factnet.file.spec
+import factnet.file.templates
 from factnet.quant import quantize
 
 
@@ -21,16 +23,16 @@ def legacy_spec(adapter: factnet.Adapter, dtype: torch.dtype | None, bits: dict 
     """The spec of version 2, or 3 with ``bits``."""
     fmt, settings = adapter.format, adapter.settings
     groups = {name: adapter.group(name).slices for name in adapter.group_names}
-    matrices = factnet.spec._matrices(adapter.model, adapter.head)
+    matrices = factnet.file.spec.base_matrices(adapter.model, adapter.head)
     return {
         "factnet_format_version": 2 if bits is None else 3, "factnet_version": factnet.__version__,
         "format": fmt.name, "rank": fmt.rank, "factors": dict(fmt.factors),
         "scale": settings.scale, "dropout": settings.dropout,
         "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
         "head": list(adapter.head),
-        "base": {"sha256": factnet.spec._fingerprint(matrices), "matrices": len(matrices)},
+        "base": {"sha256": factnet.file.spec.fingerprint(matrices), "matrices": len(matrices)},
         "groups": {name: {"shape": [len(members), members[0].d_in, members[0].d_out],
-                          "slices": factnet.spec._templates(members)} for name, members in groups.items()},
+                          "slices": factnet.file.templates.slice_templates(members)} for name, members in groups.items()},
     } | ({} if bits is None else {"bits": bits}) | ({"base_rank": 1} if settings.stable else {}) \
         | ({"seed": adapter.seed} if fmt.seeded else {})
 
@@ -67,7 +69,7 @@ def legacy_tensors(adapter: factnet.Adapter, include_head: bool = True, dtype: t
 def write_legacy(path: str | os.PathLike, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
     """An adapter file of ``spec`` and ``tensors`` with a matching checksum (crafted or legacy)."""
     text = json.dumps(spec, separators=(",", ":"), allow_nan=False)
-    save_file(tensors, str(path), metadata={"factnet": text, "factnet.sha256": factnet.spec._checksum(text, tensors)})
+    save_file(tensors, str(path), metadata={"factnet": text, "factnet.sha256": factnet.file.container.checksum(text, tensors)})
 
 
 def save_legacy(adapter: factnet.Adapter, path: str | os.PathLike, **save) -> None:

@@ -27,7 +27,8 @@ from conftest import (
 from torch import nn
 
 import factnet
-import factnet.spec
+import factnet.file.container
+import factnet.file.info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,15 +142,13 @@ def _spec_edit(env: Env, edit: Callable[[dict], None]) -> pathlib.Path:
     """A saved file whose spec is edited and re-signed with a matching checksum (a crafted file)."""
     import json
 
-    import factnet.io
-
     path = env.saved()
     tensors = safetensors.torch.load_file(str(path))
-    spec = factnet.io.load_spec(path)
+    spec = factnet.file.info.load_spec(path)
     edit(spec)
     text = json.dumps(spec)
     safetensors.torch.save_file(tensors, str(path), metadata={"factnet": text,
-                                                              "factnet.sha256": factnet.spec._checksum(text, tensors)})
+                                                              "factnet.sha256": factnet.file.container.checksum(text, tensors)})
     return path
 
 

@@ -12,7 +12,6 @@ from conftest import (
 )
 
 import factnet
-import factnet.spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -107,7 +107,7 @@ def test_seeded_factors_regenerate_bit_for_bit_in_a_fresh_process(fmt, tmp_path)
     base, model, adapter = _adapted(fmt, seed=7)
     path = tmp_path / "a.safetensors"
     adapter.save(path)
-    assert factnet.io.load_spec(path)["seed"] == 7
+    assert factnet.file.info.load_spec(path)["seed"] == 7
     script = (f"import sys, torch; sys.path.insert(0, {os.path.dirname(__file__)!r}); from conftest import tiny_vit; "
               "import factnet; torch.manual_seed(0); m = tiny_vit().double().eval(); "
               f"a = factnet.load(m, {str(path)!r}); "

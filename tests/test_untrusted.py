@@ -27,8 +27,10 @@ from io_support import train
 from legacy_files import save_legacy
 
 import factnet
-import factnet.io
-import factnet.spec
+import factnet.file.container
+import factnet.file.info
+import factnet.file.templates
+import factnet.file.validate
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 FUZZ = settings(max_examples=60, deadline=timedelta(seconds=20), derandomize=True,
@@ -62,7 +64,7 @@ def _outcome(data: bytes) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "upload.safetensors"
         path.write_bytes(data)
-        for call in (lambda: factnet.io.load_spec(path), lambda: factnet.load(copy.deepcopy(BASE), path),
+        for call in (lambda: factnet.file.info.load_spec(path), lambda: factnet.load(copy.deepcopy(BASE), path),
                      lambda: factnet.load_many(copy.deepcopy(BASE), [path], ["u"])):
             try:
                 result = call()
@@ -88,7 +90,7 @@ def _with_spec(original: bytes, edit) -> bytes:
         text = edit(spec)
         text = text if isinstance(text, str) else json.dumps(spec)
         safetensors.torch.save_file(tensors, str(path), metadata={
-            "factnet": text, "factnet.sha256": factnet.spec._checksum(text, tensors)})
+            "factnet": text, "factnet.sha256": factnet.file.container.checksum(text, tensors)})
         return path.read_bytes()
 
 
@@ -174,7 +176,7 @@ def test_spec_edits_with_a_recomputed_checksum_are_loaded_or_refused(which, pick
     "[" * 100_000 + "]" * 100_000,  # found: RecursionError from json.loads, not a FactnetError
     '{"a":' * 100_000 + "1" + "}" * 100_000,
     '{"factnet_format_version": ' + "9" * 5000 + "}",  # int() of a huge literal
-    "x" * (factnet.spec.MAX_SPEC_CHARACTERS + 1),  # huge JSON: refused unparsed
+    "x" * (factnet.file.validate.MAX_SPEC_CHARACTERS + 1),  # huge JSON: refused unparsed
 ])
 def test_hostile_json_is_refused(text):
     assert _outcome(_with_spec(PLAIN, lambda spec: text)) == ["refused"] * 3
@@ -204,7 +206,7 @@ def test_crafted_slice_maps_are_refused(edit, version):
         if version == 4:
             groups = factnet.Tensorizer(tiny_vit()).groups
             spec.pop("default_groups")
-            spec["groups"] = factnet.spec.group_templates(groups)
+            spec["groups"] = factnet.file.templates.group_templates(groups)
         edit(spec)
 
     assert _outcome(_with_spec(PLAIN_V2 if version == 2 else PLAIN, listed))[1:] == ["refused"] * 2
@@ -242,7 +244,7 @@ def test_non_finite_values_are_refused():
         tensors["float32"][0] = float("nan")  # (the first factor's first value)
         text = json.dumps(_spec_of(PLAIN))
         safetensors.torch.save_file(tensors, str(path), metadata={
-            "factnet": text, "factnet.sha256": factnet.spec._checksum(text, tensors)})
+            "factnet": text, "factnet.sha256": factnet.file.container.checksum(text, tensors)})
         with pytest.raises(factnet.FactnetError, match="NaN or infinite"):
             factnet.load(copy.deepcopy(BASE), path)
 

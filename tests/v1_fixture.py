@@ -1,5 +1,5 @@
 """Writes tests/data/v1_*.safetensors: adapter files of factnet's format version 1 (the layout before
-version 2), kept so that `tests/test_io_v2.py` checks old files still load, bitwise.
+version 2), kept so that `tests/test_file_spec.py` checks old files still load, bitwise.
 
 Run from the repository root (``python tests/v1_fixture.py``) only to regenerate them with a version-1
 factnet; the committed files were written by factnet at commit e0d5bd6.

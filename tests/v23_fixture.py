@@ -1,7 +1,7 @@
 """Writes tests/data/v2_*.safetensors and v3_*.safetensors: adapter files of factnet's format versions 2 (one
 tensor per factor and head parameter) and 3 (low-bit: codes and constants per tensor), the layouts before
 version 4, and tests/data/v23_outputs.safetensors, the adapted model's output on `INPUT` for each file as the
-factnet that wrote them computed it. `tests/test_io_versions.py` checks that they still load to those outputs.
+factnet that wrote them computed it. `tests/test_file_load.py` checks that they still load to those outputs.
 
 Run from the repository root (``python tests/v23_fixture.py``) only to regenerate them with a version-2/3
 factnet; the committed files were written by factnet at commit a364838.

@@ -151,7 +151,7 @@ def test_bits_train_the_factors_and_head_as_the_low_bit_file_stores_them(toy, tm
     status, stdout, err = run(["train", "--data", toy.vtab, *model_flags(toy), "--rank", "4", "--scale", "10",
                                "--bits", "2", "--head-bits", "4", *QUICK, "--out", out], capsys)
     assert status == 0, err
-    assert factnet.io.load_spec(out / ADAPTER_FILE)["bits"] | {"shapes": None} == {"factors": 2, "head": 4, "group": 64,
+    assert factnet.file.info.load_spec(out / ADAPTER_FILE)["bits"] | {"shapes": None} == {"factors": 2, "head": 4, "group": 64,
                                                                                 "shapes": None}
     model = build_model(MODEL, checkpoint=toy.checkpoint, num_classes=3, kwargs=KWARGS)
     factnet.load(model, out / ADAPTER_FILE)

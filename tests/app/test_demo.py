@@ -193,7 +193,7 @@ def test_run_takes_every_builtin_format_with_defaults(tiny_backbone, tmp_path, f
 def test_run_with_bits_writes_a_low_bit_file_that_is_the_trained_model(tiny_backbone, tmp_path):
     metrics = demo.run(tmp_path, rank=2, progress=False, bits=2, config=replace(SMALL, epochs=1, warmup_epochs=0))
     path = tmp_path / demo.ADAPTER_FILE
-    assert factnet.io.load_spec(path)["bits"]["factors"] == 2
+    assert factnet.file.info.load_spec(path)["bits"]["factors"] == 2
     model = downstream_model(tiny_backbone, 5, 0.0)
     factnet.load(model, path)
     test = load_splits(SMALL.pretrain.data).test

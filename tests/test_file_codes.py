@@ -15,7 +15,7 @@ from io_support import FORMATS, head_parameters, read_header, rejected, rewrite_
 from legacy_files import save_legacy
 
 import factnet
-import factnet.io
+import factnet.file.info
 from factnet.quant import BITS, fake_quantize, stored_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def test_low_bit_files_come_back_as_stored(fmt, bits, tmp_path):
     assert set(saved.errors) == {f"factors.{g}.{k}" for g in adapter.group_names
                                  for k in adapter.group(g).factors} | {f"head.{n}" for n in heads}
     assert all(0 < error < 1.5 for error in saved.errors.values())
-    spec = factnet.io.load_spec(path)  # the shapes follow from the format, the slices and the head's shapes
+    spec = factnet.file.info.load_spec(path)  # the shapes follow from the format, the slices and the head's shapes
     assert spec["bits"] == {"factors": bits, "head": bits, "group": 16} and "held" not in spec
     assert spec["head_shapes"] == {n: list(t.shape) for n, t in heads.items()}
     assert set(safetensors.torch.load_file(str(path))) == {"uint8", "float16"}
@@ -85,7 +85,7 @@ def test_bad_bits_are_errors(bits, head_bits, group, tmp_path):
 ])
 def test_crafted_low_bit_files_are_errors(edit, match, tmp_path):
     """Version 3 (tests/legacy_files.py): its ``bits`` lists each low-bit tensor's shape. (Version 4's:
-    tests/test_io_v4.py.)"""
+    tests/test_file_packs.py.)"""
     base, _, adapter = _adapted("tt")
     path = tmp_path / "a.safetensors"
     save_legacy(adapter, path, bits=2, head_bits=4)

@@ -15,8 +15,8 @@ from conftest import tiny_swin, tiny_vit
 from io_support import read_header, rejected, rewrite_spec, split_packs, train
 
 import factnet
-import factnet.io
-import factnet.spec
+import factnet.file.info
+import factnet.file.templates
 from factnet.quant import fake_quantize, stored_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +62,7 @@ def test_the_header_of_a_real_model_is_within_1_kib(real_model, tmp_path, includ
     assert header <= HEADER_LIMIT
     assert saved.bytes == os.path.getsize(path) == header + tensor_bytes(adapter, bits, include_head, head_bits)
     assert saved.head_bytes == tensor_bytes(adapter, bits, include_head, head_bits) - tensor_bytes(adapter, bits, False)
-    spec = factnet.io.load_spec(path)
+    spec = factnet.file.info.load_spec(path)
     assert spec["default_groups"]["by"] == "shape" and "groups" not in spec
     assert set(read_header(path)[1]) - {"__metadata__"} == ({"float32"} if bits is None else {"uint8", "float16"})
 
@@ -119,7 +119,7 @@ def test_round_trip_outputs_bit_for_bit(fmt, storage, tmp_path):
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
-    spec = factnet.io.load_spec(path)
+    spec = factnet.file.info.load_spec(path)
     assert spec["factnet_format_version"] == 4 and spec["default_groups"]["by"] == "shape"
     assert spec.get("bits") == (None if head_bits is None else {"factors": bits, "head": head_bits, "group": 64})
     assert spec.get("dtype") == (None if dtype is None else "bfloat16")
@@ -164,7 +164,7 @@ def test_as_held_in_the_models_dtypes(dtype, tmp_path):
     adapter = factnet.Tensorizer(model).decompose("tt", rank=2)
     train(adapter)
     adapter.save(tmp_path / "a.safetensors")
-    spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    spec = factnet.file.info.load_spec(tmp_path / "a.safetensors")
     packs = safetensors.torch.load_file(str(tmp_path / "a.safetensors"))
     if dtype == torch.float64:
         assert spec["held"] == "float64" and list(packs) == ["float64"]
@@ -194,7 +194,7 @@ def test_stage_groups_and_listed_groups(tmp_path):
         train(adapter)
         path = tmp_path / f"{rule}.safetensors"
         adapter.save(path)
-        spec = factnet.io.load_spec(path)
+        spec = factnet.file.info.load_spec(path)
         if rule is None:
             assert list(spec["groups"]) == ["attention", "mlp"] and "default_groups" not in spec
         else:
@@ -262,7 +262,7 @@ def test_a_pack_of_the_wrong_size_is_refused(saved, which, edit_tensors, match):
     ("float", lambda s: s["default_groups"].update(by="stage"), "another slice map"),
     ("float", lambda s: s["default_groups"].update(by="layer"), "default groups are by 'layer'"),
     ("float", lambda s: s["default_groups"].update(sha256="xyz"), "not 8 hex digits"),
-    ("float", lambda s: s.update(groups=factnet.spec.group_templates(factnet.Tensorizer(tiny_vit()).groups)),
+    ("float", lambda s: s.update(groups=factnet.file.templates.group_templates(factnet.Tensorizer(tiny_vit()).groups)),
      "both groups and default_groups"),
     ("float", lambda s: s.pop("default_groups"), "malformed factnet spec .*at least one group"),
     ("float", lambda s: s.update(factors="iab,ja,kc"), "registered with factors"),

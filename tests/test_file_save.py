@@ -18,21 +18,22 @@ from conftest import (
     tiny_torchvision_vit,
     tiny_vit,
 )
-from io_support import (
+from io_support import (  # noqa: F401 (saved: a fixture)
     FORMATS,
     assert_bitwise,
     factors_of,
     head_parameters,
     read_header,
     round_trip,
+    saved,
     train,
 )
 from torch import nn
 
 import factnet
-import factnet.files
-import factnet.io
-import factnet.spec
+import factnet.file.info
+import factnet.file.templates
+import factnet.file.validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +58,7 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     adapter.save(path)
     _, header = read_header(path)
     spec = json.loads(header["__metadata__"]["factnet"])
-    assert spec["factnet_format_version"] == factnet.io.FORMAT_VERSION == 4
+    assert spec["factnet_format_version"] == factnet.file.validate.FORMAT_VERSION == 4
     assert (spec["format"], spec["rank"], spec["factors"], spec["scale"], spec["dropout"]) == (
         "tt", 3, "iab,ja,kb", 10.0, 0.1)
     assert spec["head"] == ["head"] and spec["held"] == "float32" and "dtype" not in spec
@@ -70,7 +71,7 @@ def test_spec_is_plain_json_with_the_slice_map_and_shapes(tmp_path):
     assert spec["base"] == {"sha256": digest[:16], "matrices": 8}
     # the default targets grouped by shape: not listed, the SHA-256 of their templates kept to check them
     (name, members), = ((g, adapter.group(g).slices) for g in adapter.group_names)
-    templates = factnet.spec.group_templates({name: members})
+    templates = factnet.file.templates.group_templates({name: members})
     assert templates == {name: {"shape": [2 * 12, 48, 48], "slices": [  # q, k, v, proj, 4 fc1, 4 fc2 per layer
         "blocks.{0-1}.attn.qkv[0-2]", "blocks.{0-1}.attn.proj", "blocks.{0-1}.mlp.fc1[0-3]",
         "blocks.{0-1}.mlp.fc2[0-3]"]}}  # fused qkv and fc1 cut along d_out, fc2 along d_in, proj whole
@@ -94,7 +95,7 @@ def test_custom_slices_list_their_templates(tmp_path):
     torch.manual_seed(0)
     adapter = factnet.Tensorizer(tiny_vit(), ["blocks.*.attn.qkv[q,v]"]).decompose("tt", rank=2)
     adapter.save(tmp_path / "a.safetensors", include_head=False)
-    spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    spec = factnet.file.info.load_spec(tmp_path / "a.safetensors")
     assert spec["groups"] == {"48x48": {"shape": [4, 48, 48], "slices": ["blocks.{0-1}.attn.qkv[0,2]"]}}
     assert "default_groups" not in spec and "head_shapes" not in spec
 
@@ -200,3 +201,20 @@ def test_vit_b_tt_r8_file_size(tmp_path):
     for include_head in (False, True):  # version 2: the whole header (file bytes - tensor bytes) within 1 KiB
         file_bytes, tensor_bytes, _ = sizes[include_head]
         assert file_bytes - tensor_bytes <= 1024
+
+
+# ---- save errors --------------------------------------------------------------------------------------------
+def test_save_errors(saved, tmp_path):
+    _, path, _, _, data, adapter = saved
+    with pytest.raises(factnet.FactnetError, match="is a directory"):
+        adapter.save(tmp_path)
+    with pytest.raises(factnet.FactnetError, match="does not exist; create it"):
+        adapter.save(tmp_path / "missing" / "a.safetensors")
+    with pytest.raises(factnet.FactnetError, match="needs a factnet Adapter"):
+        factnet.save(adapter.groups, tmp_path / "b.safetensors")
+    with pytest.raises(factnet.FactnetError, match="expected a file path"):
+        adapter.save(None)
+    adapter.detach()
+    with pytest.raises(factnet.FactnetError, match="detached"):
+        adapter.save(path)
+    assert path.read_bytes() == data and sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from v23_fixture import DATA, FILES, OUTPUTS, build, input_for, outputs
 
 import factnet
-import factnet.io
+import factnet.file.info
 from factnet.quant import Quantized, dequantize, stored_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +27,7 @@ def _stored_values(name: str) -> dict[str, torch.Tensor]:
     """The values a version-2/3 file holds, read with safetensors and `factnet.quant` only: ``{key: values}``."""
     path = DATA / f"{name}.safetensors"
     raw = safetensors.torch.load_file(str(path))
-    spec = factnet.io.load_spec(path)
+    spec = factnet.file.info.load_spec(path)
     bits = spec.get("bits")
     if bits is None:
         return raw
@@ -52,7 +52,7 @@ def test_old_files_load_to_the_outputs_they_gave():
 @pytest.mark.parametrize("name", list(FILES))
 def test_old_files_load_the_values_they_hold(name):
     path = DATA / f"{name}.safetensors"
-    assert factnet.io.load_spec(path)["factnet_format_version"] == int(name[1])
+    assert factnet.file.info.load_spec(path)["factnet_format_version"] == int(name[1])
     model = build(name)
     adapter = factnet.load(model, path)
     stored = _stored_values(name)  # every factor and head parameter is the file's value, in the model's dtype
@@ -108,7 +108,7 @@ def test_an_old_file_saved_again_is_version_4_of_the_same_adapter(name, tmp_path
     settings = FILES[name][4]  # (a low-bit file loads trained low-bit: saved again, the same values)
     again = tmp_path / "again.safetensors"
     adapter.save(again, **settings)
-    assert factnet.io.load_spec(again)["factnet_format_version"] == 4
+    assert factnet.file.info.load_spec(again)["factnet_format_version"] == 4
     fresh = build(name)
     factnet.load(fresh, again)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_version_2_and_4_files_of_one_adapter_load_alike():
         old, new = Path(folder) / "v2.safetensors", Path(folder) / "v4.safetensors"
         save_legacy(adapter, old)
         adapter.save(new)
-        assert [factnet.io.load_spec(p)["factnet_format_version"] for p in (old, new)] == [2, 4]
+        assert [factnet.file.info.load_spec(p)["factnet_format_version"] for p in (old, new)] == [2, 4]
         models = [build("v2_tt_head") for _ in range(2)]
         loaded = [factnet.load(m, p) for m, p in zip(models, (old, new))]
     for (key, a), (_, b) in zip(factors_of(loaded[0]).items(), factors_of(loaded[1]).items()):
@@ -146,7 +146,7 @@ def test_file_info_reads_every_version_alike(name, tmp_path):
     head_bits = FILES[name][1].get("head_bits")  # (a loaded adapter trains its head as held: given again)
     adapter.save(again, **settings, **({"head_bits": head_bits} if head_bits else {}))
     old, new = factnet.file_info(DATA / f"{name}.safetensors"), factnet.file_info(again)
-    assert (old.version, new.version) == (int(name[1]), 4) and new.spec == factnet.io.load_spec(again)
+    assert (old.version, new.version) == (int(name[1]), 4) and new.spec == factnet.file.info.load_spec(again)
     head = dict(model.head.named_parameters(prefix="head")) if settings.get("include_head", True) else {}
     assert old.head_shapes == new.head_shapes == {n: tuple(p.shape) for n, p in head.items()}
     bits, group = settings.get("head_bits") or FILES[name][1].get("head_bits"), settings.get("group", 64)

@@ -12,7 +12,7 @@ from conftest import assert_same_model, snapshot, tiny_vit
 from io_support import factors_of, train
 
 import factnet
-import factnet.io
+import factnet.file.load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,14 +80,14 @@ def test_names_and_a_model_with_adapters(files):
 def test_base_checked_once_per_fingerprint_and_slices_once_per_map(files, monkeypatch):
     base, paths = files
     calls = {"base": 0, "rebuild": 0}
-    for name, key in (("_check_base", "base"), ("_rebuild", "rebuild"), ("_rebuild_default", "rebuild")):
-        original = getattr(factnet.io, name)
+    for name, key in (("check_base", "base"), ("rebuild_templates", "rebuild"), ("rebuild_default", "rebuild")):
+        original = getattr(factnet.file.load, name)
 
         def counted(*args, _original=original, _key=key):
             calls[_key] += 1
             return _original(*args)
 
-        monkeypatch.setattr(factnet.io, name, counted)
+        monkeypatch.setattr(factnet.file.load, name, counted)
     factnet.load_many(copy.deepcopy(base), [*paths, *paths], names=[f"n{i}" for i in range(2 * len(paths))])
     # one head, one base model; slice maps: the default targets and q, v only
     assert calls == {"base": 1, "rebuild": 2}
@@ -136,7 +136,7 @@ def test_all_or_nothing_when_attaching_fails(files, monkeypatch):
     model = copy.deepcopy(base)
     factnet.load(model, paths[0], name="mine")
     model.factnet["mine"].activate()
-    attach, count = factnet.io._attach, []
+    attach, count = factnet.file.load._attach, []
 
     def failing(*args, **kwargs):
         count.append(1)
@@ -144,7 +144,7 @@ def test_all_or_nothing_when_attaching_fails(files, monkeypatch):
             raise RuntimeError("disk on fire")
         return attach(*args, **kwargs)
 
-    monkeypatch.setattr(factnet.io, "_attach", failing)
+    monkeypatch.setattr(factnet.file.load, "_attach", failing)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="disk on fire"):
         factnet.load_many(model, paths)

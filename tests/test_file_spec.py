@@ -1,10 +1,12 @@
-"""Format version 2: version-1 files still load bitwise, half-precision storage, the slice-map templates
-(checked against the slices themselves), crafted version-2 specs and the fingerprint mismatch message."""
+"""The spec: version-1 files still load bitwise, and every older spec read is upgraded into the current form;
+half-precision storage, the slice-map templates (checked against the slices themselves), crafted version-2
+specs and the fingerprint mismatch message."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import random
 
@@ -12,14 +14,24 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import TinyNet, snapshot, tiny_swin, tiny_vit
-from legacy_files import save_legacy
-from io_support import factors_of, head_parameters, read_header, rejected, rewrite_spec, split_packs, train
+from io_support import (  # noqa: F401 (saved_v2: a fixture)
+    factors_of,
+    head_parameters,
+    read_header,
+    rejected,
+    rewrite_spec,
+    saved_v2,
+    split_packs,
+    train,
+)
 from v1_fixture import DATA, FILES, build_model
 
+import v23_fixture
+
 import factnet
-import factnet.files
-import factnet.io
-import factnet.spec
+import factnet.file.info
+import factnet.file.spec
+import factnet.file.templates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +43,7 @@ def test_v1_fixture_loads_bitwise(name):
     every factor and head tensor equal to the file's, read with safetensors directly."""
     path = DATA / f"{name}.safetensors"
     expected = safetensors.torch.load_file(str(path))
-    assert factnet.io.load_spec(path)["factnet_format_version"] == 1
+    assert factnet.file.info.load_spec(path)["factnet_format_version"] == 1
     settings, targets, include_head = FILES[name]
     model = build_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -62,6 +74,42 @@ def test_v1_fixtures_load_many():
             assert torch.equal(value, expected[f"factors.{group}.{key}"])
 
 
+# ---- older specs upgraded when read --------------------------------------------------------------------
+@pytest.mark.parametrize("name", [*FILES, *v23_fixture.FILES])
+def test_old_specs_read_as_the_spec_of_the_same_adapter_saved_now(name, tmp_path):
+    """A version-1/2/3 spec as read (`read_spec`) holds what the version-4 spec of the same adapter, loaded and
+    saved again, holds: format and factor letters, settings, head, the base model's fingerprint (version 1: of
+    its listing of matrices), the slice map (the digest of the templates where version 4 names the default
+    targets), storage dtype and bits; only the tensors' layout (packs) differs."""
+    path = DATA / f"{name}.safetensors"
+    if name in FILES:
+        model, save = build_model(), {"include_head": FILES[name][2]}
+    else:
+        head_bits = v23_fixture.FILES[name][1].get("head_bits")  # (a loaded adapter trains its head as held)
+        model, save = v23_fixture.build(name), v23_fixture.FILES[name][4] | ({"head_bits": head_bits} if head_bits
+                                                                             else {})
+    factnet.load(model, path).save(tmp_path / "now.safetensors", **save)
+    old, now = (factnet.file.info.read(str(p))[0] for p in (path, tmp_path / "now.safetensors"))
+    written = factnet.file.info.load_spec(path)
+    assert written["factnet_format_version"] == int(name[1]) and old.written == written and now.packed
+
+    def current(spec: factnet.file.spec.Spec) -> dict:
+        letters = spec.factors if isinstance(spec.factors, str) else ",".join(spec.factors.values())
+        return {"format": spec.format, "rank": spec.rank, "factors": letters, "scale": spec.scale,
+                "dropout": spec.dropout, "stable": spec.stable, "seed": spec.seed, "head": spec.head, "base": spec.base,
+                "dtype": spec.dtype, "bits": spec.bits}
+
+    assert current(old) == current(now)  # (version 1's base: the fingerprint of its listing, equal to the model's)
+    if name in FILES:  # version 1 lists every slice: kept as listed, checked against the model on load
+        assert (old.groups, old.default_groups, old.listed) == (None, None, written["groups"])
+    elif now.default_groups is not None:
+        digest = hashlib.sha256(json.dumps(old.groups, separators=(",", ":")).encode()).hexdigest()[:8]
+        assert old.groups == written["groups"] and digest == now.default_groups["sha256"]
+    else:
+        assert old.groups == now.groups
+    assert (old.low_bit, old.packed) == (written["bits"]["shapes"] if "bits" in written else None, False)
+
+
 # ---- half-precision storage ----------------------------------------------------------------------------
 @pytest.fixture
 def trained(tmp_path):
@@ -83,7 +131,7 @@ def test_storage_dtype(trained, tmp_path, dtype, code, itemsize):
     parameters = adapter.num_parameters() + adapter.num_head_parameters()
     assert os.path.getsize(path) == 8 + length + itemsize * parameters
     assert {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} == {code}
-    assert factnet.io.load_spec(path)["dtype"] == str(dtype).removeprefix("torch.")
+    assert factnet.file.info.load_spec(path)["dtype"] == str(dtype).removeprefix("torch.")
     stored = split_packs(path, adapter)
     fresh = copy.deepcopy(base)
     loaded = factnet.load(fresh, path)
@@ -139,7 +187,7 @@ def test_vit_b_tt_r8_bf16_file_size(tmp_path):
 
 # ---- the slice-map templates -------------------------------------------------------------------------------
 def _expanded(spec: dict) -> dict[str, set[tuple[str, int]]]:
-    return {group: {pair for text in entry["slices"] for pair in factnet.spec._parse_template(text).expand()}
+    return {group: {pair for text in entry["slices"] for pair in factnet.file.templates.parse_template(text).expand()}
             for group, entry in spec["groups"].items()}
 
 
@@ -159,16 +207,16 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
     adapter = factnet.Tensorizer(model, [f"{m}[{','.join(b)}]" for m, b in targets.items()]).group(
         rng.choice(["stage", "shape"])).decompose("cp", rank=2)
     adapter.save(tmp_path / "a.safetensors")
-    spec = factnet.io.load_spec(tmp_path / "a.safetensors")
+    spec = factnet.file.info.load_spec(tmp_path / "a.safetensors")
     if "default_groups" in spec:  # (every default target chosen: the slice map is not written, its digest is)
-        spec["groups"] = factnet.spec.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
-        assert spec["default_groups"]["sha256"] == factnet.spec.groups_digest(
+        spec["groups"] = factnet.file.templates.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
+        assert spec["default_groups"]["sha256"] == factnet.file.templates.groups_digest(
             {g: adapter.group(g).slices for g in adapter.group_names})
     assert _expanded(spec) == {g: {(p.module, p.index) for p in adapter.group(g).slices} for g in adapter.group_names}
     for group, entry in spec["groups"].items():  # whole matrices have no brackets, cut ones do
         sides = {p.module: p.side for p in adapter.group(group).slices}
         for text in entry["slices"]:
-            template = factnet.spec._parse_template(text)
+            template = factnet.file.templates.parse_template(text)
             assert {sides[m] == "none" for m, _ in template.expand()} == {template.blocks is None}
     loaded = factnet.load(copy.deepcopy(base), tmp_path / "a.safetensors")
     assert [p.qualified_name for g in loaded.group_names for p in loaded.group(g).slices] == \
@@ -177,7 +225,7 @@ def test_templates_stand_for_exactly_the_slices(tmp_path, seed):
 
 def test_templates_of_the_swin_stages():
     adapter = factnet.Tensorizer(tiny_swin()).group("shape").decompose("tt", rank=2)
-    groups = factnet.spec.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
+    groups = factnet.file.templates.group_templates({g: adapter.group(g).slices for g in adapter.group_names})
     assert groups["24x24"]["slices"] == [
         "layers.0.blocks.{0-1}.attn.qkv[0-2]", "layers.0.blocks.{0-1}.attn.proj", "layers.0.blocks.{0-1}.mlp.fc1[0-3]",
         "layers.0.blocks.{0-1}.mlp.fc2[0-3]"]
@@ -185,27 +233,13 @@ def test_templates_of_the_swin_stages():
 
 
 def test_runs():
-    assert factnet.spec._runs([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
-    assert factnet.spec._parse_runs("0-2,5,7-8") == [(0, 2), (5, 5), (7, 8)]
+    assert factnet.file.templates.runs([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8"
+    assert factnet.file.templates.parse_runs("0-2,5,7-8") == [(0, 2), (5, 5), (7, 8)]
     for bad in ["", "2-1", "1,1", "3,1", "01", "1-", "-1", "a", "1,,2"]:
-        assert factnet.spec._parse_runs(bad) is None, bad
+        assert factnet.file.templates.parse_runs(bad) is None, bad
 
 
 # ---- crafted version-2 specs (valid checksum) -------------------------------------------------------------
-@pytest.fixture
-def saved(tmp_path):
-    """A version-2 file (tests/legacy_files.py) of a trained TinyNet adapter."""
-    torch.manual_seed(0)
-    base = TinyNet(d=4)
-    adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=2)
-    train(adapter)
-    path = tmp_path / "adapter.safetensors"
-    save_legacy(adapter, path)
-    assert factnet.io.load_spec(path)["groups"] == {
-        "4x4": {"shape": [12, 4, 4], "slices": ["qkv[0-2]", "proj", "fc1[0-3]", "fc2[0-3]"]}}
-    return base, path
-
-
 def _group(spec: dict) -> dict:
     return spec["groups"]["4x4"]
 
@@ -231,8 +265,8 @@ def _group(spec: dict) -> dict:
 ], ids=["dtype-int8", "dtype-lies", "dtype-type", "fingerprint-format", "fingerprint-other", "no-base", "shape-2d",
         "shape-differs", "shape-huge", "duplicate-slice", "template-syntax", "template-brace", "template-runs",
         "template-huge", "template-huge-and-shape", "head-elsewhere"])
-def test_crafted_v2_spec(saved, edit, match):
-    base, path = saved
+def test_crafted_v2_spec(saved_v2, edit, match):
+    base, path = saved_v2
     rewrite_spec(path, edit)
     rejected(copy.deepcopy(base), path, match)
 
@@ -242,7 +276,7 @@ def test_fingerprint_is_the_sha256_of_the_listing():
     model = TinyNet(d=4)
     listing = "".join(f"{name}\tlinear\t{m.out_features}\t{m.in_features}\n"
                       for name, m in sorted(model.named_children()) if name != "head")
-    assert factnet.spec._fingerprint(factnet.spec._matrices(model, ["head"])) == \
+    assert factnet.file.spec.fingerprint(factnet.file.spec.base_matrices(model, ["head"])) == \
         hashlib.sha256(f"4\n{listing}".encode()).hexdigest()[:16]
 
 
@@ -252,10 +286,10 @@ def test_fingerprint_mismatch_outside_the_adapted_matrices(tmp_path):
     torch.manual_seed(0)
     factnet.Tensorizer(tiny_vit(), ["blocks.*.attn.qkv[q,v]"]).decompose("tt", rank=2).save(tmp_path / "a.safetensors")
     other = tiny_vit(mlp_ratio=2.0)
-    fingerprint = factnet.spec._fingerprint(factnet.spec._matrices(other, ["head"]))
+    fingerprint = factnet.file.spec.fingerprint(factnet.file.spec.base_matrices(other, ["head"]))
     before = snapshot(other)
     message = rejected(other, tmp_path / "a.safetensors", "does not fit this model")
-    saved = factnet.io.load_spec(tmp_path / "a.safetensors")["base"]["sha256"]
+    saved = factnet.file.info.load_spec(tmp_path / "a.safetensors")["base"]["sha256"]
     assert (f"it was saved from a base model with 8 matrices outside the head (fingerprint {saved}), this model has "
             f"8 (fingerprint {fingerprint}); the 2 matrices it adapts match, so others differ; load it onto the "
             "architecture it was saved from") in message
