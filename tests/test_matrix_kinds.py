@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import Conv1D, assert_close, factor_leaves, randomize_factors, reference
+from conftest import Conv1D, assert_close, factor_leaves, mixed_against_alone, randomize_factors, reference
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -231,3 +231,19 @@ def test_the_stand_in_of_a_new_kind_holds_its_parameter_under_its_own_name(dense
     kernel = _oracle_params(base, adapter, 1.0)["block.mix.kernel"]
     with torch.no_grad():
         assert_close(mix(x), x @ kernel + base.block.mix.bias, 1e-12, "stand-in forward")
+
+
+def test_a_new_kind_runs_in_a_mixed_batch(dense_kind):
+    torch.manual_seed(0)
+    model = Net().double()
+    base = copy.deepcopy(model)
+    x = torch.randn(4, 5, 4, dtype=torch.float64)
+    for seed, name in enumerate(["a", "b"]):
+        adapter = factnet.Tensorizer(model).decompose("tt", rank=2, scale=1.5, name=name, train_head=False)
+        randomize_factors(adapter, std=0.3, seed=seed)
+        with torch.no_grad():  # each alone: the oracle
+            model.factnet.activate(name)
+            assert_close(model(x), functional_call(base, _oracle_params(base, adapter, 1.5), (x,)), 1e-12, name)
+    mixed, alone = mixed_against_alone(model, x, ["a", "b", "b", "a"])
+    assert_close(mixed, alone, 1e-12, "mixed batch")
+    assert model.factnet.split_readers == {"block"}  # it reads block.mix.kernel: run once per adapter
