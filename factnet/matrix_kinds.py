@@ -26,9 +26,9 @@ class MatrixKind:
     """The rules of one kind of weight matrix; the defaults are those of ``nn.Linear``.
 
     ``name``: recorded in adapter files. ``parameter``: the attribute of the module holding the weight.
-    ``stand_in``: the module is swapped for a stand-in whose forward is ``x Wᵀ + b`` (`factnet.attach.
-    AdaptedMatrix`, holding the module's ``parameter`` and ``bias``), or else (false) the module stays and its
-    class is swapped for one answering reads of ``parameter`` (its own forward reads the weight).
+    ``stand_in``: the module is swapped for a stand-in whose forward is ``x Wᵀ + b`` (an `AdaptedMatrix` of
+    `factnet.attach`, holding the module's ``parameter`` and ``bias``), or else (false) the module stays and
+    its class is swapped for one answering reads of ``parameter`` (its own forward reads the weight).
     ``pointwise``: applied per position of an ``(N, d_in, H, W)`` input, like a 1×1 convolution.
     ``fused``: its output blocks are q, k and v projections whatever the module's name.
     ``applied_as_weight``: the forward that uses it reads the weight itself, so its increment is applied as a
@@ -65,13 +65,13 @@ class MatrixKind:
 
 
 KINDS: dict[str, MatrixKind] = {}  # name -> the kind, in the order `find_matrices` tries them
-K = TypeVar("K", bound=type[MatrixKind])
+KindClass = TypeVar("KindClass", bound=type[MatrixKind])
 
 
-def register(kind: K) -> K:
+def register(kind: KindClass) -> KindClass:
     """Class decorator: make ``kind`` one of the kinds `factnet.slices.find_matrices` finds (tried last)."""
     if kind.name in KINDS:
-        raise ValueError(f"a matrix kind named {kind.name!r} is registered already")
+        raise FactnetError(f"a matrix kind named {kind.name!r} is registered already")
     KINDS[kind.name] = kind()
     return kind
 

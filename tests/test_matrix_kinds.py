@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import factnet
+from factnet import FactnetError
 from factnet.matrix_kinds import KINDS, MatrixKind, register
 from factnet.slices import find_matrices
 
@@ -61,8 +62,10 @@ EXAMPLES = {
 INPUTS = {"linear": (2, 5, 6), "conv1x1": (2, 5, 6), "conv1d": (2, 5, 6), "mha-in": (2, 5, 8), "mha-out": (2, 5, 8)}
 
 
-def test_every_registered_kind_has_an_example():
+def test_every_registered_kind_has_an_example_and_a_name_of_its_own():
     assert set(EXAMPLES) == set(KINDS)
+    with pytest.raises(FactnetError, match="registered already"):
+        register(type(KINDS["linear"]))
 
 
 @pytest.mark.parametrize("kind", list(EXAMPLES))
