@@ -2,10 +2,10 @@
 
 A targeted weight reaches the forward in one of two ways, and both see ``W + s·ΔW``:
 
-- **its module's forward**: Linear, 1x1 conv and Conv1D modules are swapped for an
-  `AdaptedMatrix` that owns the very same ``weight``/``bias`` parameters (``state_dict`` keys do
-  not change) and runs the kernel (thin-product gradients; the base model's own op when the
-  increment is zero, so exact at init bit for bit);
+- **its module's forward**: a module of a stand-in kind (`factnet.matrix_kinds`: Linear, 1x1 conv,
+  Conv1D, ...) is swapped for an `AdaptedMatrix` that owns the very same weight and ``bias``
+  parameters (``state_dict`` keys do not change) and runs the kernel (thin-product gradients; the
+  base model's own op when the increment is zero, so exact at init bit for bit);
 - **a read of the attribute by someone else** (``F.linear(x, self.qkv.weight)`` in BEiT, EVA and
   SwinV2, torchvision's Swin, ``nn.MultiheadAttention``'s ``out_proj`` and ``in_proj_weight``,
   fused inference paths): inside the forward of any module that holds it or sits above it (below
@@ -13,10 +13,11 @@ A targeted weight reaches the forward in one of two ways, and both see ``W + s·
   effective weight ``W + s·ΔW``, built differentiably (autograd forms its dense gradient: exact,
   dearer than the kernel). Outside those forwards it is the parameter, as torch expects.
 
-`nn.MultiheadAttention`'s ``in_proj_weight`` belongs to the attention module itself, whose forward
-must run: its class is swapped for a subclass that answers that one attribute (picklable). What a
-model reads by any other channel (a weight cached before `decompose`, ``module._parameters``) is
-caught by `factnet.guard` on the first forward.
+A matrix of a kind that is not a stand-in (``nn.MultiheadAttention``'s ``in_proj_weight``) belongs to a
+module whose own forward must run: the module's class is swapped for a subclass (`_adapted_class`) that
+answers reads of that one parameter, and swapped back (`_AnswersAdaptedWeight._factnet_unadapted_class`); both
+pickle. What a model reads by any other channel (a weight cached before `decompose`,
+``module._parameters``) is caught by `factnet.guard` on the first forward.
 
 The swaps and hooks are in the model only while an adapter can act (`Sites`): merged for serving,
 disabled or with no adapter active, the model holds its own modules and runs at the base model's cost.
@@ -61,7 +62,7 @@ class _Effective:
     set of increments (a model that reads ``.weight.dtype`` three times a forward pays once)."""
 
     def __init__(self, matrix: Matrix, source: Source) -> None:
-        self.matrix, self.source = matrix, source
+        self.matrix, self.source, self.parameter = matrix, source, matrix.rules.parameter
         self._cached: tuple[list[Increment], int, bool, Tensor, Tensor] | None = None
 
     def __call__(self, weight: Tensor) -> Tensor:
@@ -81,26 +82,28 @@ class _Effective:
         grad = torch.is_grad_enabled()
         cached = self._cached  # the adapter hands out the same list while its factors are unchanged
         if cached is None or cached[0] is not increments or cached[1] != weight._version or cached[2] is not grad:
-            built = effective_weight(to_linear(self.matrix, weight), increments, self.source.settings.scale)
-            cached = self._cached = (increments, weight._version, grad, _from_linear(self.matrix, built, weight), built)
+            kind = self.matrix.rules
+            built = effective_weight(kind.to_linear(weight), increments, self.source.settings.scale)
+            cached = self._cached = (increments, weight._version, grad, kind.from_linear(built, weight), built)
         return cached[4] if linear else cached[3]
 
     def __getstate__(self) -> dict:
-        return {"matrix": self.matrix, "source": self.source, "_cached": None}  # a graph cannot be copied
+        return {**self.__dict__, "_cached": None}  # a graph cannot be copied
 
 
 class AdaptedMatrix(StandIn):
-    """Stands in for an adapted ``nn.Linear``, 1x1 ``nn.Conv2d`` or ``Conv1D``.
+    """Stands in for an adapted module of a stand-in kind (``nn.Linear``, 1x1 ``nn.Conv2d``, ``Conv1D``, ...).
 
-    Holds the original's ``weight`` and ``bias`` under the same names; inside the forward of the
-    modules that may read it (`readers`) ``.weight`` reads as ``W + s·ΔW`` while an increment acts,
-    elsewhere as the parameter. Other attributes (``in_features``, ``stride``, ...) read through
-    to the original module.
+    Holds the original's weight (its kind's ``parameter``, e.g. ``weight``) and ``bias`` under the same
+    names; inside the forward of the modules that may read it (`readers`) the weight reads as
+    ``W + s·ΔW`` while an increment acts, elsewhere as the parameter. Other attributes (``in_features``,
+    ``stride``, ...) read through to the original module.
     """
 
     def __init__(self, original: nn.Module, matrix: Matrix, source: Source) -> None:
         super().__init__()
-        self.register_parameter("weight", original.weight)
+        parameter = matrix.rules.parameter
+        self.register_parameter(parameter, original._parameters[parameter])
         self.register_parameter("bias", original.bias)
         self.__dict__.update(original=original, source=source, matrix=matrix, effective=_Effective(matrix, source))
 
@@ -108,21 +111,24 @@ class AdaptedMatrix(StandIn):
         source = self.source
         if source.mix is not None:  # a mixed-adapter batch (`AdapterSet.per_sample`)
             return source.mix.forward(self, x)
-        matrix, weight, bias = self.matrix, self._parameters["weight"], self._parameters["bias"]
+        matrix, effective = self.matrix, self.effective
+        weight, bias = self._parameters[effective.parameter], self._parameters["bias"]
         increments = source.increments(matrix.name, weight)
         if not increments:
             return source.guard_merged(self.original(x))  # the base module's own kernel
         source.applied(matrix.name)
-        settings, pointwise = source.settings, matrix.kind == "conv1x1"
+        settings, kind = source.settings, matrix.rules
+        pointwise = kind.pointwise
         dropout = settings.dropout if self.training else 0.0
         if not dropout and not torch.is_grad_enabled():  # inference: the base op with W + s·ΔW, built once
-            return base_op(x, self.effective.of(weight, increments, linear=True), bias, pointwise)
-        linear = to_linear(matrix, weight)
+            return base_op(x, effective.of(weight, increments, linear=True), bias, pointwise)
+        linear = kind.to_linear(weight)
         return adapted_linear(x, linear, bias, increments, settings.scale, dropout, settings.path, pointwise=pointwise)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "weight" and "effective" in self.__dict__:
-            return self.__dict__["effective"](self._parameters["weight"])
+        effective = self.__dict__.get("effective")
+        if effective is not None and name == effective.parameter:
+            return effective(self._parameters[name])
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -134,118 +140,108 @@ class AdaptedMatrix(StandIn):
         return f"{self.matrix.kind} {self.matrix.d_in}->{self.matrix.d_out}, adapted"
 
 
-class _EffectiveInProjection:
-    """Mixin for an adapted ``nn.MultiheadAttention``: ``in_proj_weight`` reads as ``W + s·ΔW``."""
+class _AnswersAdaptedWeight:
+    """Mixin of the class an adapted module of a kind that is not a stand-in takes (`_adapted_class`): reads
+    of its kind's parameter return ``W + s·ΔW`` (the instance's ``_factnet_effective``, an `_Effective`).
+    ``_factnet_unadapted_class`` is the module's own class, which `_Attachment.remove` gives back (one such
+    matrix per module)."""
+
+    _factnet_unadapted_class: type[nn.Module]
 
     def __getattr__(self, name: str) -> Any:
-        if name == "in_proj_weight":
-            return self.__dict__["_factnet_effective"](self._parameters["in_proj_weight"])
+        effective = self.__dict__.get("_factnet_effective")
+        if effective is not None and name == effective.parameter:
+            return effective(self._parameters[name])  # type: ignore[attr-defined]
         return super().__getattr__(name)  # type: ignore[misc]
 
     def __reduce_ex__(self, protocol: int) -> tuple:
-        return _adapted_instance, (type(self).__mro__[2],), self.__dict__
+        return _adapted_instance, (self._factnet_unadapted_class,), self.__dict__
 
 
 _ADAPTED_CLASSES: dict[type, type] = {}
 
 
-def _adapted_class(cls: type) -> type:
+def _adapted_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with `_AnswersAdaptedWeight` mixed in (one class per ``cls``, named ``Adapted<cls>``)."""
     if cls not in _ADAPTED_CLASSES:
-        _ADAPTED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (_EffectiveInProjection, cls), {})
+        name, bases = f"Adapted{cls.__name__}", (_AnswersAdaptedWeight, cls)
+        _ADAPTED_CLASSES[cls] = type(name, bases, {"_factnet_unadapted_class": cls})
     return _ADAPTED_CLASSES[cls]
 
 
-def _adapted_instance(cls: type) -> nn.Module:
+def _adapted_instance(cls: type[nn.Module]) -> nn.Module:
     """Unpickling: an empty instance of the adapted subclass of ``cls`` (its state follows)."""
     return object.__new__(_adapted_class(cls))
 
 
-def to_linear(matrix: Matrix, weight: Tensor) -> Tensor:
-    """A parameter as the ``(d_out, d_in)`` matrix (a view: writes reach the parameter)."""
-    if matrix.kind == "conv1x1":
-        return weight.flatten(1)
-    return weight.t() if matrix.kind == "conv1d" else weight
-
-
-def _from_linear(matrix: Matrix, linear: Tensor, weight: Tensor) -> Tensor:
-    if matrix.kind == "conv1x1":
-        return linear.reshape(weight.shape)
-    return linear.t() if matrix.kind == "conv1d" else linear
-
-
-def _owner(model: nn.Module, matrix: Matrix) -> tuple[nn.Module, str]:
-    """The module whose attribute holds the matrix, and the attribute name."""
-    if matrix.kind == "mha-in":
-        return model.get_submodule(matrix.name), "in_proj_weight"
-    parent, _, child = matrix.name.rpartition(".")
-    return model.get_submodule(parent), child
-
-
 def readers(matrix: Matrix) -> list[str]:
     """Modules whose forward may read ``matrix``'s weight attribute, innermost first: the module holding
-    it and each module above, up to (not including) the model itself (whose hooks others, e.g. FSDP,
-    share). A mixed batch runs split the one that reads."""
-    owner = matrix.name if matrix.kind == "mha-in" else matrix.name.rpartition(".")[0]
+    it (unless a stand-in, whose own forward runs the kernel) and each module above, up to (not including)
+    the model itself (whose hooks others, e.g. FSDP, share). A mixed batch runs split the one that reads."""
+    owner = matrix.name.rpartition(".")[0] if matrix.rules.stand_in else matrix.name
     parts = owner.split(".") if owner else []
     return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
 
 
 def base_weight(model: nn.Module, matrix: Matrix) -> Tensor:
     """The parameter holding ``matrix`` (never the effective weight), in its own layout."""
-    owner, attribute = _owner(model, matrix)
-    if matrix.kind == "mha-in":
-        return owner._parameters[attribute]
-    return getattr(owner, attribute)._parameters["weight"]
+    return model.get_submodule(matrix.name)._parameters[matrix.rules.parameter]
 
 
 def weight_view(model: nn.Module, matrix: Matrix) -> Tensor:
     """The live weight of ``matrix`` as a ``(d_out, d_in)`` view: writes reach the model."""
-    return to_linear(matrix, base_weight(model, matrix))
+    return matrix.rules.to_linear(base_weight(model, matrix))
 
 
 class _Attachment:
-    """One attached matrix: its stand-in (for ``in_proj_weight``, the adapted class) and the original,
-    holding the same parameters; `install` puts the stand-in into the model, `remove` the original."""
+    """One attached matrix: its holder (a stand-in `AdaptedMatrix`, or the module itself, which takes the
+    adapted class while installed) and the original, holding the same parameters; `install` puts the
+    adapted one into the model, `remove` the original."""
 
     def __init__(self, model: nn.Module, matrix: Matrix, source: Source) -> None:
         self.matrix = matrix
-        owner, attribute = _owner(model, matrix)
-        if matrix.kind == "mha-in":
-            owner.__dict__["_factnet_effective"] = _Effective(matrix, source)
-            self.holder, self.name = owner, attribute
+        module = model.get_submodule(matrix.name)
+        if matrix.rules.stand_in:
+            self.holder = AdaptedMatrix(module, matrix, source).train(module.training)
         else:
-            original = getattr(owner, attribute)
-            self.holder, self.name = AdaptedMatrix(original, matrix, source).train(original.training), "weight"
+            module.__dict__["_factnet_effective"] = _Effective(matrix, source)
+            self.holder = module
 
     def parameter(self) -> nn.Parameter:
         """The parameter holding the matrix (valid while installed)."""
-        return self.holder._parameters[self.name]
+        return self.holder._parameters[self.matrix.rules.parameter]
 
     def install(self, model: nn.Module) -> None:
-        owner, attribute = _owner(model, self.matrix)
-        if self.matrix.kind == "mha-in":
-            owner.__class__ = _adapted_class(type(owner))
+        if self.matrix.rules.stand_in:
+            _move(self.holder.original, self.holder, self.matrix.rules.parameter)
+            self._put(model, self.holder)
         else:
-            _move(self.holder.original, self.holder)
-            setattr(owner, attribute, self.holder)
+            module = model.get_submodule(self.matrix.name)
+            module.__class__ = _adapted_class(type(module))
 
     def remove(self, model: nn.Module) -> None:
-        owner, attribute = _owner(model, self.matrix)
-        if self.matrix.kind == "mha-in":
-            owner.__class__ = type(owner).__mro__[2]
+        if self.matrix.rules.stand_in:
+            _move(self.holder, self.holder.original, self.matrix.rules.parameter)
+            self._put(model, self.holder.original)
         else:
-            _move(self.holder, self.holder.original)
-            setattr(owner, attribute, self.holder.original)
+            module = model.get_submodule(self.matrix.name)
+            module.__class__ = module._factnet_unadapted_class
 
     def forget(self) -> None:
         """After `remove` for good: nothing of factnet is left on the original."""
-        if self.matrix.kind == "mha-in":
+        if not self.matrix.rules.stand_in:
             del self.holder.__dict__["_factnet_effective"]
 
+    def _put(self, model: nn.Module, module: nn.Module) -> None:
+        parent, _, child = self.matrix.name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
 
-def _move(source: nn.Module, target: nn.Module) -> None:
-    """``target`` takes ``source``'s weight, bias and mode (one may have been replaced while the other acted)."""
-    target._parameters["weight"], target._parameters["bias"] = source._parameters["weight"], source._parameters["bias"]
+
+def _move(source: nn.Module, target: nn.Module, parameter: str) -> None:
+    """``target`` takes ``source``'s weight (``parameter``), bias and mode (one may have been replaced while
+    the other acted)."""
+    for name in (parameter, "bias"):
+        target._parameters[name] = source._parameters[name]
     target.training = source.training
 
 

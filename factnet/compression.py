@@ -155,7 +155,8 @@ def group_increment(members: Sequence[Slice], base: Mapping[str, Tensor], finetu
     for piece in members:
         key = _weight_key(piece.matrix)
         weight = base[key].double()
-        delta = _linear(piece.matrix, finetuned[key].to(weight)) - _linear(piece.matrix, weight)
+        kind = piece.matrix.rules
+        delta = kind.to_linear(finetuned[key].to(weight)) - kind.to_linear(weight)
         start = piece.index * (piece.d_out if piece.side == "out" else piece.d_in)
         if piece.side == "out":
             delta = delta[start:start + piece.d_out, :]
@@ -271,14 +272,7 @@ def _state(source: nn.Module | Mapping[str, Tensor], what: str) -> dict[str, Ten
 
 def _weight_key(matrix: Matrix) -> str:
     prefix = f"{matrix.name}." if matrix.name else ""
-    return prefix + ("in_proj_weight" if matrix.kind == "mha-in" else "weight")
-
-
-def _linear(matrix: Matrix, weight: Tensor) -> Tensor:
-    """A stored weight in linear convention ``(d_out, d_in)``."""
-    if matrix.kind == "conv1x1":
-        return weight.flatten(1)
-    return weight.t() if matrix.kind == "conv1d" else weight
+    return prefix + matrix.rules.parameter
 
 
 def _check_finetuned(matrices: list[Matrix], base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> None:

@@ -215,8 +215,8 @@ def export_lora(
     tensors.update({f"{_PREFIX}{h}.{key}": own.get(f"{h}.{key}", value) for h in head
                     for key, value in model.get_submodule(h).state_dict().items()})
     tensors = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
-    config = json.dumps(_config(ranks, head, any(m.kind == "conv1d" for m in adapter.matrices.values())), indent=2,
-                        sort_keys=True) + "\n"
+    fan_in_fan_out = any(m.rules.fan_in_fan_out for m in adapter.matrices.values())
+    config = json.dumps(_config(ranks, head, fan_in_fan_out), indent=2, sort_keys=True) + "\n"
     path.mkdir(parents=True, exist_ok=True)
     write_atomically(str(path / WEIGHTS_NAME), lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
     write_atomically(str(path / CONFIG_NAME), lambda temp: Path(temp).write_text(config))
@@ -229,21 +229,14 @@ def export_lora(
 
 
 def _peft_target(model: nn.Module, matrix: Matrix, allow_fused_layers: bool) -> str:
-    """The module PEFT puts the LoRA of ``matrix`` on, after checking PEFT can run it exactly."""
-    if matrix.kind == "mha-out":
-        raise FactnetError(f"{matrix.name} is the out_proj of an nn.MultiheadAttention: PEFT's LoRA adds that delta "
-                           "twice (huggingface/peft#3774), so the export could not be exact. Adapt without it (e.g. "
-                           "targets that leave out '*.out_proj'), or merge factnet's increment into the weights")
+    """The module PEFT puts the LoRA of ``matrix`` on (the module holding it), after checking PEFT can run
+    it exactly (its kind's `check_peft`, then the checks for every kind)."""
     target = matrix.name
     if not target:
         raise FactnetError(f"the root module ({matrix.kind}) is adapted, but PEFT wraps submodules only: wrap the "
                            "model in a container module and adapt that")
-    if matrix.kind == "conv1d":
-        module = model.get_submodule(target)
-        original = module.original if isinstance(module, AdaptedMatrix) else module
-        if not _is_transformers_conv1d(original):
-            raise FactnetError(f"{matrix.name} is a {type(original).__module__}.Conv1D, but PEFT's LoRA supports "
-                               "only transformers.pytorch_utils.Conv1D; use that class, or target other matrices")
+    module = model.get_submodule(target)
+    matrix.rules.check_peft(matrix.name, module.original if isinstance(module, AdaptedMatrix) else module)
     parent = model.get_submodule(target.rpartition(".")[0])
     if isinstance(parent, nn.TransformerEncoderLayer) and not allow_fused_layers:
         raise FactnetError(
@@ -252,14 +245,6 @@ def _peft_target(model: nn.Module, matrix: Matrix, allow_fused_layers: bool) -> 
             "Run the PEFT model with torch.backends.mha.set_fastpath_enabled(False) (or in train mode) and pass "
             "allow_fused_layers=True, or merge factnet's increment into the weights instead")
     return target
-
-
-def _is_transformers_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return False
-    return isinstance(module, Conv1D)
 
 
 def _head(model: nn.Module, heads: list[str], targets: Iterable[str]) -> tuple[str, ...]:
@@ -279,23 +264,14 @@ def _head(model: nn.Module, heads: list[str], targets: Iterable[str]) -> tuple[s
 
 def _peft_tensors(model: nn.Module, matrices: dict[str, Matrix], targets: dict[str, str],
                   factors: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """PEFT's state_dict keys and layouts, and the rank of every PEFT target.
-
-    PEFT's ``nn.MultiheadAttention`` LoRA also puts a LoRA of the same rank on ``base_layer.out_proj``:
-    it gets zero factors (factnet does not export out_proj, see `_peft_target`).
-    """
+    """PEFT's state_dict keys and layouts (each kind's `peft_tensors`), and the rank of every PEFT target."""
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for name, matrix in matrices.items():
         target, (a, b) = targets[name], factors[name]
-        if matrix.kind == "conv1x1":  # PEFT: lora_A Conv2d(in, r, 1x1), lora_B Conv2d(r, out, 1x1)
-            a, b = a[:, :, None, None], b[:, :, None, None]
-        tensors[f"{_PREFIX}{target}.lora_A.weight"], tensors[f"{_PREFIX}{target}.lora_B.weight"] = a, b
+        module = model.get_submodule(target)
+        tensors.update({f"{_PREFIX}{target}.{key}": t for key, t in matrix.rules.peft_tensors(module, a, b).items()})
         ranks[target] = a.shape[0]
-        if matrix.kind == "mha-in":
-            d = model.get_submodule(target).embed_dim
-            tensors[f"{_PREFIX}{target}.base_layer.out_proj.lora_A.weight"] = a.new_zeros(a.shape[0], d)
-            tensors[f"{_PREFIX}{target}.base_layer.out_proj.lora_B.weight"] = a.new_zeros(d, a.shape[0])
     return tensors, ranks
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from factnet.attach import AdaptedMatrix, _from_linear, to_linear
+from factnet.attach import AdaptedMatrix
 from factnet.errors import FactnetError
 from factnet.increment import Increment, effective_weight
 from factnet.kernel import delta_rows
@@ -111,12 +111,12 @@ class Mix:
     def forward(self, module: AdaptedMatrix, x: Tensor) -> Tensor:
         """The base op on the whole batch plus each adapter's thin products on its samples' rows."""
         matrix, y = module.matrix, module.original(x)
-        weight = to_linear(matrix, module._parameters["weight"])
+        weight = matrix.rules.to_linear(module._parameters[matrix.rules.parameter])
         parts = [(name, self.increments(name, matrix.name, weight)) for name, _ in self.adapted]
         if not any(increments for _, increments in parts):
             return y
         self.set.applied(matrix.name)
-        pointwise = matrix.kind == "conv1x1"
+        pointwise = matrix.rules.pointwise
         if self.uniform:  # one adapter for every row: no layout needed
             name, increments = parts[0]
             scale = self.adapters[name].settings.scale
@@ -195,12 +195,13 @@ class Mix:
         if not self.uniform:
             raise SplitHere(self.readers[-1])
         name, matrix = self.groups[0][0], effective.matrix
-        linear = to_linear(matrix, weight)
+        kind = matrix.rules
+        linear = kind.to_linear(weight)
         increments = [] if name is None else self.increments(name, matrix.name, linear)
         if not increments:
             return weight
         self.set.applied(matrix.name)
-        return _from_linear(matrix, effective_weight(linear, increments, self.adapters[name].settings.scale), weight)
+        return kind.from_linear(effective_weight(linear, increments, self.adapters[name].settings.scale), weight)
 
     # ---- modules run once per adapter ------------------------------------------------------------
     def run(self, module: nn.Module, name: str, head: bool, forward: Callable, args: tuple, kwargs: dict) -> Any:

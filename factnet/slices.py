@@ -1,9 +1,9 @@
 """Slices: the weight matrices of a model, cut into same-shaped blocks.
 
-A `Matrix` is one weight in linear convention (``y = x Wᵀ``, ``W: (d_out, d_in)``): an
-``nn.Linear``, a 1x1 ``nn.Conv2d``, a transposed ``Conv1D`` (GPT-2 style, ``weight: (d_in,
-d_out)``) or the in/out projections of ``nn.MultiheadAttention``. A matrix whose longer side
-is a multiple of its shorter side is cut into square blocks; a `Slice` is one block.
+A `Matrix` is one weight in linear convention (``y = x Wᵀ``, ``W: (d_out, d_in)``) of one of the
+kinds in `factnet.matrix_kinds` (an ``nn.Linear``, a 1x1 ``nn.Conv2d``, a transposed ``Conv1D``, the
+in/out projections of ``nn.MultiheadAttention``, ...). A matrix whose longer side is a multiple of its
+shorter side is cut into square blocks; a `Slice` is one block.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Literal
 from torch import nn
 
 from factnet.errors import FactnetError
+from factnet.matrix_kinds import KINDS, MatrixKind
 
 __all__ = ["Matrix", "Slice", "StandIn", "find_matrices", "matches", "select_slices"]
 
-Kind = Literal["linear", "conv1x1", "conv1d", "mha-in", "mha-out"]
 Side = Literal["out", "in", "none"]
 
 # Name segments that mark a module as outside the paper's targets: the task head, patch
@@ -41,12 +41,18 @@ _FUSED_NAMES = re.compile(r"(^|.*\.)(qkv|kv|c_attn)$")
 
 @dataclass(frozen=True)
 class Matrix:
-    """One weight matrix of the model: module path, kind and linear-convention shape."""
+    """One weight matrix of the model: the path of the module holding it, its kind's name (a key of
+    `factnet.matrix_kinds.KINDS`) and its linear-convention shape."""
 
     name: str
-    kind: Kind
+    kind: str
     d_out: int
     d_in: int
+
+    @property
+    def rules(self) -> MatrixKind:
+        """The rules of its kind."""
+        return KINDS[self.kind]
 
     @property
     def cut(self) -> tuple[int, Side]:
@@ -61,7 +67,7 @@ class Matrix:
     def labels(self) -> tuple[str, ...]:
         """Names of the blocks: ``q, k, v`` for fused attention projections, else indices."""
         blocks, side = self.cut
-        fused = self.kind == "mha-in" or _FUSED_NAMES.match(self.name)
+        fused = self.rules.fused or _FUSED_NAMES.match(self.name)
         if side == "out" and blocks in _FUSED_LABELS and fused:
             return _FUSED_LABELS[blocks]
         return tuple(str(b) for b in range(blocks))
@@ -109,38 +115,21 @@ class StandIn(nn.Module):
 
 
 def find_matrices(model: nn.Module) -> list[Matrix]:
-    """Every weight matrix of ``model`` factnet can adapt, in module order."""
+    """Every weight matrix of ``model`` factnet can adapt, in module order: per module, the first
+    registered kind that matches it (`factnet.matrix_kinds`)."""
     found: list[Matrix] = []
-    inside_mha: set[str] = set()
-    for name, module in model.named_modules():
-        if name in inside_mha:
-            continue
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if isinstance(module, StandIn):
             found.append(module.matrix)
-        elif isinstance(module, nn.MultiheadAttention):
-            in_proj = module._parameters.get("in_proj_weight")  # the parameter, even once adapted
-            if module._qkv_same_embed_dim and in_proj is not None:
-                out, inp = in_proj.shape
-                found.append(Matrix(name, "mha-in", out, inp))
-            out_name = f"{name}.out_proj" if name else "out_proj"
-            found.append(Matrix(out_name, "mha-out", module.out_proj.out_features, module.out_proj.in_features))
-            inside_mha.add(out_name)
-        elif isinstance(module, nn.Linear):
-            found.append(Matrix(name, "linear", module.out_features, module.in_features))
-        elif _is_pointwise_conv(module):
-            found.append(Matrix(name, "conv1x1", module.out_channels, module.in_channels))
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-            d_in, d_out = module.weight.shape
-            found.append(Matrix(name, "conv1d", d_out, d_in))
+            continue
+        parent = modules[name.rpartition(".")[0]] if name else None
+        for kind in KINDS.values():
+            shape = kind.match(module, parent)
+            if shape is not None:
+                found.append(Matrix(name, kind.name, *shape))
+                break
     return found
-
-
-def _is_pointwise_conv(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.Conv2d)
-        and module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1
-        and module.dilation == (1, 1) and module.padding in ((0, 0), "valid")
-    )
 
 
 def default_slices(model: nn.Module, matrices: Iterable[Matrix]) -> list[Slice]:

@@ -202,7 +202,7 @@ class Tensorizer:
                 raise FactnetError("head_bits trains the head low-bit, but there is no trainable head here ("
                                    + ("train_head=False" if not train_head else "none found: name it with head=")
                                    + "); drop head_bits, or train a head")
-        if dropout > 0 and any(s.matrix.kind.startswith("mha") for s in self.slices):
+        if dropout > 0 and any(s.matrix.rules.applied_as_weight for s in self.slices):
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=2)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None

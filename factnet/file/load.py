@@ -216,7 +216,7 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
 
 
 def _warn_mha_dropout(loaded: Sequence[_Loaded]) -> None:
-    if any(item.spec.dropout > 0 and any(s.matrix.kind.startswith("mha") for s in item.tensorizer.slices)
+    if any(item.spec.dropout > 0 and any(s.matrix.rules.applied_as_weight for s in item.tensorizer.slices)
            for item in loaded):
         warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                       "applied as a merged weight", stacklevel=3)
