@@ -136,7 +136,6 @@ def test_the_checker_sees_underscore_imports(tmp_path, monkeypatch):
     assert _underscore_imports("probe") == ["factnet.x._y", "factnet.w._v"]
 
 
-@pytest.mark.xfail(strict=True, reason="mixing imports attach._from_linear (the kinds part removes it)")
 def test_no_module_imports_another_modules_underscore_names():
     """A name one module shares with another is public in its own module (the library and the application)."""
     wrong = {m: found for m in MODULES if (found := _underscore_imports(m))}
