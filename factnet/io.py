@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from factnet.adapter import Adapter, _in_head
+from factnet.adapter import Adapter
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
 from factnet.files import (
@@ -46,6 +46,7 @@ from factnet.fit import (
     _registered_format,
 )
 from factnet.formats import Format
+from factnet.heads import in_head
 from factnet.spec import (
     _SHOWN,
     FORMAT_VERSION,
@@ -212,7 +213,7 @@ class _Caches:
             self.parameters = {n: p for n, p in self.model.named_parameters() if not n.startswith("factnet.")}
         key = tuple(head)
         if key not in self.heads:
-            self.heads[key] = {n: p for n, p in self.parameters.items() if _in_head(n, head)}
+            self.heads[key] = {n: p for n, p in self.parameters.items() if in_head(n, head)}
         return self.heads[key]
 
 
@@ -262,12 +263,10 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})
-    if loaded.head_parameters:
-        adapter._head_state = {}
-        for p in loaded.head_parameters:
-            param = model.get_parameter(p)
-            adapter._head_state[p] = tensors[f"head.{p}"].to(device=param.device, dtype=param.dtype)  # (`add` copies it in)
-    AdapterSet.of(model).add(name, adapter)
+    adapters = AdapterSet.of(model)
+    with adapters.traffic.lock:  # (the head's values in before another thread's call can take the adapter)
+        adapters.add(name, adapter)
+        adapters.heads.load({p: tensors[f"head.{p}"] for p in loaded.head_parameters})  # (cast by copy_)
     return adapter
 
 
