@@ -17,7 +17,6 @@ from factnet.errors import FactnetError
 from factnet.factors import GroupFactors
 from factnet.formats import Format, NormalForm
 from factnet.head_bits import HeadQuantizer, head_modules, quantized_head
-from factnet.heads import in_head
 from factnet.kernel import Increment, delta_weight
 from factnet.placement import Placement, cut, shared_placement
 from factnet.slices import Matrix, Slice

@@ -184,11 +184,6 @@ class AdapterSet(nn.Module):
         """This thread's or task's adapters per sample (`use`, `per_sample`), or None: the active adapter's."""
         return self.dispatch.mix
 
-    @property
-    def reading(self) -> bool:
-        """Whether a module that may read adapted weights as attributes is in its forward (`Dispatch.reading`)."""
-        return self.dispatch.reading
-
     def reader_modules(self) -> list[str]:
         """Names of the modules whose forward may read adapted weights as attributes (`readers`)."""
         return list(self.dispatch.sites.readers)
