@@ -39,6 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return work(args.worker, args.batch, args.steps, args.warmup)
+    if args.a is None or args.b is None:
+        parser.error("--a and --b (the two source trees) are required")
     trees = {"A": args.a.resolve(), "B": args.b.resolve()}
     print(f"A = {trees['A']}\nB = {trees['B']}\nbatch {args.batch}, {args.rounds} rounds of {args.steps} steps, "
           "1 torch thread per worker")
