@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from factnet import attach as sites
-from factnet.adapter_set import AdapterSet, in_head
+from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
 from factnet.factors import GroupFactors
 from factnet.formats import Format, NormalForm
@@ -78,7 +78,7 @@ class Adapter(nn.Module):
         self.head = head
         self._merged = False
         self.picked: AutoChoice | None = None  # what a byte budget with no format chose, and why (`decompose`)
-        self._head_state: dict[str, Tensor] | None = None  # the head's values while another adapter is active
+        self._detached_head: dict[str, Tensor] | None = None  # the head's values it left its set with (`leave`)
         self._increments: dict[str, tuple[list[NormalForm], torch.dtype, list[Increment]]] = {}
         self._cuts: dict[str, tuple[NormalForm, torch.dtype, dict[str, Increment]]] = {}
         self._by_group: dict[str, list[tuple[str, Placement]]] = {}
@@ -183,8 +183,8 @@ class Adapter(nn.Module):
         self._check_unsharded("merge")
         if self._merged:
             raise FactnetError("adapter is already merged; call unmerge() before merging again")
-        with self._set._traffic.lock:
-            self._set._traffic.check_quiet(self._set, "merge", blocks=True)
+        with self._set.traffic.lock:
+            self._set.traffic.check_quiet(self._set, "merge", blocks=True)
             if not self.active:
                 raise FactnetError(f"adapter {self.name!r} is not the active one ({self._set.active!r} is); "
                                    "activate() it before merging")
@@ -197,7 +197,7 @@ class Adapter(nn.Module):
                 weight = sites.weight_view(self.model, matrix)
                 weight.add_(self.delta_weight(name).to(weight.dtype))
             self._merged = True
-            self._set._sync()
+            self._set.sync()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -206,13 +206,13 @@ class Adapter(nn.Module):
         self._check_attached()
         if not self._merged:
             raise FactnetError("adapter is not merged; nothing to unmerge")
-        with self._set._traffic.lock:
-            self._set._traffic.check_quiet(self._set, "unmerge", blocks=True)
+        with self._set.traffic.lock:
+            self._set.traffic.check_quiet(self._set, "unmerge", blocks=True)
             self._merged = False
             for name, matrix in self.matrices.items():
                 weight = sites.weight_view(self.model, matrix)
                 weight.sub_(self.delta_weight(name).to(weight.dtype))
-            self._set._sync()
+            self._set.sync()
 
     @contextmanager
     def disable(self) -> Iterator[None]:
@@ -231,6 +231,16 @@ class Adapter(nn.Module):
         self._check_attached()
         return self._set.delete(self.name, keep_merged)
 
+    def leave(self, head: dict[str, Tensor] | None) -> None:
+        """Let go of the model, as `AdapterSet.delete` removes this adapter from it: not merged any more
+        (merged weights stay as they are), ``head`` kept as its head values (its whole head, when the set
+        kept it apart; None when the model's head holds it), the head's low-bit hooks out."""
+        self._merged = False
+        self._detached_head = head
+        if self._head_quantizer is not None:
+            self._head_quantizer.remove()
+        self.__dict__["model"] = None
+
     def _check_unsharded(self, action: str) -> None:
         tensors = [*self.parameters(), *(sites.base_weight(self.model, m) for m in self.matrices.values())]
         if any(callable(getattr(t, "full_tensor", None)) for t in tensors):
@@ -248,12 +258,11 @@ class Adapter(nn.Module):
 
     def head_state(self) -> dict[str, Tensor]:
         """This adapter's head parameters by model name (the model's own while it is active)."""
-        if self._head_state is not None:  # inactive: its values, the set's initial ones where it kept none
-            initial = self._set._head_init
-            return {n: self._head_state.get(n, initial[n]) for n in initial if in_head(n, self.head)}
-        if self.__dict__.get("model") is None:
+        if self.__dict__.get("model") is not None:
+            return self._set.heads.state(self)
+        if self._detached_head is None:
             raise FactnetError("adapter was detached, so its head is no longer known")
-        return {n: p for n, p in self._set._backbone_parameters() if in_head(n, self.head)}
+        return dict(self._detached_head)
 
     def head_values(self) -> dict[str, Tensor]:
         """The head as this adapter's forward uses it: `head_state`, detached, or for ``head_bits`` its

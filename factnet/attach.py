@@ -26,13 +26,13 @@ disabled or with no adapter active, the model holds its own modules and runs at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from factnet import calls
 from factnet.increment import Increment, effective_weight
 from factnet.kernel import adapted_linear, base_op
 from factnet.slices import Matrix, StandIn
@@ -41,7 +41,7 @@ __all__ = ["AdaptedMatrix", "Sites", "base_weight", "readers", "weight_view"]
 
 
 class Source(Protocol):
-    """What an attached matrix asks for its increments (`factnet.adapter_set.AdapterSet`)."""
+    """What an attached matrix asks for its increments (`factnet.dispatch.Dispatch`)."""
 
     settings: Any  # scale, dropout, path of the increments returned
     mix: Any  # this call's adapters per sample (`factnet.mixing.Mix`), or None: the active adapter's
@@ -322,10 +322,7 @@ class Sites:
 
     @property
     def reading(self) -> bool:
-        return self in _READING.get()
-
-
-_READING: ContextVar[tuple[Sites, ...]] = ContextVar("factnet_reading", default=())  # (per thread or task)
+        return calls.reading(self)
 
 
 class _Forward:
@@ -344,7 +341,7 @@ class _Forward:
         return self.inner or type(self.module).forward.__get__(self.module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        token = _READING.set((*_READING.get(), self.sites))
+        token = calls.start_reading(self.sites)
         try:
             mix = self.sites.source.mix
             if mix is not None and (self.head or not mix.uniform):
@@ -353,7 +350,7 @@ class _Forward:
                 return type(self.module).forward(self.module, *args, **kwargs)
             return self.inner(*args, **kwargs)
         finally:
-            _READING.reset(token)
+            calls.stop_reading(token)
 
     def remove(self) -> None:
         """Give the module back the forward it had, unless someone set another over this one since

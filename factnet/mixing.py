@@ -115,7 +115,7 @@ class Mix:
         parts = [(name, self.increments(name, matrix.name, weight)) for name, _ in self.adapted]
         if not any(increments for _, increments in parts):
             return y
-        self.set.applied(matrix.name)
+        self.set.dispatch.applied(matrix.name)
         pointwise = matrix.rules.pointwise
         if self.uniform:  # one adapter for every row: no layout needed
             name, increments = parts[0]
@@ -200,7 +200,7 @@ class Mix:
         increments = [] if name is None else self.increments(name, matrix.name, linear)
         if not increments:
             return weight
-        self.set.applied(matrix.name)
+        self.set.dispatch.applied(matrix.name)
         return kind.from_linear(effective_weight(linear, increments, self.adapters[name].settings.scale), weight)
 
     # ---- modules run once per adapter ------------------------------------------------------------
@@ -244,7 +244,7 @@ class Mix:
         grad on, the active adapter's own head (which it trains) runs instead."""
         if torch.is_grad_enabled() and adapter is not None and adapter == self.set.active:
             return forward
-        view = _head_view(module, name, adapter, self.heads[adapter], self.set.head_views)
+        view = _head_view(module, name, adapter, self.heads[adapter], self.set.heads.views)
         return getattr(forward, "__func__", type(module).forward).__get__(view)
 
     def _split_first(self, module: nn.Module, args: tuple, kwargs: dict, idx: Tensor):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from factnet.adapter import Adapter
-from factnet.adapter_set import AdapterSet, in_head
+from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
 from factnet.file.compat import check_base, check_dtypes, check_settings, check_tensors, registered_format
 from factnet.file.container import file_path
@@ -32,6 +32,7 @@ from factnet.file.packs import factor_shapes, unpack
 from factnet.file.rebuild import rebuild_default, rebuild_listed, rebuild_templates
 from factnet.file.spec import Spec, base_matrices
 from factnet.formats import Format
+from factnet.heads import in_head
 from factnet.tensorizer import Tensorizer
 
 __all__ = ["load", "load_many"]
@@ -206,12 +207,10 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})
-    if loaded.head_parameters:
-        adapter._head_state = {}
-        for p in loaded.head_parameters:
-            param = model.get_parameter(p)
-            adapter._head_state[p] = tensors[f"head.{p}"].to(device=param.device, dtype=param.dtype)  # (`add` copies it in)
-    AdapterSet.of(model).add(name, adapter)
+    adapters = AdapterSet.of(model)
+    with adapters.traffic.lock:  # (the head's values in before another thread's call can take the adapter)
+        adapters.add(name, adapter)
+        adapters.heads.load({p: tensors[f"head.{p}"] for p in loaded.head_parameters})  # (cast by copy_)
     return adapter
 
 
