@@ -55,6 +55,7 @@ from factnet.spec import (
     _parse_template,
     _slice_map,
     groups_digest,
+    spec_config,
 )
 from factnet.tensorizer import Tensorizer
 
@@ -254,11 +255,9 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     `Tensorizer.decompose`, whose checks `_check_settings` made (decompose walks every module of the model,
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    low_bit = spec.get("bits", {"factors": None, "group": 64})  # (trained on: saving again stores the same bits)
-    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec["scale"], spec.get("dropout", 0.0),
-                      list(spec["head"]), name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
-                      bits=low_bit["factors"], group=low_bit["group"],
-                      stable="base_rank" in spec, seed=spec.get("seed", 0))
+    group = spec.get("bits", {"group": 64})["group"]  # (trained on at the file's bits: saving again stores the same)
+    adapter = Adapter(model, loaded.tensorizer.groups, spec_config(spec), spec["scale"], name,
+                      torch.Generator().manual_seed(0), register=False, group=group)  # (a seed: the global RNG stays)
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})

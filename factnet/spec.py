@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from factnet.config import AdapterConfig
 from factnet.errors import FactnetError
 from factnet.grouping import make_groups
 from factnet.slices import Slice, default_slices, find_matrices
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from factnet.adapter import Adapter
 
 __all__ = ["CHECKSUM_KEY", "DEFAULT_RULES", "FORMAT_VERSION", "SPEC_KEY", "STORAGE_DTYPES", "group_templates",
-           "groups_digest"]
+           "groups_digest", "settings_spec", "spec_config"]
 
 FORMAT_VERSION = 4  # the version written, and the newest read
 SPEC_KEY = "factnet"
@@ -93,7 +94,8 @@ _SPEC_LAYOUTS[4] = {
     "groups": _Optional({str: {"shape": [int], "slices": [str]}}),
     "default_groups": _Optional({"by": str, "sha256": str}),
     "bits": _Optional({"factors": (int, type(None)), "head": (int, type(None)), "group": int}),
-    "base_rank": _Optional(int), "seed": _Optional(int),
+    "base_rank": _Optional(int), "seed": _Optional(int), "gain": _Optional(float), "targets": _Optional([str]),
+    "by": _Optional((str, {str: [str]})),
 }
 _MAX_QUANTIZED = 1 << 40  # values of one low-bit tensor a spec may claim (its codes must hold them too)
 DEFAULT_RULES = ("shape", "stage")  # groupings of the default targets a version-4 spec names instead of listing
@@ -285,14 +287,13 @@ def _spec(adapter: Adapter, dtype: torch.dtype | None, held: str | dict[str, str
     value or ``{"factors" | head parameter: dtype}``), the head's parameters of ``head_shapes`` (None: without
     the head) and, for a low-bit file, ``bits``: ``{"factors": b | None, "head": b | None, "group": values per
     scale}``."""
-    fmt, settings = adapter.format, adapter.settings
+    fmt = adapter.format
     groups = {name: adapter.group(name).slices for name in adapter.group_names}
     rule = _default_rule(adapter.model, groups)
     spec: dict[str, Any] = {
         "factnet_format_version": FORMAT_VERSION, "factnet_version": __version__,
-        "format": fmt.name, "rank": fmt.rank, "factors": ",".join(fmt.factors.values()), "scale": settings.scale,
+        "format": fmt.name, "rank": fmt.rank, "factors": ",".join(fmt.factors.values()),
     }
-    spec |= {"dropout": settings.dropout} if settings.dropout else {}
     spec |= {"held": held} if dtype is None and held is not None else {}
     spec |= {} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")}
     spec |= {"head": list(adapter.head)}
@@ -301,7 +302,36 @@ def _spec(adapter: Adapter, dtype: torch.dtype | None, held: str | dict[str, str
     spec |= {"groups": group_templates(groups)} if rule is None else {
         "default_groups": {"by": rule, "sha256": groups_digest(groups)}}
     spec |= {} if bits is None else {"bits": bits}
-    return spec | ({"base_rank": 1} if settings.stable else {}) | ({"seed": adapter.seed} if fmt.seeded else {})
+    return spec | settings_spec(adapter, rule)
+
+
+def settings_spec(adapter: Adapter, rule: str | None) -> dict[str, Any]:
+    """The spec's part for the adapter's `AdapterConfig` (its format, rank, head and bits are written apart; what
+    `spec_config` reads back): the scale ``s``, dropout (absent: 0), ``"base_rank": 1`` for the rank-stable
+    parametrization with its ``gain`` (absent: the default), the ``seed`` (for seeded factors always, their seed or
+    0), the ``targets`` (absent: the default ones) and the grouping ``by`` where the slice map's ``rule`` does not
+    say it (a callable is not written: absent, ``"shape"``)."""
+    config, settings = adapter.config, adapter.settings
+    by = config.by if isinstance(config.by, str) else {name: [patterns] if isinstance(patterns, str) else list(
+        patterns) for name, patterns in config.by.items()} if isinstance(config.by, Mapping) else None
+    seed = adapter.seed if adapter.format.seeded else config.seed
+    return ({"scale": settings.scale} | ({"dropout": settings.dropout} if settings.dropout else {})
+            | ({"base_rank": 1} if settings.stable else {}) | ({} if config.gain is None else {"gain": config.gain})
+            | ({} if seed is None else {"seed": seed})
+            | ({} if config.targets is None else {"targets": list(config.targets)})
+            | ({} if by is None or by == (rule or "shape") else {"by": by}))
+
+
+def spec_config(spec: Mapping[str, Any]) -> AdapterConfig:
+    """The `AdapterConfig` of the adapter a file's ``spec`` holds (`settings_spec`; a field a file lacks: its
+    default). The bits are those the factors are stored in (an adapter loaded from a low-bit file trains on low-bit);
+    the head's (``head_bits``) are not kept: a loaded head trains in full precision."""
+    stable = "base_rank" in spec
+    return AdapterConfig(spec["format"], spec["rank"], scale=None if stable else spec["scale"], gain=spec.get("gain"),
+                         dropout=spec.get("dropout", 0.0), bits=(spec.get("bits") or {}).get("factors"),
+                         seed=spec.get("seed"), targets=spec.get("targets"),
+                         by=spec.get("by", spec.get("default_groups", {}).get("by", "shape")),
+                         head=tuple(spec["head"]) or None, train_head=bool(spec["head"]))
 
 
 def _fits(value: Any, layout: Any) -> bool:
