@@ -154,7 +154,8 @@ class Tensorizer:
         ``by`` (when not None and ``"shape"``) select and group this Tensorizer's model as ``Tensorizer(model,
         targets).group(by)`` would, and are an error where this Tensorizer was given other ones; the adapter's
         ``config`` is the one resolved here: the format, rank and bits a budget picked, the targets and grouping
-        used, the head trained (the scale ``s`` a gain gives: ``adapter.settings.scale``).
+        used, the head trained, seed 0 for seeded factors drawn without a seed (the scale ``s`` a gain gives:
+        ``adapter.settings.scale``).
 
         ``rank`` is at most that in each mode: a group too small for it gets the largest rank it allows,
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
@@ -226,8 +227,8 @@ class Tensorizer:
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=3)
         resolved = replace(config, format=fmt if isinstance(format, Format) else fmt.name, rank=fmt.rank, budget=None,
-                           bits=bits, targets=self.targets, by=self.by, head=tuple(heads) or None,
-                           train_head=bool(heads))
+                           bits=bits, seed=0 if fmt.seeded and config.seed is None else config.seed,
+                           targets=self.targets, by=self.by, head=tuple(heads) or None, train_head=bool(heads))
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         adapter = Adapter(self.model, self.groups, resolved, scale, name, generator)
         adapter.picked = picked
