@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from factnet.budget import read_budget
 from factnet.errors import FactnetError
@@ -20,7 +21,7 @@ from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy
 from factnet.quant import check_bits
 
-__all__ = ["AdapterConfig", "is_auto"]
+__all__ = ["AdapterConfig", "is_auto", "spec_config", "spec_fields"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -113,6 +114,33 @@ class AdapterConfig:
                  and not (f.name == "bits" and self.bits is None and self.budget is None)]
         return "AdapterConfig(" + ", ".join(repr(value) if name == "format" else f"{name}={_text(value)}"
                                             for name, value in given) + ")"
+
+
+def spec_fields(config: AdapterConfig, scale: float, rule: str | None) -> dict[str, Any]:
+    """The part of an adapter file's spec (`factnet.spec`) that says the adapter's resolved ``config`` beyond its
+    format, rank, head and bits (written apart), read back by `spec_config`: the scale ``s`` it resolved to,
+    dropout (absent: 0), ``"base_rank": 1`` for the rank-stable parametrization with its ``gain`` (absent: the
+    default), the ``seed``, the ``targets`` (absent: the default ones) and the grouping ``by`` where the slice
+    map's default-targets ``rule`` does not say it (a callable is not written: it reads back as ``"shape"``)."""
+    by = config.by if isinstance(config.by, str) else {name: [patterns] if isinstance(patterns, str) else list(
+        patterns) for name, patterns in config.by.items()} if isinstance(config.by, Mapping) else None
+    return ({"scale": scale} | ({"dropout": config.dropout} if config.dropout else {})
+            | ({"base_rank": 1} if config.scale is None else {}) | ({} if config.gain is None else {"gain": config.gain})
+            | ({} if config.seed is None else {"seed": config.seed})
+            | ({} if config.targets is None else {"targets": list(config.targets)})
+            | ({} if by is None or by == (rule or "shape") else {"by": by}))
+
+
+def spec_config(spec: Mapping[str, Any]) -> AdapterConfig:
+    """The `AdapterConfig` of the adapter a file's ``spec`` holds (`spec_fields`; a field a file lacks: its
+    default). The bits are those the factors are stored in (an adapter loaded from a low-bit file trains on
+    low-bit); the head's are not kept (a loaded head trains in full precision)."""
+    stable = "base_rank" in spec
+    return AdapterConfig(spec["format"], spec["rank"], scale=None if stable else spec["scale"], gain=spec.get("gain"),
+                         dropout=spec.get("dropout", 0.0), bits=(spec.get("bits") or {}).get("factors"),
+                         seed=spec.get("seed"), targets=spec.get("targets"),
+                         by=spec.get("by", spec.get("default_groups", {}).get("by", "shape")),
+                         head=tuple(spec["head"]) or None, train_head=bool(spec["head"]))
 
 
 def is_auto(format: str | Format | None) -> bool:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from factnet.adapter import Adapter, _in_head
 from factnet.adapter_set import AdapterSet
+from factnet.config import spec_config
 from factnet.errors import FactnetError
 from factnet.files import (
     Saved,
@@ -55,7 +56,6 @@ from factnet.spec import (
     _parse_template,
     _slice_map,
     groups_digest,
-    spec_config,
 )
 from factnet.tensorizer import Tensorizer
 

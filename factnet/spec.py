@@ -18,8 +18,9 @@ as the adapter held them, and ``held`` says in which dtype: one name for every v
 ``{"factors": dtype, head parameter: dtype, ...}`` where they differ. A low-bit file adds ``bits``:
 ``{"factors": b | null, "head": b | null, "group": values per scale}`` (the tensors' shapes follow from the
 format, the slices and ``head_shapes``). An adapter trained in the rank-stable parametrization
-(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (absent: the paper's parametrization), one
-with seeded factors ``seed``. With the tensors packed (`factnet.files`), a file of the default targets has a
+(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (absent: the paper's parametrization) and a
+gain given ``gain``, one with seeded factors or a seed ``seed``, one with targets given ``targets`` and one grouped
+by a rule its slice map does not say ``by`` (`factnet.config.spec_fields`: the adapter's `AdapterConfig`). With the tensors packed (`factnet.files`), a file of the default targets has a
 header (spec included) of 500 to 700 bytes on any model; a listed slice map adds its templates.
 
 Older versions still load, unchanged: version 1 listed every matrix of the base model and every slice;
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from factnet.config import AdapterConfig
+from factnet.config import spec_fields
 from factnet.errors import FactnetError
 from factnet.grouping import make_groups
 from factnet.slices import Slice, default_slices, find_matrices
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from factnet.adapter import Adapter
 
 __all__ = ["CHECKSUM_KEY", "DEFAULT_RULES", "FORMAT_VERSION", "SPEC_KEY", "STORAGE_DTYPES", "group_templates",
-           "groups_digest", "settings_spec", "spec_config"]
+           "groups_digest"]
 
 FORMAT_VERSION = 4  # the version written, and the newest read
 SPEC_KEY = "factnet"
@@ -302,36 +303,7 @@ def _spec(adapter: Adapter, dtype: torch.dtype | None, held: str | dict[str, str
     spec |= {"groups": group_templates(groups)} if rule is None else {
         "default_groups": {"by": rule, "sha256": groups_digest(groups)}}
     spec |= {} if bits is None else {"bits": bits}
-    return spec | settings_spec(adapter, rule)
-
-
-def settings_spec(adapter: Adapter, rule: str | None) -> dict[str, Any]:
-    """The spec's part for the adapter's `AdapterConfig` (its format, rank, head and bits are written apart; what
-    `spec_config` reads back): the scale ``s``, dropout (absent: 0), ``"base_rank": 1`` for the rank-stable
-    parametrization with its ``gain`` (absent: the default), the ``seed`` (for seeded factors always, their seed or
-    0), the ``targets`` (absent: the default ones) and the grouping ``by`` where the slice map's ``rule`` does not
-    say it (a callable is not written: absent, ``"shape"``)."""
-    config, settings = adapter.config, adapter.settings
-    by = config.by if isinstance(config.by, str) else {name: [patterns] if isinstance(patterns, str) else list(
-        patterns) for name, patterns in config.by.items()} if isinstance(config.by, Mapping) else None
-    seed = adapter.seed if adapter.format.seeded else config.seed
-    return ({"scale": settings.scale} | ({"dropout": settings.dropout} if settings.dropout else {})
-            | ({"base_rank": 1} if settings.stable else {}) | ({} if config.gain is None else {"gain": config.gain})
-            | ({} if seed is None else {"seed": seed})
-            | ({} if config.targets is None else {"targets": list(config.targets)})
-            | ({} if by is None or by == (rule or "shape") else {"by": by}))
-
-
-def spec_config(spec: Mapping[str, Any]) -> AdapterConfig:
-    """The `AdapterConfig` of the adapter a file's ``spec`` holds (`settings_spec`; a field a file lacks: its
-    default). The bits are those the factors are stored in (an adapter loaded from a low-bit file trains on low-bit);
-    the head's (``head_bits``) are not kept: a loaded head trains in full precision."""
-    stable = "base_rank" in spec
-    return AdapterConfig(spec["format"], spec["rank"], scale=None if stable else spec["scale"], gain=spec.get("gain"),
-                         dropout=spec.get("dropout", 0.0), bits=(spec.get("bits") or {}).get("factors"),
-                         seed=spec.get("seed"), targets=spec.get("targets"),
-                         by=spec.get("by", spec.get("default_groups", {}).get("by", "shape")),
-                         head=tuple(spec["head"]) or None, train_head=bool(spec["head"]))
+    return spec | spec_fields(adapter.config, adapter.settings.scale, rule)
 
 
 def _fits(value: Any, layout: Any) -> bool:

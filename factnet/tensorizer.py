@@ -190,7 +190,7 @@ class Tensorizer:
         if config.targets is not None and self.targets is not None and config.targets != self.targets:
             raise FactnetError(f"the config targets {list(config.targets)} but this Tensorizer {list(self.targets)}: "
                                "give the targets once")
-        if not (_is_shape(config.by) or _is_shape(self.by) or config.by is self.by or config.by == self.by):
+        if not (_is_shape(config.by) or _is_shape(self.by) or config.by == self.by):
             raise FactnetError(f"the config groups by {config.by!r} but this Tensorizer by {self.by!r}: give the "
                                "grouping once")
         by = self.by if _is_shape(config.by) else config.by
