@@ -23,7 +23,7 @@ from factnet.tensorizer import Tensorizer, parse_budget
 from factnet.version import __version__ as __version__
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
-    "compress", "export_lora", "file_info", "get_format", "load", "load_many", "parse_budget", "rank_sweep",
+    "Adapter", "AdapterConfig", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer",
+    "available_formats", "compress", "export_lora", "file_info", "get_format", "load", "load_many", "parse_budget", "rank_sweep",
     "read_budget", "save", "write_atomically",
 ]

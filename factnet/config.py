@@ -55,6 +55,7 @@ class AdapterConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        object.__setattr__(self, "train_head", bool(self.train_head))  # (as decompose read it: any truth value)
         if self.budget is None and self.bits == "auto":  # (with a rank: full precision unless told)
             object.__setattr__(self, "bits", None)
         self._check_size()
@@ -97,15 +98,11 @@ class AdapterConfig:
     def _check_names(self) -> None:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise FactnetError(f"seed must be an integer or None, got {self.seed!r}")
-        for name in ("targets", "head"):
-            value = getattr(self, name)
-            if value is not None and not all(isinstance(v, str) for v in value):
-                raise FactnetError(f"{name} must be names (strings), got {value!r}")
+        if self.targets is not None and not all(isinstance(v, str) for v in self.targets):
+            raise FactnetError(f"targets must be names (strings), got {self.targets!r}")  # (head: `decompose` checks it)
         if not (isinstance(self.by, (str, Mapping)) or callable(self.by)):
             raise FactnetError(f"by must be 'shape', 'stage', a regex, a dict of group name -> patterns or a callable "
                                f"slice -> group name, got {self.by!r}")
-        if not isinstance(self.train_head, bool):
-            raise FactnetError(f"train_head must be True or False, got {self.train_head!r}")
 
     def __repr__(self) -> str:
         """The call that builds this config: its fields that differ from their defaults (the format first,
@@ -125,7 +122,8 @@ def spec_fields(config: AdapterConfig, scale: float, rule: str | None) -> dict[s
     by = config.by if isinstance(config.by, str) else {name: [patterns] if isinstance(patterns, str) else list(
         patterns) for name, patterns in config.by.items()} if isinstance(config.by, Mapping) else None
     return ({"scale": scale} | ({"dropout": config.dropout} if config.dropout else {})
-            | ({"base_rank": 1} if config.scale is None else {}) | ({} if config.gain is None else {"gain": config.gain})
+            | ({"base_rank": 1} if config.scale is None else {})
+            | ({} if config.gain is None else {"gain": config.gain})
             | ({} if config.seed is None else {"seed": config.seed})
             | ({} if config.targets is None else {"targets": list(config.targets)})
             | ({} if by is None or by == (rule or "shape") else {"by": by}))
@@ -151,7 +149,7 @@ def is_auto(format: str | Format | None) -> bool:
 def _finite(value: object, none: bool = False) -> bool:
     if value is None:
         return none
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _text(value: object) -> str:

@@ -255,9 +255,9 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     `Tensorizer.decompose`, whose checks `_check_settings` made (decompose walks every module of the model,
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    group = spec.get("bits", {"group": 64})["group"]  # (trained on at the file's bits: saving again stores the same)
-    adapter = Adapter(model, loaded.tensorizer.groups, spec_config(spec), spec["scale"], name,
-                      torch.Generator().manual_seed(0), register=False, group=group)  # (a seed: the global RNG stays)
+    values_per_scale = spec.get("bits", {"group": 64})["group"]  # (trained on at the file's bits: saved the same)
+    adapter = Adapter(model, loaded.tensorizer.groups, spec_config(spec), spec["scale"], name,  # (a seed: the
+                      torch.Generator().manual_seed(0), register=False, group=values_per_scale)  # global RNG stays)
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})

@@ -20,8 +20,8 @@ as the adapter held them, and ``held`` says in which dtype: one name for every v
 format, the slices and ``head_shapes``). An adapter trained in the rank-stable parametrization
 (`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (absent: the paper's parametrization) and a
 gain given ``gain``, one with seeded factors or a seed ``seed``, one with targets given ``targets`` and one grouped
-by a rule its slice map does not say ``by`` (`factnet.config.spec_fields`: the adapter's `AdapterConfig`). With the tensors packed (`factnet.files`), a file of the default targets has a
-header (spec included) of 500 to 700 bytes on any model; a listed slice map adds its templates.
+by a rule its slice map does not say ``by`` (`factnet.config.spec_fields`: the adapter's `AdapterConfig`). With
+the tensors packed (`factnet.files`), a file of the default targets has a header (spec included) of 500 to 700 bytes on any model; a listed slice map adds its templates.
 
 Older versions still load, unchanged: version 1 listed every matrix of the base model and every slice;
 version 2 wrote the ``groups`` templates always, ``dtype`` null for as held, the factor letters as a dict and

@@ -263,7 +263,8 @@ def run_sweep(settings: RunSettings, ranks: Sequence[int], scales: Sequence[floa
     selection = []
     for rank in ranks:
         for scale in scales:
-            setting = dataclasses.replace(settings, adapter=dataclasses.replace(settings.adapter, rank=rank, scale=scale))
+            adapter = dataclasses.replace(settings.adapter, rank=rank, scale=scale)
+            setting = dataclasses.replace(settings, adapter=adapter)
             selection.append(_sweep_run(setting, "train800", out_dir / f"rank{rank}_scale{scale:g}", resume, base))
     best = max(selection, key=lambda result: (result.accuracy, -result.parameters))
     final_settings = dataclasses.replace(settings, adapter=dataclasses.replace(settings.adapter, rank=best.rank,
