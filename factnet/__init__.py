@@ -13,6 +13,7 @@ from factnet.adapter import Adapter
 from factnet.adapter_set import AdapterSet
 from factnet.budget import read_budget
 from factnet.compression import compress, rank_sweep
+from factnet.config import AdapterConfig
 from factnet.errors import FactnetError
 from factnet.export import ExportReport, export_lora
 from factnet.formats import Format, available_formats, get_format
@@ -25,7 +26,7 @@ from factnet.tensorizer import Tensorizer, parse_budget
 from factnet.version import __version__ as __version__
 
 __all__ = [
-    "Adapter", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer", "available_formats",
-    "compress", "export_lora", "file_info", "get_format", "load", "load_many", "parse_budget", "rank_sweep",
+    "Adapter", "AdapterConfig", "AdapterSet", "ExportReport", "FactnetError", "Format", "Slice", "Tensorizer",
+    "available_formats", "compress", "export_lora", "file_info", "get_format", "load", "load_many", "parse_budget", "rank_sweep",
     "read_budget", "save", "write_atomically",
 ]

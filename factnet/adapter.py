@@ -15,7 +15,8 @@ from factnet import attach as sites
 from factnet.adapter_set import AdapterSet
 from factnet.errors import FactnetError
 from factnet.factors import GroupFactors
-from factnet.formats import Format, NormalForm
+from factnet.config import AdapterConfig
+from factnet.formats import NormalForm, get_format
 from factnet.head_bits import HeadQuantizer, head_modules, quantized_head
 from factnet.increment import Increment, delta_weight
 from factnet.placement import Placement, cut, shared_placement
@@ -30,15 +31,33 @@ __all__ = ["Adapter", "GroupFactors"]
 
 @dataclass
 class Settings:
-    """Shared by every attached matrix; ``path`` ("auto", "activation") picks the kernel."""
+    """What every attached matrix reads of the adapter's `AdapterConfig` (``config``, resolved), with the scale
+    ``s`` it resolves to on these groups (``config.scale``, or its gain times `Tensorizer.stable_scale`), the
+    values per low-bit scale, and ``path`` ("auto", "activation"), which picks the kernel."""
 
+    config: AdapterConfig
     scale: float
-    dropout: float
-    path: str = "auto"
-    bits: int | None = None  # factors trained as stored in a ``bits``-bit file (`GroupFactors.values`)
     group: int = 64  # values per low-bit scale
-    stable: bool = False  # the rank-stable parametrization: factors used times `Format.multipliers`
-    head_bits: int | None = None  # the head trained as stored in a ``head_bits``-bit file (`factnet.head_bits`)
+    path: str = "auto"
+
+    @property
+    def dropout(self) -> float:
+        return float(self.config.dropout)
+
+    @property
+    def bits(self) -> int | None:
+        """Factors trained as stored in a ``bits``-bit file (`GroupFactors.values`)."""
+        return self.config.bits  # type: ignore[return-value]  (resolved: never "auto")
+
+    @property
+    def head_bits(self) -> int | None:
+        """The head trained as stored in a ``head_bits``-bit file (`factnet.head_bits`)."""
+        return self.config.head_bits
+
+    @property
+    def stable(self) -> bool:
+        """The rank-stable parametrization: factors used times `Format.multipliers`."""
+        return self.config.scale is None
 
 
 class Adapter(nn.Module):
@@ -49,17 +68,17 @@ class Adapter(nn.Module):
     ``train_head=False``) require grad: optimize ``adapter.trainable_parameters()``.
     """
 
-    def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], fmt: Format, scale: float,
-                 dropout: float, head: list[str], name: str = "default",
-                 generator: torch.Generator | None = None, register: bool = True, bits: int | None = None,
-                 group: int = 64, stable: bool = False, seed: int = 0, head_bits: int | None = None) -> None:
+    def __init__(self, model: nn.Module, groups: Mapping[str, tuple[Slice, ...]], config: AdapterConfig, scale: float,
+                 name: str = "default", generator: torch.Generator | None = None, register: bool = True,
+                 group: int = 64) -> None:
         super().__init__()
         reference = next(p for n, p in model.named_parameters() if not n.startswith("factnet."))
         dtype = factor_dtype(model)
         self.name = name
-        self.format = fmt
-        self.settings = Settings(float(scale), float(dropout), bits=bits, group=group, stable=stable,
-                                 head_bits=head_bits)
+        self.format = fmt = get_format(config.format, config.rank)
+        self.settings = Settings(config, float(scale), group)
+        bits, stable, seed, head_bits = self.settings.bits, self.settings.stable, config.seed or 0, config.head_bits
+        head = list(config.head or ())
         self.group_names = list(groups)
         self.seed = seed  # group number g's seeded factors (`Format.seeded`) are drawn from seed + g
         self.groups = nn.ModuleDict(
@@ -91,6 +110,12 @@ class Adapter(nn.Module):
             and self._set.active == self.name)
         if register:  # (else the caller adds it once its values are in: `factnet.file.load`)
             AdapterSet.of(model).add(name, self)
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The settings it was made with, resolved: the format, rank and bits a budget picked, the targets,
+        grouping and head used (`AdapterConfig`; ``print(adapter)`` says what a budget picked)."""
+        return self.settings.config
 
     def increments(self, matrix: str, weight: Tensor) -> list[Increment]:
         """The increments of ``matrix`` for its ``weight`` (whether or not this adapter is active); the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import fields, replace
 
 import torch
 from torch import nn
@@ -14,10 +15,10 @@ from factnet.adapter import factor_dtype as _factor_dtype
 from factnet.adapter_set import AdapterSet
 from factnet.attach import base_weight
 from factnet.budget import AutoChoice, Choice, choose, choose_format, parse_budget, read_budget
+from factnet.config import AdapterConfig, is_auto
 from factnet.errors import FactnetError
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
-from factnet.quant import check_bits
 from factnet.slices import Slice, classifier_names, select_slices
 
 __all__ = ["DEFAULT_GAIN", "Tensorizer", "parse_budget"]
@@ -44,15 +45,17 @@ class Tensorizer:
         if not isinstance(model, nn.Module):
             raise FactnetError(f"Tensorizer needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.targets = None if targets is None else tuple(targets)  # the patterns (None: the default targets)
         self.slices: tuple[Slice, ...] = tuple(select_slices(model, targets))
         self._check_weights()
+        self.by = by
         self.groups: dict[str, tuple[Slice, ...]] = make_groups(self.slices, by)
 
     def group(self, by: GroupBy = "shape") -> Tensorizer:
         """The same slices grouped another way: ``"shape"``, ``"stage"``, a regex, a dict of
         name → patterns, or a callable ``slice -> name`` (see `factnet.grouping.make_groups`)."""
         regrouped = object.__new__(Tensorizer)
-        regrouped.model, regrouped.slices = self.model, self.slices
+        regrouped.model, regrouped.targets, regrouped.slices, regrouped.by = self.model, self.targets, self.slices, by
         regrouped.groups = make_groups(self.slices, by)
         return regrouped
 
@@ -128,9 +131,10 @@ class Tensorizer:
 
     def decompose(
         self,
-        format: str | Format | None = None,
+        format: str | Format | AdapterConfig | None = None,
         rank: int | None = None,
         *,
+        config: AdapterConfig | None = None,
         budget: int | str | None = None,
         scale: float | None = None,
         gain: float | None = None,
@@ -144,6 +148,14 @@ class Tensorizer:
     ) -> Adapter:
         """Freeze the backbone, attach a zero increment ``s·ΔW`` in ``format`` to every group,
         and return the `Adapter` holding its factors.
+
+        The settings come as an `AdapterConfig` (``decompose(config)`` or ``config=``) or as the keywords that
+        build one (``decompose("tt", rank=8)``), not both; ``name`` goes with either. A config's ``targets`` and
+        ``by`` (when not None and ``"shape"``) select and group this Tensorizer's model as ``Tensorizer(model,
+        targets).group(by)`` would, and are an error where this Tensorizer was given other ones; the adapter's
+        ``config`` is the one resolved here: the format, rank and bits a budget picked, the targets and grouping
+        used, the head trained, seed 0 for seeded factors drawn without a seed (the scale ``s`` a gain gives:
+        ``adapter.settings.scale``).
 
         ``rank`` is at most that in each mode: a group too small for it gets the largest rank it allows,
         said in one warning (`rank_report`). ``budget`` instead of ``rank`` picks the largest rank that
@@ -161,53 +173,64 @@ class Tensorizer:
         in the forward, straight-through gradient), so ``adapter.save`` then writes exactly the trained model in
         ``bits`` bits; ``head_bits`` does the same for the head (`factnet.head_bits`).
         """
+        keywords = dict(budget=budget, scale=scale, gain=gain, dropout=dropout, bits=bits, head_bits=head_bits,
+                        seed=seed, head=head, train_head=train_head)
+        if isinstance(format, AdapterConfig) and config is None:
+            format, config = None, format
+        if config is None:
+            config = AdapterConfig(format, rank, **keywords)
+        elif format is not None or rank is not None or any(
+                keywords[f.name] != f.default for f in fields(AdapterConfig) if f.name in keywords):
+            raise FactnetError("pass an AdapterConfig or the settings that build one (decompose('tt', rank=8)), "
+                               "not both")
+        return self._selected(config)._decompose(config, name)
+
+    def _selected(self, config: AdapterConfig) -> Tensorizer:
+        """This Tensorizer, or the one ``config``'s targets and grouping select on its model."""
+        if config.targets is not None and self.targets is not None and config.targets != self.targets:
+            raise FactnetError(f"the config targets {list(config.targets)} but this Tensorizer {list(self.targets)}: "
+                               "give the targets once")
+        if not (_is_shape(config.by) or _is_shape(self.by) or config.by == self.by):
+            raise FactnetError(f"the config groups by {config.by!r} but this Tensorizer by {self.by!r}: give the "
+                               "grouping once")
+        by = self.by if _is_shape(config.by) else config.by
+        if config.targets is not None and self.targets is None:
+            return Tensorizer(self.model, config.targets, by=by)
+        return self if by is self.by else self.group(by)
+
+    def _decompose(self, config: AdapterConfig, name: str) -> Adapter:
+        """`decompose` of ``config`` on these groups."""
         picked = None
-        if format is None or (isinstance(format, str) and format == "auto"):
-            if budget is None or rank is not None:
-                raise FactnetError("decompose needs a format (e.g. decompose('tt', rank=8)), or no format and a budget "
-                                   "in bytes (decompose(budget='16KB')) to pick the format, rank and bits")
-            picked = self.auto_choice(budget, bits)
-            format, rank, bits, budget = picked.format, picked.choice.rank, picked.choice.bits, None
-        if budget is not None:
-            if rank is not None:
-                raise FactnetError("pass rank= or budget=, not both")
-            rank, bits = (choice := self.budget_choice(format, budget, bits)).rank, choice.bits
-        elif bits == "auto":
-            bits = None  # (a rank: full precision unless told)
+        format, rank, bits = config.format, config.rank, config.bits
+        if is_auto(format):
+            picked = self.auto_choice(config.budget, bits)
+            format, rank, bits = picked.format, picked.choice.rank, picked.choice.bits
+        elif config.budget is not None:
+            rank, bits = (choice := self.budget_choice(format, config.budget, bits)).rank, choice.bits
         fmt = get_format(format, rank)
         AdapterSet.check_addable(self.model, name)
-        if scale is not None and gain is not None:
-            raise FactnetError("pass scale= (the paper's s) or gain= (of the rank-stable scale), not both")
-        stable = scale is None
-        if stable:
-            if not (isinstance(gain, (int, float, type(None))) and math.isfinite(gain or 0.0)):
-                raise FactnetError(f"gain must be a finite number, got {gain!r}")
-            scale = (DEFAULT_GAIN if gain is None else gain) * self.stable_scale(fmt)
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-            raise FactnetError(f"scale must be a finite number, got {scale!r}")
-        if bits is not None:
-            check_bits(bits)
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise FactnetError(f"dropout must be in [0, 1), got {dropout!r}")
+        scale = config.scale
+        if scale is None:
+            scale = (DEFAULT_GAIN if config.gain is None else config.gain) * self.stable_scale(fmt)
         capped = self.rank_report(fmt)
         if capped:
-            warnings.warn(capped, stacklevel=2)
+            warnings.warn(capped, stacklevel=3)
         keys = [group_key(group) for group in self.groups]
         if len(set(keys)) != len(keys):
             raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")
-        heads = self._heads(head) if train_head else []
-        if head_bits is not None:
-            check_bits(head_bits)
-            if not heads:
-                raise FactnetError("head_bits trains the head low-bit, but there is no trainable head here ("
-                                   + ("train_head=False" if not train_head else "none found: name it with head=")
-                                   + "); drop head_bits, or train a head")
-        if dropout > 0 and any(s.matrix.rules.applied_as_weight for s in self.slices):
+        heads = self._heads(config.head) if config.train_head else []
+        if config.head_bits is not None and not heads:
+            raise FactnetError("head_bits trains the head low-bit, but there is no trainable head here ("
+                               + ("train_head=False" if not config.train_head else "none found: name it with head=")
+                               + "); drop head_bits, or train a head")
+        if config.dropout > 0 and any(s.matrix.rules.applied_as_weight for s in self.slices):
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
-                          "applied as a merged weight", stacklevel=2)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        adapter = Adapter(self.model, self.groups, fmt, scale, dropout, heads, name, generator, bits=bits,
-                          stable=stable, seed=seed or 0, head_bits=head_bits)
+                          "applied as a merged weight", stacklevel=3)
+        resolved = replace(config, format=fmt if isinstance(format, Format) else fmt.name, rank=fmt.rank, budget=None,
+                           bits=bits, seed=0 if fmt.seeded and config.seed is None else config.seed,
+                           targets=self.targets, by=self.by, head=tuple(heads) or None, train_head=bool(heads))
+        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        adapter = Adapter(self.model, self.groups, resolved, scale, name, generator)
         adapter.picked = picked
         return adapter
 
@@ -247,6 +270,10 @@ class Tensorizer:
         summary = ", ".join(f"{g} {n}x{i}x{o}" for g, (n, i, o) in self.group_shapes().items())
         return "\n".join([f"Tensorizer({type(self.model).__name__}: {len(self.slices)} slices; groups: {summary})",
                           *lines])
+
+
+def _is_shape(by: GroupBy) -> bool:
+    return isinstance(by, str) and by == "shape"
 
 
 def _labels(pieces: list[Slice]) -> str:

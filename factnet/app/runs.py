@@ -1,7 +1,7 @@
 """Runs behind the command line: build a timm model from local weights, train one setting, sweep a grid.
 
     settings = RunSettings(model="vit_base_patch16_224", checkpoint=Path("vit_b16.safetensors"),
-                           data=Path("vtab/cifar"), rank=8, scale=1.0)
+                           data=Path("vtab/cifar"), adapter=AdapterConfig("tt", rank=8, scale=1.0))
     result = train_setting(settings, "train800", Path("runs/cifar"))      # val200 accuracy
     table = run_sweep(settings, [2, 4, 8], [0.1, 1, 10], Path("sweeps/cifar"))
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import factnet
-from factnet import FactnetError, Tensorizer, get_format
+from factnet import AdapterConfig, FactnetError, Tensorizer
 from factnet.app.data import image_transform, load_task, make_loader
 from factnet.app.presets import get_preset
 from factnet.app.recipe import Recipe
@@ -43,22 +43,17 @@ _RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", 
 @dataclass(frozen=True)
 class RunSettings:
     """Everything that decides a training run: model and weights, data, adapter, recipe, seed
-    (plus where and how it runs: ``device``, ``workers``, ``progress``, which do not)."""
+    (plus where and how it runs: ``device``, ``workers``, ``progress``, which do not). ``adapter`` is the
+    adapter's settings but its dropout and seed, which are the recipe's and the run's (`decompose_config`)."""
 
     model: str
     data: Path
     checkpoint: Path | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    format: str = "tt"
-    rank: int = DEFAULT_RANK
-    scale: float = DEFAULT_SCALE
-    group: str = "shape"
-    targets: tuple[str, ...] | None = None
+    adapter: AdapterConfig = AdapterConfig("tt", rank=DEFAULT_RANK, scale=DEFAULT_SCALE)
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
     classes: int | None = None  # the preset's class count, when a preset was given
-    bits: int | None = None  # factors trained (and saved) low-bit
-    head_bits: int | None = None  # the head trained (and saved) low-bit
     device: str = "cpu"
     workers: int = 0
     progress: bool = True
@@ -76,23 +71,29 @@ class RunSettings:
             preset = get_preset(args.preset)
             rank, scale = preset.rank_and_scale(args.format)
             classes = preset.classes
-        get_format(args.format, DEFAULT_RANK if rank is None else rank)  # an unknown format fails before any work
+        adapter = AdapterConfig(  # (an unknown format fails here, before any work)
+            args.format, rank=DEFAULT_RANK if rank is None else rank, scale=DEFAULT_SCALE if scale is None else scale,
+            bits=getattr(args, "bits", None), head_bits=getattr(args, "head_bits", None),
+            targets=tuple(args.targets) if args.targets else None, by=args.group)
         recipe = Recipe.from_dict({k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None})
         return cls(model=args.model, data=args.data, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs,
-                   format=args.format, rank=DEFAULT_RANK if rank is None else rank,
-                   scale=DEFAULT_SCALE if scale is None else scale, group=args.group,
-                   targets=tuple(args.targets) if args.targets else None, recipe=recipe, seed=args.seed,
-                   classes=classes, device=args.device, workers=args.workers, progress=args.progress,
-                   bits=getattr(args, "bits", None), head_bits=getattr(args, "head_bits", None))
+                   adapter=adapter, recipe=recipe, seed=args.seed, classes=classes, device=args.device,
+                   workers=args.workers, progress=args.progress)
+
+    @property
+    def decompose_config(self) -> AdapterConfig:
+        """What the run decomposes: ``adapter`` with the recipe's dropout and the run's seed."""
+        return dataclasses.replace(self.adapter, dropout=self.recipe.dropout, seed=self.seed)
 
     def run_config(self, split: str) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one (JSON-able)."""
+        adapter = self.adapter
         return {"model": self.model, "checkpoint": str(self.checkpoint.resolve()) if self.checkpoint else None,
                 "model_kwargs": {k: repr(v) for k, v in self.model_kwargs.items()},
-                "data": str(self.data.resolve()), "split": split, "format": self.format, "rank": self.rank,
-                "scale": self.scale, "group": self.group, "targets": list(self.targets or []),
+                "data": str(self.data.resolve()), "split": split, "format": adapter.format, "rank": adapter.rank,
+                "scale": adapter.scale, "group": adapter.by, "targets": list(adapter.targets or []),
                 "recipe": self.recipe.to_dict(), "seed": self.seed, "classes": self.classes} \
-            | {k: v for k, v in (("bits", self.bits), ("head_bits", self.head_bits)) if v is not None}
+            | {k: v for k, v in (("bits", adapter.bits), ("head_bits", adapter.head_bits)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -215,9 +216,8 @@ def train_setting(settings: RunSettings, split: str, out_dir: Path, *, resume: b
                             drop_path=recipe.drop_path, kwargs=settings.model_kwargs)
     else:
         model = copy.deepcopy(base)
-    adapter = Tensorizer(model, targets=settings.targets).group(settings.group).decompose(
-        settings.format, rank=settings.rank, scale=settings.scale, dropout=recipe.dropout, seed=settings.seed,
-        bits=settings.bits, head_bits=settings.head_bits)
+    config = settings.decompose_config
+    adapter = Tensorizer(model, config.targets, by=config.by).decompose(config)
     transform = image_transform(model)
     train_loader = make_loader(task.train, transform, recipe.batch_size, shuffle=True, workers=settings.workers)
     eval_loader = make_loader(task.evaluation, transform, recipe.batch_size, shuffle=False, workers=settings.workers)
@@ -227,7 +227,8 @@ def train_setting(settings: RunSettings, split: str, out_dir: Path, *, resume: b
                   eval_every=eval_every, eval_split=task.evaluation_split, run_config=settings.run_config(split),
                   progress=settings.progress)
     path = out_dir / ADAPTER_FILE
-    return SettingResult(settings.rank, settings.scale, adapter.num_parameters(), adapter.num_head_parameters(),
+    return SettingResult(settings.adapter.rank, settings.adapter.scale, adapter.num_parameters(),
+                         adapter.num_head_parameters(),
                          path.stat().st_size, history[-1].eval_acc, task.evaluation_split,
                          sum(m.seconds for m in history), path, factnet.file_info(path).head_bytes)
 
@@ -237,11 +238,11 @@ def _finished_setting(settings: RunSettings, out_dir: Path, base: nn.Module) -> 
     ``base`` (as `train_setting`'s adapter has them), its head and bytes read from its file."""
     path = out_dir / ADAPTER_FILE
     info = factnet.file_info(path)
-    parameters = Tensorizer(base, targets=settings.targets).group(settings.group).num_parameters(settings.format,
-                                                                                                  settings.rank)
+    config = settings.adapter
+    parameters = Tensorizer(base, config.targets, by=config.by).num_parameters(config.format, config.rank)
     head = sum(math.prod(shape) for shape in info.head_shapes.values())
     history = read_metrics(out_dir)
-    return SettingResult(settings.rank, settings.scale, parameters, head, info.bytes, history[-1].eval_acc,
+    return SettingResult(config.rank, config.scale, parameters, head, info.bytes, history[-1].eval_acc,
                          history[-1].eval_split, sum(m.seconds for m in history), path, info.head_bytes)
 
 
@@ -262,10 +263,12 @@ def run_sweep(settings: RunSettings, ranks: Sequence[int], scales: Sequence[floa
     selection = []
     for rank in ranks:
         for scale in scales:
-            setting = dataclasses.replace(settings, rank=rank, scale=scale)
+            adapter = dataclasses.replace(settings.adapter, rank=rank, scale=scale)
+            setting = dataclasses.replace(settings, adapter=adapter)
             selection.append(_sweep_run(setting, "train800", out_dir / f"rank{rank}_scale{scale:g}", resume, base))
     best = max(selection, key=lambda result: (result.accuracy, -result.parameters))
-    final_settings = dataclasses.replace(settings, rank=best.rank, scale=best.scale)
+    final_settings = dataclasses.replace(settings, adapter=dataclasses.replace(settings.adapter, rank=best.rank,
+                                                                               scale=best.scale))
     final = _sweep_run(final_settings, "train800val200", out_dir / "final", resume, base)
     return _write_results(settings, selection, best, final, out_dir)
 
@@ -274,9 +277,10 @@ def _check_ranks(settings: RunSettings, ranks: Sequence[int], num_classes: int) 
     """Decompose a weightless copy of the model at every rank: a rank too large for a group, or
     targets and groups that do not fit the model, fail now rather than after earlier settings trained."""
     model = build_model(settings.model, num_classes=num_classes, kwargs=settings.model_kwargs, meta=True)
-    tensorizer = Tensorizer(model, targets=settings.targets).group(settings.group)
+    config = settings.adapter
+    tensorizer = Tensorizer(model, config.targets, by=config.by)
     for rank in ranks:
-        tensorizer.decompose(settings.format, rank=rank).detach()
+        tensorizer.decompose(dataclasses.replace(config, rank=rank)).detach()
 
 
 def _sweep_run(settings: RunSettings, split: str, out_dir: Path, resume: bool, base: nn.Module) -> SettingResult:
@@ -297,7 +301,7 @@ def _write_results(settings: RunSettings, selection: list[SettingResult], best: 
         writer.writerow(columns)
         writer.writerows(rows)
     lines = [
-        f"# factnet sweep: {settings.format} on {settings.data.name} ({settings.model}, "
+        f"# factnet sweep: {settings.adapter.format} on {settings.data.name} ({settings.model}, "
         f"{settings.recipe.epochs} epochs, seed {settings.seed})",
         "",
         "Each setting trained on train800 and evaluated on val200 (last epoch). Adapter bytes: the size of "

@@ -199,11 +199,9 @@ def _attach(model: nn.Module, loaded: _Loaded, name: str) -> Adapter:
     `Tensorizer.decompose`, whose checks `check_settings` made (decompose walks every module of the model,
     adapters included, to find the head: quadratic over 1,000 adapters)."""
     spec, tensors = loaded.spec, loaded.tensors
-    low_bit = spec.bits or {"factors": None, "group": 64}  # (trained on: saving again stores the same bits)
-    adapter = Adapter(model, loaded.tensorizer.groups, loaded.fmt, spec.scale, spec.dropout,
-                      list(spec.head), name, torch.Generator().manual_seed(0), register=False,  # (a seed: the global RNG stays)
-                      bits=low_bit["factors"], group=low_bit["group"],
-                      stable=spec.stable, seed=spec.seed)
+    values_per_scale = (spec.bits or {"group": 64})["group"]  # (trained on at the file's bits: saved the same)
+    adapter = Adapter(model, loaded.tensorizer.groups, spec.config, spec.scale, name,  # (a seed: the global RNG
+                      torch.Generator().manual_seed(0), register=False, group=values_per_scale)  # stays)
     for group in adapter.group_names:
         adapter.group(group).assign({key: tensors[f"factors.{group}.{key}"]  # (cast from a storage dtype)
                                      for key in adapter.group(group).factors})

@@ -19,8 +19,10 @@ as the adapter held them, and ``held`` says in which dtype: one name for every v
 ``{"factors": dtype, head parameter: dtype, ...}`` where they differ. A low-bit file adds ``bits``:
 ``{"factors": b | null, "head": b | null, "group": values per scale}`` (the tensors' shapes follow from the
 format, the slices and ``head_shapes``). An adapter trained in the rank-stable parametrization
-(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (absent: the paper's parametrization), one
-with seeded factors ``seed``. With the tensors packed (`factnet.file.packs`), a file of the default targets has a
+(`Format.multipliers`, relative to rank 1) adds ``"base_rank": 1`` (absent: the paper's parametrization) and a
+gain given ``gain``, one with seeded factors or a seed ``seed``, one with targets given ``targets`` and one grouped
+by a rule its slice map does not say ``by`` (`factnet.config.spec_fields`: the adapter's `AdapterConfig`, read
+back as `Spec.config`). With the tensors packed (`factnet.file.packs`), a file of the default targets has a
 header (spec included) of 500 to 700 bytes on any model; a listed slice map adds its templates.
 
 Older versions still load, upgraded into a `Spec` when read: version 1 listed every matrix of the base model
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from factnet.config import AdapterConfig, spec_config, spec_fields
 from factnet.errors import FactnetError
 from factnet.file.templates import group_templates, groups_digest
 from factnet.file.validate import DEFAULT_RULES, FINGERPRINT_DIGITS, FORMAT_VERSION, SPEC_KEYS, parse_json
@@ -81,6 +84,7 @@ class Spec:
     listed: dict[str, dict[str, Any]] | None  # version 1: every group's slices, with their offsets
     head_parameters: list[str] | None  # version 1: the head's parameters the file holds
     low_bit: dict[str, list[int]] | None  # version 3: the shape of each tensor stored low-bit
+    config: AdapterConfig  # the adapter's settings (`factnet.config.spec_config`; a field a file lacks: its default)
 
 
 def read_spec(text: str, path: str) -> Spec:
@@ -97,7 +101,7 @@ def read_spec(text: str, path: str) -> Spec:
         bits=None if bits is None else {key: bits[key] for key in ("factors", "head", "group")},
         packed=version == FORMAT_VERSION, matrices=written.get("matrices"),
         listed=written["groups"] if version == 1 else None, head_parameters=written.get("head_parameters"),
-        low_bit=None if bits is None else bits.get("shapes"))
+        low_bit=None if bits is None else bits.get("shapes"), config=spec_config(written))
 
 
 def base_matrices(model: nn.Module, head: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -151,7 +155,7 @@ def build_spec(adapter: Adapter, dtype: torch.dtype | None, held: str | dict[str
         "factnet_format_version": FORMAT_VERSION, "factnet_version": __version__,
         "format": fmt.name, "rank": fmt.rank, "factors": ",".join(fmt.factors.values()),
     }
-    spec |= _settings(adapter)
+    spec |= spec_fields(adapter.config, adapter.settings.scale, rule)
     spec |= {"held": held} if dtype is None and held is not None else {}
     spec |= {} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")}
     spec |= {"head": list(adapter.head)}
@@ -162,10 +166,3 @@ def build_spec(adapter: Adapter, dtype: torch.dtype | None, held: str | dict[str
     spec |= {} if bits is None else {"bits": bits}
     return {key: spec[key] for key in SPEC_KEYS if key in spec}
 
-
-def _settings(adapter: Adapter) -> dict[str, Any]:
-    """The adapter's settings as the spec writes them: scale, dropout (absent: 0), the rank-stable
-    parametrization's ``base_rank`` and seeded factors' ``seed``."""
-    settings = adapter.settings
-    return ({"scale": settings.scale} | ({"dropout": settings.dropout} if settings.dropout else {})
-            | ({"base_rank": 1} if settings.stable else {}) | ({"seed": adapter.seed} if adapter.format.seeded else {}))

@@ -57,7 +57,8 @@ _SPEC_LAYOUTS[4] = {
     "groups": _Optional({str: {"shape": [int], "slices": [str]}}),
     "default_groups": _Optional({"by": str, "sha256": str}),
     "bits": _Optional({"factors": (int, type(None)), "head": (int, type(None)), "group": int}),
-    "base_rank": _Optional(int), "seed": _Optional(int),
+    "base_rank": _Optional(int), "seed": _Optional(int), "gain": _Optional(float), "targets": _Optional([str]),
+    "by": _Optional((str, {str: [str]})),
 }
 _MAX_QUANTIZED = 1 << 40  # values of one low-bit tensor a spec may claim (its codes must hold them too)
 DEFAULT_RULES = ("shape", "stage")  # groupings of the default targets a version-4 spec names instead of listing

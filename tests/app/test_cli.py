@@ -261,9 +261,10 @@ def test_sweep_selects_on_val_even_when_test_disagrees(toy, tmp_path, capsys, mo
     calls = []
 
     def fake_train_setting(settings, split, out_dir, *, resume=False, eval_every=None, base=None):
-        calls.append((settings.rank, settings.scale, split))
-        accuracy = (val if split == "train800" else test)[settings.rank, settings.scale]
-        return SettingResult(settings.rank, settings.scale, 100 * settings.rank, 3, 1000, accuracy,
+        rank, scale = settings.adapter.rank, settings.adapter.scale
+        calls.append((rank, scale, split))
+        accuracy = (val if split == "train800" else test)[rank, scale]
+        return SettingResult(rank, scale, 100 * rank, 3, 1000, accuracy,
                              "val200" if split == "train800" else "test", 1.0, out_dir / ADAPTER_FILE)
 
     monkeypatch.setattr(factnet.app.runs, "train_setting", fake_train_setting)

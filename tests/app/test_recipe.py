@@ -94,7 +94,7 @@ def test_cli_preset_takes_the_csv_rank_and_scale(fmt: str, rank_column: str, sca
         args = build_parser().parse_args(["train", "--data", "d", "--model", "m", "--format", fmt,
                                           "--preset", f"vtab1k/{task}"])
         settings = RunSettings.from_args(args)
-        assert (settings.rank, settings.scale, settings.classes) == (
+        assert (settings.adapter.rank, settings.adapter.scale, settings.classes) == (
             int(row[rank_column]), float(row[scale_column]), int(row["classes"])), task
 
 
