@@ -114,7 +114,7 @@ class AdapterConfig:
 
 
 def spec_fields(config: AdapterConfig, scale: float, rule: str | None) -> dict[str, Any]:
-    """The part of an adapter file's spec (`factnet.spec`) that says the adapter's resolved ``config`` beyond its
+    """The part of an adapter file's spec (`factnet.file.spec`) that says the adapter's resolved ``config`` beyond its
     format, rank, head and bits (written apart), read back by `spec_config`: the scale ``s`` it resolved to,
     dropout (absent: 0), ``"base_rank": 1`` for the rank-stable parametrization with its ``gain`` (absent: the
     default), the ``seed``, the ``targets`` (absent: the default ones) and the grouping ``by`` where the slice

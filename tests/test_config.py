@@ -14,6 +14,7 @@ import torch
 import factnet
 from conftest import oracle_forward, randomize_factors, tiny_swin, tiny_vit
 from factnet import AdapterConfig, FactnetError
+from factnet.file.info import load_spec
 from io_support import rewrite_spec
 
 
@@ -189,7 +190,7 @@ def test_older_files_load_to_the_config_they_would_have_had(tmp_path):
     adapter = factnet.Tensorizer(copy.deepcopy(base)).decompose("tt", rank=4, gain=2.0, seed=3)
     path = tmp_path / "adapter.safetensors"
     adapter.save(path)
-    spec = factnet.io.load_spec(path)
+    spec = load_spec(path)
     assert (spec["gain"], spec["seed"], "targets" in spec, "by" in spec) == (2.0, 3, False, False)
     rewrite_spec(path, lambda written: [written.pop(key) for key in ("gain", "seed")])
     loaded = factnet.load(copy.deepcopy(base), path)

@@ -84,7 +84,12 @@ class Spec:
     listed: dict[str, dict[str, Any]] | None  # version 1: every group's slices, with their offsets
     head_parameters: list[str] | None  # version 1: the head's parameters the file holds
     low_bit: dict[str, list[int]] | None  # version 3: the shape of each tensor stored low-bit
-    config: AdapterConfig  # the adapter's settings (`factnet.config.spec_config`; a field a file lacks: its default)
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The adapter's settings (`factnet.config.spec_config`; a field a file lacks: its default), once the
+        file's format is known to be registered (`factnet.file.compat`)."""
+        return spec_config(self.written)
 
 
 def read_spec(text: str, path: str) -> Spec:
@@ -101,7 +106,7 @@ def read_spec(text: str, path: str) -> Spec:
         bits=None if bits is None else {key: bits[key] for key in ("factors", "head", "group")},
         packed=version == FORMAT_VERSION, matrices=written.get("matrices"),
         listed=written["groups"] if version == 1 else None, head_parameters=written.get("head_parameters"),
-        low_bit=None if bits is None else bits.get("shapes"), config=spec_config(written))
+        low_bit=None if bits is None else bits.get("shapes"))
 
 
 def base_matrices(model: nn.Module, head: Sequence[str]) -> dict[str, dict[str, Any]]:
