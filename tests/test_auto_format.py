@@ -44,7 +44,8 @@ def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(b
     adapter = tensorizer.decompose(spelled, budget=budget, seed=0)
     assert adapter.format.name == expected and (adapter.format.rank, adapter.settings.bits) == (choice.rank, choice.bits)
     assert adapter.picked.format == expected and adapter.picked.choice == choice and adapter.picked.rule == rule
-    assert f"train it at lr {rule.lr:g}" in repr(adapter)
+    rates = " or ".join(f"{lr:g}" for lr in sorted(rule.lrs))
+    assert f"train it at lr {rates} (AdamW" in repr(adapter)
     assert adapter.num_parameters() == choice.params
     saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
     assert _data_bytes(saved.path) == choice.bytes <= read_budget(budget).amount
@@ -60,7 +61,7 @@ def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(b
 def test_the_rule_is_ordered_and_names_formats():
     assert AUTO_RULE[0].min_bytes == 0
     assert [r.min_bytes for r in AUTO_RULE] == sorted({r.min_bytes for r in AUTO_RULE})
-    assert all(r.format in factnet.available_formats() and r.measured and r.lr > 0 for r in AUTO_RULE)
+    assert all(r.format in factnet.available_formats() and r.measured and r.lrs and min(r.lrs) > 0 for r in AUTO_RULE)
     assert all(r.bits in ("auto", None, 1, 2, 4, 8) for r in AUTO_RULE)
 
 
