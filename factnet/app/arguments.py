@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["finite_float", "float_list", "int_list", "nonnegative_float", "nonnegative_int", "positive_int"]
+__all__ = ["finite_float", "float_list", "int_list", "nonnegative_float", "nonnegative_int", "positive_float",
+           "positive_int"]
 
 
 def number(text: str, kind: type, minimum: float | None = None) -> int | float:
@@ -31,6 +32,13 @@ def nonnegative_int(text: str) -> int:
 
 def nonnegative_float(text: str) -> float:
     return number(text, float, 0)
+
+
+def positive_float(text: str) -> float:
+    value = number(text, float, 0)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 def finite_float(text: str) -> float:
