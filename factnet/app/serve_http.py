@@ -1,6 +1,6 @@
 """``factnet serve``'s HTTP surface, without Ray: requests read into queries (JSON or multipart, float lists or
 images), every bad request a `RequestError` with its 4xx status, answers with the top classes, and the FastAPI
-app (`make_api`) whose routes `factnet.app.serve_ray` serves as its ingress.
+app (`make_api`); `factnet.app.serve_ray` declares the same routes on its deployment, its ingress.
 
 A request is ``{"user": NAME or null, "input": [...]}`` (one preprocessed sample) or ``{"user": ..., "image":
 "<base64 of a PNG or JPEG file>"}``, each with an optional ``"top_k"``; or ``multipart/form-data`` with a ``file``
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from factnet import FactnetError
 
-__all__ = ["Endpoint", "Limits", "Preprocess", "Query", "RequestError", "make_api", "read_query"]
+__all__ = ["Endpoint", "Limits", "Preprocess", "Query", "RequestError", "health_response", "make_api", "new_api",
+           "predict_response", "read_query"]
 
 USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a plain file stem: no path, no leading dot
 FIELDS = ("user", "input", "image", "top_k")
@@ -264,37 +265,58 @@ class Endpoint:
                                 "score": float(p)} for p, i in zip(top.values, top.indices)]}
 
 
-def make_api(endpoint_of: Callable[[], Endpoint]) -> Any:
-    """The FastAPI app: ``POST /predict``, ``GET /health`` (``/docs`` lists them), answering from
-    ``endpoint_of()``."""
-    from fastapi import FastAPI, Request
+# the request forms /docs shows for POST /predict (its body is read by hand: NaN, depth and size are checked first)
+PREDICT_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "user": {"type": "string", "nullable": True}, "input": {"type": "array", "items": {}},
+        "image": {"type": "string", "format": "byte"}, "top_k": {"type": "integer", "minimum": 1}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "user": {"type": "string"}, "top_k": {"type": "integer"}}}}}}}
+PREDICT_SUMMARY = "One user's answer: label, logits, top_k"
+HEALTH_SUMMARY = "The served adapters, refused files, input shape and batching"
+
+
+def new_api() -> Any:
+    """An empty FastAPI app titled for factnet serve (the routes: `make_api`, or the Ray deployment's methods)."""
+    from fastapi import FastAPI
+
+    return FastAPI(title="factnet serve", description="One backbone, many users' FacT adapters, mixed batches.")
+
+
+async def predict_response(endpoint: Endpoint, request: Any) -> Any:
+    """``POST /predict``'s JSON response to a Starlette ``request``."""
     from fastapi.responses import JSONResponse
 
-    api = FastAPI(title="factnet serve", description="One backbone, many users' FacT adapters, mixed batches.")
-    body_doc = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "properties": {
-            "user": {"type": "string", "nullable": True}, "input": {"type": "array", "items": {}},
-            "image": {"type": "string", "format": "byte"}, "top_k": {"type": "integer", "minimum": 1}}}},
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "user": {"type": "string"},
-            "top_k": {"type": "integer"}}}}}}}
+    content_type = request.headers.get("content-type", "")
+    try:
+        body = await read_body(request.stream(), request.headers.get("content-length"), endpoint.limits.max_body_bytes)
+        multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
+        form = await read_form(request.headers, body) if multipart else None
+    except RequestError as error:
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+    status, answer = await endpoint.predict(body, form)
+    return JSONResponse(answer, status_code=status)
 
-    @api.post("/predict", openapi_extra=body_doc, summary="One user's answer: label, logits, top_k")
-    async def predict(request: Request) -> JSONResponse:
-        endpoint = endpoint_of()
-        content_type = request.headers.get("content-type", "")
-        try:
-            body = await read_body(request.stream(), request.headers.get("content-length"),
-                                   endpoint.limits.max_body_bytes)
-            multipart = content_type.split(";")[0].strip().lower() == "multipart/form-data"
-            form = await read_form(request.headers, body) if multipart else None
-        except RequestError as error:
-            return JSONResponse({"error": str(error)}, status_code=error.status)
-        status, answer = await endpoint.predict(body, form)
-        return JSONResponse(answer, status_code=status)
 
-    @api.get("/health", summary="The served adapters, refused files, input shape and batching")
-    async def health() -> JSONResponse:
-        return JSONResponse(endpoint_of().health())
+def health_response(endpoint: Endpoint) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(endpoint.health())
+
+
+def make_api(endpoint: Endpoint) -> Any:
+    """A FastAPI app answering from ``endpoint``: ``POST /predict``, ``GET /health`` (``/docs`` lists them); the
+    Ray deployment declares the same routes on its class."""
+    from fastapi import Request
+
+    api = new_api()
+
+    @api.post("/predict", openapi_extra=PREDICT_DOC, summary=PREDICT_SUMMARY)
+    async def predict(request: Request) -> Any:
+        return await predict_response(endpoint, request)
+
+    @api.get("/health", summary=HEALTH_SUMMARY)
+    async def health() -> Any:
+        return health_response(endpoint)
 
     return api

@@ -14,8 +14,6 @@ Three ways to run it:
 Ray Serve is an optional dependency: ``pip install "factnet[serve]"``.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import os
@@ -30,7 +28,8 @@ from typing import Any
 
 from factnet import FactnetError
 from factnet.app.serve import Replica, ServeSettings, build_backbone, sample_shape, write_demo
-from factnet.app.serve_http import make_api
+from factnet.app.serve_http import HEALTH_SUMMARY, PREDICT_DOC, PREDICT_SUMMARY, health_response, new_api, \
+    predict_response
 
 __all__ = ["APP_NAME", "app", "bind", "resolve_device", "serve_until_signal", "start", "stop"]
 
@@ -48,8 +47,9 @@ def _ray() -> tuple[Any, Any]:
 
 
 def _deployment(serve: Any) -> Any:
-    endpoints: list[Any] = []  # this replica's `Endpoint` (one replica per Ray actor process)
-    api = make_api(lambda: endpoints[0])
+    from fastapi import Request  # (this module has no `from __future__ import annotations`: FastAPI reads the type)
+
+    api = new_api()
 
     @serve.deployment
     @serve.ingress(api)
@@ -63,7 +63,15 @@ def _deployment(serve: Any) -> Any:
             self.replica = Replica(settings)
             self.predict_batch.set_max_batch_size(settings.max_batch_size)
             self.predict_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
-            endpoints[:] = [self.replica.endpoint(self.answer)]
+            self.endpoint = self.replica.endpoint(self.answer)
+
+        @api.post("/predict", openapi_extra=PREDICT_DOC, summary=PREDICT_SUMMARY)
+        async def predict(self, request: Request) -> Any:
+            return await predict_response(self.endpoint, request)
+
+        @api.get("/health", summary=HEALTH_SUMMARY)
+        async def health(self) -> Any:
+            return health_response(self.endpoint)
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
         async def predict_batch(self, requests: list[tuple[str | None, Any]]) -> list[Any]:

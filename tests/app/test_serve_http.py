@@ -44,7 +44,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, Replic
         return (await asyncio.to_thread(replica.answer, [user], [x]))[0]
 
     endpoint = replica.endpoint(answer)
-    return TestClient(make_api(lambda: endpoint), raise_server_exceptions=False), replica
+    return TestClient(make_api(endpoint), raise_server_exceptions=False), replica
 
 
 def _png(size: tuple[int, int] = (11, 9), mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> bytes:
