@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import factnet
 from factnet import FactnetError
 from factnet.app.serve import Replica, ServeSettings, build_backbone, sample_shape, write_demo
 from factnet.app.serve_http import HEALTH_SUMMARY, PREDICT_DOC, PREDICT_SUMMARY, health_response, new_api, \
@@ -128,9 +129,10 @@ def start(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
     ray, serve = _ray()
     if not settings.adapters.is_dir():
         raise FactnetError(f"adapter directory {settings.adapters} does not exist")
+    settings = replace(settings, **{field: Path(value).resolve() for field in ("adapters", "checkpoint", "labels")
+                                    if (value := getattr(settings, field)) is not None})  # replicas run elsewhere
     sample_shape(build_backbone(settings), settings.input_shape)  # a bad model or checkpoint: said here, once
-    # replicas import the installed factnet, not a folder named factnet in the working directory
-    runtime_env = {"env_vars": {"PYTHONSAFEPATH": "1"}}
+    runtime_env = {"env_vars": {"PYTHONPATH": _import_path()}}
     if not ray.is_initialized():
         if address:
             ray.init(address=address, configure_logging=False, log_to_driver=True, runtime_env=runtime_env)
@@ -158,6 +160,15 @@ def start(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
         reason = f"{failure[0]}".splitlines()[0] if failure else f"not ready after {timeout_s:g} s"
         raise FactnetError(f"factnet serve did not start: {reason}")
     return f"http://{host}:{port}"
+
+
+def _import_path() -> str:
+    """The workers' PYTHONPATH: the folder holding this factnet first. Ray puts the driver's working directory on
+    its workers' path, and a folder named ``factnet`` there (a clone's, say) would otherwise shadow an install
+    whose import hook (an editable install) comes after the path: with the package's own folder on the path, the
+    package is found there."""
+    here = str(Path(factnet.__file__).resolve().parents[1])
+    return os.pathsep.join([here, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
 
 
 def stop() -> None:
@@ -194,6 +205,8 @@ def serve_until_signal(settings: ServeSettings | None, *, host: str, port: int, 
                       f"{settings.adapters}")
             try:  # (a signal while starting shuts down as cleanly as once it runs)
                 url = start(settings, host=host, port=port, replicas=replicas, address=address)
+                for sig in previous:  # again: ray.init sets a SIGTERM handler of its own (sys.exit, no shutdown)
+                    signal.signal(sig, _raise_stop)
                 print(f"factnet serve: {url} ({replicas} replica(s), batches of up to {settings.max_batch_size}, "
                       f"{settings.batch_wait_s * 1000:g} ms wait); adapters follow {settings.adapters}\n"
                       f"  curl {url}/health\n"
