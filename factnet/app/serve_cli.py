@@ -76,18 +76,20 @@ def settings_of(args: argparse.Namespace) -> ServeSettings | None:
 
 def read_options(options: dict[str, str]) -> tuple[ServeSettings, int]:
     """(settings, replicas) of ``factnet serve``'s options given as ``{"adapters": DIR, "model": NAME, ...}`` (Ray's
-    ``serve run ... key=value`` arguments); the demo is not served this way."""
+    ``serve run ... key=value`` arguments)."""
     from factnet.app.cli import build_parser
 
+    if not {"adapters", "model"} <= set(options):
+        raise FactnetError("serve run factnet.app.serve_ray:app needs adapters=DIR and model=NAME (the demo is not "
+                           "served this way)")
     argv = ["serve"]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     args = build_parser().parse_args(argv)
-    settings = settings_of(args)
-    if settings is None or args.address or args.host != "127.0.0.1" or args.port != 8000:
-        raise FactnetError("serve run factnet.app.serve_ray:app needs adapters=DIR and model=NAME; Ray's own "
-                           "options say where it listens and which cluster it runs on")
-    return settings, args.replicas
+    if args.address or args.host != "127.0.0.1" or args.port != 8000:
+        raise FactnetError("address, host and port are Ray's to set when it runs the application (serve run "
+                           "--address ..., its config file's http_options)")
+    return settings_of(args), args.replicas
 
 
 def command_serve(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from factnet.app.serve import Replica, ServeSettings, build_backbone, sample_sha
 from factnet.app.serve_http import HEALTH_SUMMARY, PREDICT_DOC, PREDICT_SUMMARY, health_response, new_api, \
     predict_response
 
-__all__ = ["APP_NAME", "app", "bind", "resolve_device", "serve_until_signal", "start", "stop"]
+__all__ = ["APP_NAME", "actor_options", "app", "bind", "resolve_device", "serve_until_signal", "start", "stop"]
 
 APP_NAME = "factnet"
 _joined: list[bool] = []  # [True] while `start` uses a cluster it did not start (so `stop` leaves it running)
@@ -101,12 +101,17 @@ def resolve_device(device: str, gpus: float) -> str:
     return device
 
 
+def actor_options(settings: ServeSettings) -> dict[str, float]:
+    """What one replica reserves: ``settings.threads`` CPUs and, on ``cuda``, one GPU (Ray then sets its
+    ``CUDA_VISIBLE_DEVICES`` to that one)."""
+    return {"num_cpus": settings.threads, "num_gpus": 1 if settings.device.startswith("cuda") else 0}
+
+
 def bind(settings: ServeSettings, replicas: int = 1) -> Any:
-    """The Ray Serve application: ``replicas`` copies, each on ``settings.threads`` CPUs and, on ``cuda``, one GPU."""
+    """The Ray Serve application: ``replicas`` copies, each reserving `actor_options`."""
     _, serve = _ray()
-    gpu = settings.device.startswith("cuda")
     return _deployment(serve).options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": settings.threads, "num_gpus": 1 if gpu else 0},
+        num_replicas=replicas, ray_actor_options=actor_options(settings),
         max_ongoing_requests=max(64, 4 * settings.max_batch_size), max_queued_requests=-1,
     ).bind(settings)
 

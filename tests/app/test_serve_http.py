@@ -207,3 +207,31 @@ def test_fuzz_no_request_answers_5xx(served: Any, body: bytes, content_type: str
         headers["content-length"] = extra["content-length"]
     response = client.post("/predict", content=body, headers=headers)
     assert response.status_code in STATUSES, (response.status_code, response.text)
+
+
+def test_device_placement(served: Any) -> None:
+    """On CPU: where replicas would go (one GPU each on cuda) and that a replica's batches run on its device."""
+    from dataclasses import replace
+
+    from factnet.app.serve_ray import actor_options, resolve_device
+
+    assert resolve_device("auto", 0) == "cpu" and resolve_device("auto", 2) == "cuda"
+    assert resolve_device("cpu", 4) == "cpu"
+    with pytest.raises(FactnetError, match="no GPU"):
+        resolve_device("cuda", 0)
+    _, replica = served
+    assert actor_options(replace(replica.settings, device="cuda", threads=2)) == {"num_cpus": 2, "num_gpus": 1}
+    assert actor_options(replica.settings) == {"num_cpus": 1, "num_gpus": 0}
+    assert next(replica.model.parameters()).device == replica.device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_replica_on_the_gpu_answers_as_on_the_cpu(served: Any) -> None:
+    from dataclasses import replace
+
+    _, replica = served
+    gpu = Replica(replace(replica.settings, device="cuda"), follow=False)
+    x = [torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    users = ["user0", "user1", None, "user0"]
+    for got, expected in zip(gpu.answer(users, x), replica.answer(users, x)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
