@@ -31,6 +31,7 @@ from factnet import FactnetError
 from factnet.app.serve import Replica, ServeSettings, build_backbone, sample_shape, write_demo
 from factnet.app.serve_http import HEALTH_SUMMARY, PREDICT_DOC, PREDICT_SUMMARY, health_response, new_api, \
     predict_response
+from factnet.app.serve_options import read_options
 
 __all__ = ["APP_NAME", "actor_options", "app", "bind", "resolve_device", "serve_until_signal", "start", "stop"]
 
@@ -119,8 +120,6 @@ def bind(settings: ServeSettings, replicas: int = 1) -> Any:
 def app(args: dict[str, str]) -> Any:
     """The application builder Ray's tools call: ``serve run factnet.app.serve_ray:app adapters=DIR model=NAME``;
     the keys are ``factnet serve``'s options (``input_shape=3,224,224``, ``replicas=2``, ``device=cpu`` ...)."""
-    from factnet.app.serve_cli import read_options
-
     settings, replicas = read_options(args)
     ray, _ = _ray()
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
