@@ -6,6 +6,7 @@ per run and ``--time-limit-s`` per run.
 
     python benchmarks/load_test.py                      # 1,000 adapters, 32 clients, users drawn from 1/64/1000
     python benchmarks/load_test.py --adapters 100 --requests 200 --img-size 32   # a smaller run
+    python benchmarks/load_test.py --images             # JPEG files (multipart), preprocessed by the server
 
 Prints a markdown table: requests/s, p50/p99 latency (ms), wrong answers (must be 0).
 """
@@ -57,19 +58,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=10)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica (default 2)")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--images", action="store_true",
+                        help="send JPEG files (multipart/form-data), not preprocessed float lists (JSON)")
     return parser.parse_args()
 
 
-def client_load(port: int, bodies: list[tuple[str | None, int, bytes]], deadline: float,
+def client_load(port: int, bodies: list[tuple[str | None, int, bytes, str]], deadline: float,
                 results: list[tuple[str | None, int, float, dict | None]]) -> None:
     """Send ``bodies`` one after another on one keep-alive connection; append (user, image, latency, answer)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    for user, image, body in bodies:
+    for user, image, body, content_type in bodies:
         if time.monotonic() > deadline:
             break
         start = time.perf_counter()
         try:
-            connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+            connection.request("POST", "/predict", body, {"Content-Type": content_type})
             response = connection.getresponse()
             answer = json.loads(response.read()) if response.status == 200 else None
         except (OSError, http.client.HTTPException):
@@ -86,13 +89,24 @@ def request_plan(users: list[str | None], count: int) -> list[tuple[str | None, 
     return [(user, chooser.randrange(INPUTS)) for user in chooser.choices(users, k=count)]
 
 
-def run_load(args: argparse.Namespace, variant: str, users: list[str | None], images: list[str],
+def request_body(user: str | None, image: str | bytes) -> tuple[bytes, str]:
+    """(body, content type): JSON with the float lists ``image`` (a string), or multipart with the JPEG file."""
+    if isinstance(image, str):
+        return f'{{"user": {json.dumps(user)}, "input": {image}}}'.encode(), "application/json"
+    boundary = "factnet-load-test-boundary"
+    user_part = b"" if user is None else (f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n'
+                                          f"{user}\r\n").encode()
+    file_part = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+                 "Content-Type: image/jpeg\r\n\r\n").encode() + image + b"\r\n"
+    return user_part + file_part + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def run_load(args: argparse.Namespace, variant: str, users: list[str | None], images: list[str] | list[bytes],
              expected: dict[tuple[str | None, int], torch.Tensor] | None, count: int | None = None) -> Run:
     """``count`` (default ``args.requests``) requests from ``args.clients`` threads, users drawn from ``users``;
     checked against ``expected`` (None: a warm-up, not checked)."""
     plan = request_plan(users, count or args.requests)
-    bodies = [(user, image, f'{{"user": {json.dumps(user)}, "input": {images[image]}}}'.encode())
-              for user, image in plan]
+    bodies = [(user, image, *request_body(user, images[image])) for user, image in plan]
     results: list[tuple[str | None, int, float, dict | None]] = []
     deadline = time.monotonic() + args.time_limit_s
     threads = [threading.Thread(target=client_load, args=(args.port, bodies[c::args.clients], deadline, results))
@@ -114,6 +128,24 @@ def run_load(args: argparse.Namespace, variant: str, users: list[str | None], im
         close = torch.allclose(torch.tensor(answer["logits"]), row, rtol=1e-3, atol=1e-4)
         wrong += not close or answer["label"] != int(row.argmax()) or answer["user"] != user
     return Run(variant, len(set(users)), [latency for _, _, latency, _ in results], seconds, wrong, failed)
+
+
+def jpeg_images(model: torch.nn.Module, side: int) -> tuple[list[bytes], torch.Tensor]:
+    """`INPUTS` random ``side``x``side`` JPEG files and their preprocessed inputs (INPUTS, 3, side, side)."""
+    import io
+
+    from PIL import Image
+
+    from factnet.app.serve_http import Limits, Preprocess
+
+    preprocess, files = Preprocess(model, (3, side, side)), []
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(INPUTS):
+        pixels = torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels.numpy(), "RGB").save(out, format="JPEG", quality=90)
+        files.append(out.getvalue())
+    return files, torch.stack([preprocess(data, Limits()) for data in files])
 
 
 @torch.no_grad()
@@ -151,8 +183,11 @@ def main() -> None:
     names = write_random_adapters(base, adapters, args.adapters)
     print(f"wrote {args.adapters} adapters to {adapters}", flush=True)
     factnet.load_many(base, sorted(adapters.glob("*.safetensors")), progress=True)
-    x = torch.randn(INPUTS, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
-    images = [json.dumps(image.tolist()) for image in x]
+    if args.images:  # JPEG files, and the inputs the server makes of them (the model's timm preprocessing)
+        images, x = jpeg_images(base, args.img_size)
+    else:
+        x = torch.randn(INPUTS, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
+        images = [json.dumps(image.tolist()) for image in x]
     user_counts = [int(count) for count in args.users.split(",")]
     pools = {count: names[:count] for count in user_counts}
     needed = {pair for pool in [*pools.values(), names[:1]] for pair in request_plan(pool, args.requests)}

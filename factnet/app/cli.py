@@ -15,11 +15,8 @@ Nothing is ever downloaded: pretrained weights come from ``--checkpoint FILE`` o
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
@@ -35,7 +32,9 @@ from factnet import (
     read_budget,
     write_atomically,
 )
-from factnet.app.arguments import finite_float, float_list, int_list, nonnegative_float, nonnegative_int, positive_int
+from factnet.app.arguments import (
+    add_model_options, finite_float, float_list, int_list, model_kwargs, nonnegative_float, nonnegative_int, positive_int,
+)
 from factnet.app.runs import RunSettings, adapter_classes, build_model, run_sweep, train_setting
 from factnet.app.serve_cli import add_serve_command
 
@@ -51,33 +50,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _model_kwargs(text: str) -> dict[str, Any]:
-    """``"img_size=32,depths=(2, 2),global_pool=avg"`` (or a JSON object) -> keyword arguments for
-    ``timm.create_model``: values are Python literals where they parse as one, else strings."""
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise argparse.ArgumentTypeError(f"invalid JSON in --model-kwargs: {error}") from None
-    pieces, depth, start = [], 0, 0
-    for position, char in enumerate(text):
-        depth += (char in "([{") - (char in ")]}")
-        if char == "," and depth == 0:
-            pieces.append(text[start:position])
-            start = position + 1
-    pieces.append(text[start:])
-    options: dict[str, Any] = {}
-    for piece in pieces:
-        key, equals, value = piece.partition("=")
-        if not equals or not key.strip().isidentifier():
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {piece!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return options
-
-
 # ---- the parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="factnet", description="Factor-Tuning (FacT): train, inspect, export and merge adapters.")
@@ -85,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     model = _Parser(add_help=False)
-    model.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224")
-    model.add_argument("--checkpoint", type=Path, help="local weights file for the model (safetensors or .pth); "
-                       "without it the model starts from random weights")
-    model.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...",
-                       help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=2")
+    add_model_options(model)
     adapter = _Parser(add_help=False)
     adapter.add_argument("--format", default="tt", help="tt (default), tucker, cp, batch-matrix, tensor-ring")
     adapter.add_argument("--group", default="shape", help="shape (default), stage, or a regex naming the groups")
@@ -145,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "parameters ('10k'), or the rank and bits decompose takes for this many factor "
                                        "bytes ('40KB')")
     info.add_argument("--num-classes", type=positive_int, help="head size (default: the model's)")
-    info.add_argument("--model-kwargs", type=_model_kwargs, default={}, metavar="K=V,...")
+    info.add_argument("--model-kwargs", type=model_kwargs, default={}, metavar="K=V,...")
     info.set_defaults(handler=command_info)
 
     for name, text, out_help in [("export", "write a PEFT LoRA adapter directory", "output directory"),

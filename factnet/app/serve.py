@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 import factnet
 from factnet import AdapterSet, FactnetError
+from factnet.app.serve_http import Endpoint, Limits, Preprocess
 
-__all__ = ["DEMO_CLASSES", "Replica", "ServeSettings", "build_backbone", "sample_shape", "write_demo"]
+__all__ = ["DEMO_CLASSES", "Replica", "ServeSettings", "build_backbone", "class_names", "sample_shape", "write_demo"]
 
 log = logging.getLogger("factnet.serve")
 
@@ -41,6 +42,11 @@ class ServeSettings:
     batch_wait_s: float = 0.005
     poll_s: float = 1.0  # how often the adapter directory is checked for new, changed or deleted files
     threads: int = 1  # torch threads (and Ray CPUs) per replica
+    device: str = "cpu"  # where a replica runs the model ("cuda": one GPU each)
+    mean: tuple[float, ...] | None = None  # image preprocessing: the model's data config unless given
+    std: tuple[float, ...] | None = None
+    labels: Path | None = None  # class names, one a line
+    max_body_mb: float = 8.0
 
 
 def _demo_backbone() -> nn.Module:
@@ -81,6 +87,30 @@ def sample_shape(model: nn.Module, given: tuple[int, ...] | None = None) -> tupl
     raise FactnetError(f"cannot tell one input's shape for {type(model).__name__}; pass --input-shape C,H,W")
 
 
+def class_names(path: Path | None, classes: int) -> list[str] | None:
+    """The class names of ``path`` (one a line), which must name each of the model's ``classes``."""
+    if path is None:
+        return None
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise FactnetError(f"cannot read the labels file {path}: {error}") from None
+    if len(names) != classes:
+        raise FactnetError(f"the labels file {path} names {len(names)} classes; the model has {classes}")
+    return names
+
+
+def image_preprocess(model: nn.Module, settings: ServeSettings, shape: tuple[int, ...]) -> Preprocess | None:
+    """How the replica reads images: None (float inputs only) for a model whose inputs are not images, unless
+    the settings ask for image preprocessing (then its error)."""
+    try:
+        return Preprocess(model, shape, settings.mean, settings.std)
+    except FactnetError:
+        if settings.mean or settings.std:
+            raise
+        return None
+
+
 def write_demo(directory: Path, users: int = 4, seed: int = 0) -> ServeSettings:
     """Write the demo backbone (random weights) and ``users`` random FacT-TT r4 adapters with their own heads
     (``user0`` ...) to ``directory``; return the settings that serve them."""
@@ -91,7 +121,7 @@ def write_demo(directory: Path, users: int = 4, seed: int = 0) -> ServeSettings:
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                                 str(directory / DEMO_BASE_FILE))
     write_random_adapters(model, adapters, users, seed=seed)
-    return ServeSettings(adapters=adapters, checkpoint=directory / DEMO_BASE_FILE)
+    return ServeSettings(adapters=adapters, checkpoint=directory / DEMO_BASE_FILE, mean=(0.5,), std=(0.5,))
 
 
 def write_random_adapters(model: nn.Module, directory: Path, count: int, *, seed: int = 0, rank: int = 4,
@@ -120,9 +150,14 @@ class Replica:
         self.settings = settings
         if not settings.adapters.is_dir():
             raise FactnetError(f"adapter directory {settings.adapters} does not exist")
-        self.model = build_backbone(settings)
+        self.device = torch.device(settings.device)
+        self.model = build_backbone(settings).to(self.device)
         AdapterSet.of(self.model)  # model.factnet, even while the directory holds no adapter
         self.shape = sample_shape(self.model, settings.input_shape)
+        with torch.no_grad():
+            self.classes = int(self.model(torch.zeros(1, *self.shape, device=self.device)).shape[-1])
+        self.names = class_names(settings.labels, self.classes)
+        self.preprocess = image_preprocess(self.model, settings, self.shape)
         self.loaded: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the file it was loaded from
         self.refused: dict[str, tuple[tuple[int, int], str]] = {}  # name -> (file version, reason)
         self.largest_batch = 0
@@ -181,21 +216,6 @@ class Replica:
         self._stop.set()
 
     # ---- requests ---------------------------------------------------------------------------------
-    def check(self, user: str | None, values: Any) -> Tensor:
-        """One request's input as a tensor of ``self.shape``; a `FactnetError` for a malformed input or a
-        user whose file was refused."""
-        if user is not None and not isinstance(user, str):
-            raise FactnetError(f"'user' must be a string or null, got {type(user).__name__}")
-        if user in self.refused:
-            raise FactnetError(self.refused[user][1])
-        try:
-            x = torch.as_tensor(values, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise FactnetError(f"'input' must be nested lists of numbers: {error}") from None
-        if tuple(x.shape) != self.shape:
-            raise FactnetError(f"'input' has shape {list(x.shape)}, expected {list(self.shape)}")
-        return x
-
     @torch.no_grad()
     def answer(self, users: list[str | None], inputs: list[Tensor]) -> list[Tensor | FactnetError]:
         """Logits for each request (one mixed batch); a request whose user is not served gets its
@@ -203,19 +223,26 @@ class Replica:
         self.largest_batch = max(self.largest_batch, len(users))
         try:
             with self.model.factnet.per_sample(users):
-                return list(self.model(torch.stack(inputs)))
+                return list(self.model(torch.stack(inputs).to(self.device)).cpu())
         except FactnetError:
             pass
         answers: list[Tensor | FactnetError] = []
         for user, x in zip(users, inputs):
             try:
                 with self.model.factnet.use(user):
-                    answers.append(self.model(x[None])[0])
+                    answers.append(self.model(x[None].to(self.device))[0].cpu())
             except FactnetError as error:
                 answers.append(error)
         return answers
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "adapters": len(self.loaded), "refused": {k: v[1] for k, v in self.refused.items()},
-                "input_shape": list(self.shape), "max_batch_size": self.settings.max_batch_size,
+                "input_shape": list(self.shape), "classes": self.classes, "images": self.preprocess is not None,
+                "device": str(self.device), "max_batch_size": self.settings.max_batch_size,
                 "batch_wait_s": self.settings.batch_wait_s, "largest_batch": self.largest_batch}
+
+    def endpoint(self, answer: Any) -> Endpoint:
+        """The HTTP routes' view of this replica; ``answer(user, x)``: the (batched) logits of one input."""
+        return Endpoint(self.shape, self.classes, self.names, self.preprocess,
+                        Limits(max_body_bytes=int(self.settings.max_body_mb * 2**20)),
+                        lambda: {name: why for name, (_, why) in dict(self.refused).items()}, self.health, answer)

@@ -116,11 +116,11 @@ def test_without_checkpoint_the_model_is_random_and_says_so(capsys: pytest.Captu
 
 
 def test_model_kwargs_parse_literals_tuples_and_json() -> None:
-    from factnet.app.cli import _model_kwargs
+    from factnet.app.arguments import model_kwargs
 
-    assert _model_kwargs("img_size=32,depths=(2, 2),global_pool=avg,qkv_bias=False") == dict(
+    assert model_kwargs("img_size=32,depths=(2, 2),global_pool=avg,qkv_bias=False") == dict(
         img_size=32, depths=(2, 2), global_pool="avg", qkv_bias=False)
-    assert _model_kwargs('{"img_size": 32, "depths": [2, 2]}') == dict(img_size=32, depths=[2, 2])
+    assert model_kwargs('{"img_size": 32, "depths": [2, 2]}') == dict(img_size=32, depths=[2, 2])
 
 
 # ---- train ----------------------------------------------------------------------------------------

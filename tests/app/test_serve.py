@@ -111,6 +111,30 @@ def test_concurrent_users_each_get_their_adapter(server: Any) -> None:
         assert answer["label"] == int(row.argmax())
 
 
+def test_an_image_is_answered_through_the_fastapi_ingress(server: Any) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    url, settings = server
+    pixels = torch.randint(0, 256, (12, 10, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels.numpy(), "RGB").save(encoded, format="PNG")
+    model = _reference(settings, ["user2"])
+    config = {**resolve_data_config({}, model=model), "input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,)}
+    x = create_transform(**config, is_training=False)(Image.open(encoded).convert("L"))
+    status, answer = _post(url, {"user": "user2", "image": base64.b64encode(encoded.getvalue()).decode(), "top_k": 2})
+    assert status == 200, answer
+    with model.factnet.use("user2"):
+        expected = model(x[None])[0]
+    torch.testing.assert_close(torch.tensor(answer["logits"]), expected, rtol=1e-4, atol=1e-5)
+    assert [entry["label"] for entry in answer["top_k"]] == expected.argsort(descending=True)[:2].tolist()
+    with urllib.request.urlopen(f"{url}/openapi.json", timeout=REQUEST_TIMEOUT_S) as response:
+        assert {"/predict", "/health"} <= set(json.loads(response.read())["paths"])
+
+
 def test_bad_requests_are_refused_with_a_reason(server: Any) -> None:
     url, _ = server
     status, answer = _post(url, {"user": "nobody", "input": torch.zeros(1, 8, 8).tolist()})
