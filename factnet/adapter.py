@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +43,11 @@ class Settings:
     @property
     def dropout(self) -> float:
         return float(self.config.dropout)
+
+    @dropout.setter
+    def dropout(self, value: float) -> None:
+        """Factor-space dropout changed in place (the config follows, checked)."""
+        self.config = replace(self.config, dropout=value)
 
     @property
     def bits(self) -> int | None:
