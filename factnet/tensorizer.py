@@ -228,11 +228,19 @@ class Tensorizer:
                           "applied as a merged weight", stacklevel=3)
         resolved = replace(config, format=fmt if isinstance(format, Format) else fmt.name, rank=fmt.rank, budget=None,
                            bits=bits, seed=0 if fmt.seeded and config.seed is None else config.seed,
-                           targets=self.targets, by=self.by, head=tuple(heads) or None, train_head=bool(heads))
+                           targets=self.targets, by=self._recorded_grouping(), head=tuple(heads) or None,
+                           train_head=bool(heads))
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         adapter = Adapter(self.model, self.groups, resolved, scale, name, generator)
         adapter.picked = picked
         return adapter
+
+    def _recorded_grouping(self) -> GroupBy:
+        """The grouping as the adapter's config records it: a callable as the groups it gave (``{group: [slice,
+        ...]}``, exact names), so the config pickles and reads the same from a file."""
+        if not callable(self.by):
+            return self.by
+        return {name: [piece.qualified_name for piece in members] for name, members in self.groups.items()}
 
     def _heads(self, head: Sequence[str] | None) -> list[str]:
         modules = dict(self.model.named_modules())

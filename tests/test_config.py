@@ -196,3 +196,19 @@ def test_older_files_load_to_the_config_they_would_have_had(tmp_path):
     loaded = factnet.load(copy.deepcopy(base), path)
     assert loaded.config == AdapterConfig("tt", rank=4, head=("head",))  # stable, at the default gain
     assert loaded.settings.scale == adapter.settings.scale  # the file's s: the same outputs
+
+
+def test_a_callable_grouping_is_recorded_as_its_groups(tmp_path):
+    """The config keeps what a lambda grouped (exact slice names), so the model pickles and the file reads back
+    the same config; regrouping by the record gives the same groups."""
+    import pickle
+
+    model = tiny_vit()
+    tensorizer = factnet.Tensorizer(model).group(lambda piece: "attn" if ".attn." in piece.module else "mlp")
+    adapter = tensorizer.decompose("tt", rank=2, seed=0)
+    expected = {name: [piece.qualified_name for piece in members] for name, members in tensorizer.groups.items()}
+    assert adapter.config.by == expected
+    assert factnet.Tensorizer(tiny_vit()).group(adapter.config.by).groups.keys() == tensorizer.groups.keys()
+    pickle.loads(pickle.dumps(model))
+    adapter.save(tmp_path / "a.safetensors")
+    assert factnet.load(tiny_vit(), tmp_path / "a.safetensors").config == adapter.config
