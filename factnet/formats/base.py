@@ -46,6 +46,7 @@ class Format:
     factors: ClassVar[dict[str, str]]
     zero: ClassVar[str]
     seeded: ClassVar[tuple[str, ...]] = ()
+    ones: ClassVar[tuple[str, ...]] = ()  # factors that start at ones (CP's weights, a per-slice gain)
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -108,11 +109,13 @@ class Format:
 
     def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
         """Fill factors in place: uniform ``±1/√fan`` (``fan`` the factor's largest non-slice
-        size, as ``nn.Linear`` does), then `zero` set to zeros. Formats may override."""
+        size, as ``nn.Linear`` does), then `zero` set to zeros and `ones` to ones. Formats may override."""
         for name, tensor in factors.items():
             _uniform(tensor, 1.0 / math.sqrt(_fan(self.factors[name], tensor.shape)), generator)
         with torch.no_grad():
             factors[self.zero].zero_()
+            for name in self.ones:
+                factors[name].fill_(1.0)
 
     def second_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
         """``E[f²]`` of each factor's entries as `initialize` draws them (the zero factor's is 0).
@@ -125,8 +128,10 @@ class Format:
 
     def _uniform_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
         """`second_moments` of the base init (for formats that redraw only some factors)."""
-        return {name: 0.0 if name == self.zero else 1.0 / (3 * _fan(self.factors[name], shape))
-                for name, shape in self.shapes(n, d_in, d_out).items()}
+        def moment(name: str, shape: tuple[int, ...]) -> float:
+            return 0.0 if name == self.zero else 1.0 if name in self.ones else 1.0 / (3 * _fan(self.factors[name], shape))
+
+        return {name: moment(name, shape) for name, shape in self.shapes(n, d_in, d_out).items()}
 
     def stable_scale(self, n: int, d_in: int, d_out: int) -> float:
         """The rank-stable scale ``ρ`` of a ``(n, d_in, d_out)`` group: ``s = g·ρ`` makes one Adam step of

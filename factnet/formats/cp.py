@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tensorly as tl
-import torch
 from tensorly.cp_tensor import CPTensor
 from torch import Tensor
 
@@ -19,14 +18,7 @@ class CP(Format, name="cp"):
 
     factors = {"weights": "r", "p": "ir", "u": "jr", "v": "kr"}
     zero = "v"
-
-    def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
-        super().initialize(factors, generator)
-        with torch.no_grad():
-            factors["weights"].fill_(1.0)
-
-    def second_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
-        return {**self._uniform_moments(n, d_in, d_out), "weights": 1.0}
+    ones = ("weights",)
 
     def to_tensorly(self, factors: dict[str, Tensor]) -> CPTensor:
         return CPTensor((factors["weights"], [factors["p"], factors["u"], factors["v"]]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tensorly as tl
-import torch
 from tensorly.tt_tensor import TTTensor
 from torch import Tensor
 
@@ -47,14 +46,7 @@ class ScaledTensorTrain(Format, name="tt-scaled"):
 
     factors = {"sigma": "iab", "u": "ja", "v": "kb", "b": "ik"}
     zero = "v"
-
-    def initialize(self, factors: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
-        super().initialize(factors, generator)
-        with torch.no_grad():
-            factors["b"].fill_(1.0)
-
-    def second_moments(self, n: int, d_in: int, d_out: int) -> dict[str, float]:
-        return {**self._uniform_moments(n, d_in, d_out), "b": 1.0}
+    ones = ("b",)
 
     def reference(self, factors: dict[str, Tensor]) -> Tensor:
         """Dense ``ΔW``: tensorly's FacT-TT, each slice's output columns times ``b[i]``."""
