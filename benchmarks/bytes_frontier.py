@@ -22,8 +22,9 @@ Models (`Wide`, `Lite0`):
   key are reused. Outputs: ``docs/real_model/frontier_bytes.csv``, ``frontier_bytes.png``,
   ``docs/real_model/frontier/README.md``.
 
-The protocol (learning rate validated per family, the run order, the choice at every budget, the table) is
-`benchmarks/frontier_protocol.py`'s. One torch thread; one run at a time.
+The protocol (learning rate validated per family, the run order, the choice at every budget) is
+`benchmarks/frontier_protocol.py`'s; the CSV, figure and README are `benchmarks/frontier_report.py`'s. One torch
+thread; one run at a time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frontier_protocol as fp  # noqa: E402
+import frontier_report  # noqa: E402
 from frontier_protocol import BITS, Backend, Family  # noqa: E402
 
 # factnet formats: (ranks, the reference rank where the lr is validated); at each of fp.BITS
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         fp.run(backend, stop_at=args.stop_at, max_runs=0 if args.reuse_only else args.max_runs, dry=args.next,
                skip=tuple(x for x in args.skip.split(",") if x))
     if not args.next:
-        fp.report(backend, _wide_extra if args.model == "wide" else _lite0_extra)
+        frontier_report.report(backend, _wide_extra if args.model == "wide" else _lite0_extra)
 
 
 if __name__ == "__main__":

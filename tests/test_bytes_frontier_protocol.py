@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import frontier_protocol as fp  # noqa: E402
+import frontier_report  # noqa: E402
 
 pytest.importorskip("matplotlib")
 
@@ -66,9 +67,9 @@ def test_protocol_end_to_end(tmp_path):
     again = Fake(tmp_path)
     fp.run(again)
     assert again.trained == []
-    fp.report(backend)
+    frontier_report.report(backend)
     rows = list(csv.DictReader(open(backend.csv)))
-    assert set(fp.COLUMNS) <= set(rows[0]) and len(rows) == len(fp.BUDGETS)
+    assert set(frontier_report.COLUMNS) <= set(rows[0]) and len(rows) == len(fp.BUDGETS)
     row = {int(r["budget_bytes"]): r for r in rows}[4000]
     assert row["factnet_family"] == "factnet tt 2-bit" and row["peft_family"] == "PEFT X"
     text = (tmp_path / "README.md").read_text()
