@@ -103,9 +103,10 @@ def missing(st: fp.State, backend: fp.Backend, family: fp.Family, setting: str, 
     return None
 
 
-def train_missing(backend: fp.Backend, stop_at: str | None) -> None:
+def train_missing(backend: fp.Backend, stop_at: str | None, chosen: dict | None = None) -> None:
+    """Train what `missing` asks for at every pick (``chosen``: `picks`' form; default the rule's picks)."""
     st = state(backend)
-    for kb, (family, setting, rule_lrs, _) in picks(backend).items():
+    for kb, (family, setting, rule_lrs, _) in (chosen or picks(backend)).items():
         while (nxt := missing(st, backend, family, setting, rule_lrs)) is not None:
             lr, seed = nxt
             if stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= stop_at:

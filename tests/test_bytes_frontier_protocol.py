@@ -74,3 +74,25 @@ def test_protocol_end_to_end(tmp_path):
     assert row["factnet_family"] == "factnet tt 2-bit" and row["peft_family"] == "PEFT X"
     text = (tmp_path / "README.md").read_text()
     assert "a note" in text and "| 4 KB |" in text
+
+
+def test_auto_pick_check_chooses_the_rules_lr_on_validation(tmp_path):
+    """The auto check trains seed 0 at each of the rule's lrs, the other seeds only at the one with the best
+    validation accuracy (a collapsed lr gets no more seeds), and the frontier's validated lr where it differs."""
+    import auto_pick_check as apc
+
+    backend = Fake(tmp_path)
+    fp.run(backend)  # the frontier: factnet tt 2-bit validated at lr 0.01
+    family = backend.families()[0][1]
+    backend.trained.clear()
+    # val 70 - |lr - 0.01| * 100 + 8/8: lr 0.1 validates at 62, 0.02 at 70, and lr 1 collapses (-28)
+    pick = {8: (family, "r 8", (0.1, 0.02, 1.0), "why")}
+    apc.train_missing(backend, None, pick)
+    key = backend.key
+    assert backend.trained == [key(family, "r 8", lr, 0) for lr in (0.1, 0.02, 1.0)] + [
+        key(family, "r 8", 0.02, s) for s in (1, 2)] + [key(family, "r 8", 0.01, s) for s in (0, 1, 2)]
+    st = apc.state(backend)
+    assert apc.rule_choice(st, backend, family, "r 8", (0.1, 0.02, 1.0)) == pytest.approx(0.02)
+    backend.trained.clear()
+    apc.train_missing(backend, None, pick)
+    assert backend.trained == []  # resumable: all there
