@@ -141,8 +141,10 @@ def report(backend: fp.Backend) -> str:
              "What `decompose(budget=B)` with no format picks (`factnet.budget.AUTO_RULE`), trained at the rule's "
              "learning rates (seed 0 at each; seeds 1 and 2 at the one with the best validation accuracy, in bold) "
              "and at the family's lr the bytes frontier validated on this model, against the best setting the "
-             "frontier measured within B (its README: each family's point by seed-0 validation, the best by mean "
-             "validation). Test %, mean ± std over seeds; — : collapsed to one class. \"pick − best\" is the rule's "
+             "frontier measured within the pick's file bytes (its README: each family's point by seed-0 validation, "
+             "the best by mean validation). B counts the factors as stored, as `budget=` does; the file adds its "
+             "header (the bytes column). Test %, mean ± std over seeds; — : collapsed to one class. \"pick − best\" "
+             "is the rule's "
              "validation-chosen lr against the frontier's best: nothing in it is chosen on test. Written by "
              f"`python benchmarks/auto_pick_check.py --model {backend.name} --report`.", "",
              "| budget | pick | bytes | test at the rule's lrs | test at the validated lr | frontier's best (factnet "
@@ -163,7 +165,7 @@ def report(backend: fp.Backend) -> str:
                 cells[label].append(f"**lr {lr:g}: {text}**")
             else:
                 cells[label].append(f"lr {lr:g}: {text}")
-        budget = kb * fp.KB
+        budget = max(kb * fp.KB, size or 0)  # the frontier's best in as many file bytes as the pick's
         best = [p for p in (st.best("factnet", budget), st.best("peft", budget)) if p is not None]
         top = max(best, key=lambda p: p.stat("val")[0]) if best else None
         gap = "" if top is None or pick is None else f"{pick[0] - top.stat('test')[0]:+.1f}"
