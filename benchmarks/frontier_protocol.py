@@ -258,7 +258,8 @@ def make_plan(backend: Backend, families: list[Family], log=print, notes: list |
     """{family: {setting: [file bytes, params]}} for the settings that build and whose file is at most the largest
     budget; a setting whose adapter is the same as a smaller one's (a rank capped by the groups) is left out."""
     plan: dict[str, dict[str, list[int]]] = {}
-    for family in families:
+    for i, family in enumerate(families, 1):
+        start = time.perf_counter()
         plan[family.name] = {}
         seen: dict[int, str] = {}
         for setting in family.settings:
@@ -278,6 +279,8 @@ def make_plan(backend: Backend, families: list[Family], log=print, notes: list |
             if size > BUDGETS[-1]:
                 continue
             plan[family.name][setting] = [size, params]
+        log(f"measured {i}/{len(families)}: {family.name}, {len(plan[family.name])} settings within the largest "
+            f"budget ({time.perf_counter() - start:.0f} s)")
     return plan
 
 
