@@ -1,7 +1,7 @@
 """Checks `factnet.budget.AUTO_RULE` on a model: what ``decompose(budget=B)`` with no format picks at each budget,
 trained as a user told "train it at lr a or b, choose on validation data" would (seed 0 at each of the rule's
 learning rates, seeds 1 and 2 at the one with the best validation accuracy) and at the family's lr validated on that
-model by the bytes frontier (3 seeds), against the best setting the frontier measured within the same budget.
+model by the bytes frontier (3 seeds), against the best setting the frontier measured in as many file bytes.
 
     PYTHONPATH=. nice -n 10 python benchmarks/auto_pick_check.py --model lite0            # train, resumable
     PYTHONPATH=. python benchmarks/auto_pick_check.py --model lite0 --report               # the table only
@@ -144,8 +144,8 @@ def report(backend: fp.Backend) -> str:
              "frontier measured within the pick's file bytes (its README: each family's point by seed-0 validation, "
              "the best by mean validation). B counts the factors as stored, as `budget=` does; the file adds its "
              "header (the bytes column). Test %, mean ± std over seeds; — : collapsed to one class. \"pick − best\" "
-             "is the rule's "
-             "validation-chosen lr against the frontier's best: nothing in it is chosen on test. Written by "
+             "is the rule's validation-chosen lr against the frontier's best: nothing in it is chosen on test. "
+             "Written by "
              f"`python benchmarks/auto_pick_check.py --model {backend.name} --report`.", "",
              "| budget | pick | bytes | test at the rule's lrs | test at the validated lr | frontier's best (factnet "
              "or PEFT) | its test | pick − best |", "|---:|---|---:|---|---|---|---|---:|"]
@@ -171,8 +171,8 @@ def report(backend: fp.Backend) -> str:
         gap = "" if top is None or pick is None else f"{pick[0] - top.stat('test')[0]:+.1f}"
         lines.append(f"| {kb:,} KB | {family.name}, {setting} | {f'{size:,}' if size else ''} | "
                      f"{' / '.join(cells['rule'])} | {' / '.join(cells['validated']) or 'the same lr'} | "
-                     f"{top.family.name + ', ' + top.label if top else '—'} | {_fmt(top.stat('test')) if top else ''} | "
-                     f"{gap} |")
+                     f"{top.family.name + ', ' + top.label if top else '—'} | "
+                     f"{_fmt(top.stat('test')) if top else ''} | {gap} |")
     text = "\n".join(lines) + "\n"
     (backend.out / "auto_check.md").write_text(text)
     return text
