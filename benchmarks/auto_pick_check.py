@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -105,25 +104,22 @@ def missing(st: fp.State, backend: fp.Backend, family: fp.Family, setting: str, 
 
 def train_missing(backend: fp.Backend, stop_at: str | None, chosen: dict | None = None) -> None:
     """Train what `missing` asks for at every pick (``chosen``: `picks`' form; default the rule's picks)."""
-    st = state(backend)
+    st, until = state(backend), fp.deadline(stop_at)
     for kb, (family, setting, rule_lrs, _) in (chosen or picks(backend)).items():
         while (nxt := missing(st, backend, family, setting, rule_lrs)) is not None:
             lr, seed = nxt
-            if stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= stop_at:
+            if until and dt.datetime.now(dt.timezone.utc) >= until:
                 print(f"stop-at {stop_at} UTC reached")
                 return
             key = backend.key(family, setting, lr, seed)
             base = {"key": key, "model": backend.name, "family": family.name, "kind": "factnet",
                     "method": family.method, "bits": family.bits, "setting": setting, "lr": lr, "seed": seed,
                     "why": f"auto pick at {kb} KB"}
-            start = time.perf_counter()
-            record = {**base, **backend.train(family, setting, lr, seed)}
-            record.setdefault("seconds", time.perf_counter() - start)
-            with open(backend.runs_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            st.records[key] = fp.normalize(record)
+            record = fp.train_record(backend, base, family, setting, lr, seed)
+            fp.append(backend, record)
+            st.records[key] = record
             print(f"[{dt.datetime.now():%H:%M}] {kb} KB: {family.name} {setting} lr {lr:g} seed {seed}: "
-                  f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B", flush=True)
+                  f"{fp.outcome(record)}", flush=True)
 
 
 def _stat(runs: list[dict]) -> tuple[float, float, int]:

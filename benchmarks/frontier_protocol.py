@@ -322,10 +322,50 @@ def import_reusable(state: State) -> int:
     return count
 
 
+def train_record(backend: Backend, base: dict, family: Family, setting: str, lr: float, seed: int) -> dict:
+    """``base`` and what training gives (val, test, bytes, ...) with its ``seconds``; a failure is recorded as
+    ``error`` and its traceback, and the caller moves on."""
+    start = time.perf_counter()
+    try:
+        record = {**base, **backend.train(family, setting, lr, seed)}
+        record.setdefault("seconds", time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - recorded, the protocol moves on
+        import traceback
+
+        record = {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6),
+                  "seconds": time.perf_counter() - start}
+    return record
+
+
+def append(backend: Backend, record: dict) -> None:
+    with open(backend.runs_path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def outcome(record: dict) -> str:
+    """One line for a run's log: its accuracies, bytes and seconds, or its error."""
+    if "error" in record:
+        return record["error"][:200]
+    return (f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, {record.get('seconds', 0):.0f} s"
+            + (f", reused from {record['from']}" if "from" in record else ""))
+
+
+def deadline(stop_at: str | None) -> dt.datetime | None:
+    """The next ``HH:MM`` UTC from now (tomorrow's when today's has passed): ``--stop-at 00:30`` given at 22:00 means
+    in two and a half hours, not "already passed"."""
+    if stop_at is None:
+        return None
+    hour, minute = map(int, stop_at.split(":"))
+    now = dt.datetime.now(dt.timezone.utc)
+    at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return at if at > now else at + dt.timedelta(days=1)
+
+
 def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = None, dry: bool = False,
         skip: tuple[str, ...] = ()) -> None:
     """Train what the protocol asks for, one run at a time, until it is done (or ``stop_at``, ``max_runs``).
     ``skip``: families whose name contains one of these are not run by this call (the report still shows them)."""
+    until = deadline(stop_at)
     families, notes = backend.families()
     skipped = [f.name for f in families if any(s in f.name for s in skip)]
     if skipped:
@@ -355,7 +395,7 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
         if dry:
             print(f"next: {family.name} {setting} lr {lr:g} seed {seed} ({why})")
             return
-        if stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= stop_at:
+        if until and dt.datetime.now(dt.timezone.utc) >= until:
             print(f"stop-at {stop_at} UTC reached; next would be {family.name} {setting} lr {lr:g} seed {seed}")
             return
         key = backend.key(family, setting, lr, seed)
@@ -370,23 +410,11 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
                 print(f"{done} runs trained (--max-runs {max_runs}); next would be {family.name} {setting} lr {lr:g} "
                       f"seed {seed} ({why})")
                 return
-            start = time.perf_counter()
-            try:
-                record = {**base, **backend.train(family, setting, lr, seed)}
-                record.setdefault("seconds", time.perf_counter() - start)
-            except Exception as exc:  # noqa: BLE001 - recorded, the protocol moves on
-                import traceback
-
-                record = {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6),
-                          "seconds": time.perf_counter() - start}
+            record = train_record(backend, base, family, setting, lr, seed)
             done += 1
-        with open(backend.runs_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append(backend, record)
         state.records[key] = record
-        text = record["error"][:200] if "error" in record else (
-            f"val {record['val']:.1f} test {record['test']:.1f}, {record['bytes']:,} B, "
-            f"{record.get('seconds', 0):.0f} s"
-            + (f", reused from {record['from']}" if "from" in record else ""))
-        print(f"[{dt.datetime.now():%H:%M}] {family.name} {setting} lr {lr:g} seed {seed} ({why}): {text}", flush=True)
+        print(f"[{dt.datetime.now():%H:%M}] {family.name} {setting} lr {lr:g} seed {seed} ({why}): {outcome(record)}",
+              flush=True)
     print("the protocol is done: every run it asks for has finished", flush=True)
 

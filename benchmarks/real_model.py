@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model_methods as rm  # noqa: E402
+from frontier_protocol import deadline  # noqa: E402
 
 OUT = Path("docs/real_model")
 RUNS = OUT / "runs.jsonl"
@@ -170,10 +171,10 @@ def main_runs(args) -> None:
         lrs = {m: chosen_lr(chosen, m) for m in methods}
         print(f"lrs from {args.lr_from}: {lrs}", flush=True)
     from tqdm import tqdm
-    bar = tqdm(desc="runs", unit="run")
+    bar, until = tqdm(desc="runs", unit="run"), deadline(args.stop_at)
     while (nxt := (next_lowbit(done, methods, args.bits or [None], args.head_bits, lrs) if lowbit
                    else next_run(done, None if methods is None else set(methods)))) is not None:
-        if args.stop_at and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= args.stop_at:
+        if until and dt.datetime.now(dt.timezone.utc) >= until:
             print(f"stop-at {args.stop_at} UTC reached; next would be {key(*nxt)}: rerun to resume")
             break
         rec = run_one(*nxt[:4], splits, feats, args.epochs, *nxt[4:])

@@ -96,3 +96,15 @@ def test_auto_pick_check_chooses_the_rules_lr_on_validation(tmp_path):
     backend.trained.clear()
     apc.train_missing(backend, None, pick)
     assert backend.trained == []  # resumable: all there
+
+
+def test_stop_at_means_the_next_such_time_of_day():
+    """``--stop-at 00:30`` given at 22:00 is two and a half hours away, not already passed."""
+    now = fp.dt.datetime.now(fp.dt.timezone.utc)
+    for minutes in (-5, 5):
+        at = now + fp.dt.timedelta(minutes=minutes)
+        until = fp.deadline(f"{at:%H:%M}")
+        assert (until.hour, until.minute) == (at.hour, at.minute)
+        assert now < until <= now + fp.dt.timedelta(days=1)
+        assert (until - now > fp.dt.timedelta(hours=23)) == (minutes < 0)
+    assert fp.deadline(None) is None
