@@ -7,12 +7,8 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from conftest import (
-    TinyNet,
-    assert_close,
-    factor_leaves,
-    oracle_forward,
-)
+from conftest import TinyNet, assert_close, factor_leaves
+from oracle_support import oracle_forward
 from hypothesis import strategies as st
 
 import factnet

@@ -8,17 +8,8 @@ import pytest
 import torch
 
 import factnet
-from conftest import (
-    TinyNet,
-    assert_close,
-    assert_refused,
-    assert_same_model,
-    effective_params,
-    oracle_forward,
-    randomize_factors,
-    snapshot,
-    tiny_vit,
-)
+from conftest import TinyNet, assert_close, assert_refused, assert_same_model, randomize_factors, snapshot, tiny_vit
+from oracle_support import effective_params, oracle_forward
 
 FORMATS = factnet.available_formats()
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import factnet
-from conftest import assert_close, assert_same_model, oracle_forward, randomize_factors, snapshot
+from conftest import assert_close, assert_same_model, randomize_factors, snapshot
+from oracle_support import oracle_forward
 from factnet.adapter_set import AdapterSet
 
 

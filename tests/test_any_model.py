@@ -17,12 +17,12 @@ from conftest import (
     TinyGPT2,
     assert_close,
     factor_leaves,
-    oracle_forward,
     randomize_factors,
     tiny_convnext,
     tiny_transformer_encoder,
     tiny_vit,
 )
+from oracle_support import oracle_forward
 from factnet import FactnetError
 
 

@@ -9,7 +9,8 @@ import json
 
 import pytest
 import torch
-from conftest import TinyNet, blockwise_delta, randomize_factors
+from conftest import TinyNet, randomize_factors
+from oracle_support import blockwise_delta
 from kernel_support import check_gradients
 
 import factnet

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 import torch
-from conftest import assert_close, oracle_forward, randomize_factors
+from conftest import assert_close, randomize_factors
+from oracle_support import oracle_forward
 
 import factnet
 from factnet import FactnetError, calls

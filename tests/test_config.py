@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import factnet
-from conftest import oracle_forward, randomize_factors, tiny_swin, tiny_vit
+from conftest import randomize_factors, tiny_swin, tiny_vit
+from oracle_support import oracle_forward
 from factnet import AdapterConfig, FactnetError
 from factnet.file.info import load_spec
 from io_support import rewrite_spec

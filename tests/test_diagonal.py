@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import factnet
-from conftest import (effective_params, factor_leaves, mixed_against_alone, oracle_forward, randomize_factors,
-                      tiny_vit)
+from conftest import factor_leaves, mixed_against_alone, randomize_factors, tiny_vit
+from oracle_support import effective_params, oracle_forward
 from factnet.quant import fake_quantize
 from torch.func import functional_call
 

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, oracle_forward, randomize_factors
+from conftest import assert_close, randomize_factors
+from oracle_support import oracle_forward
 from torch import nn
 
 import factnet

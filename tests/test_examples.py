@@ -166,7 +166,7 @@ def test_export_script_with_trained_head_runs_as_a_command(tmp_path):
 def test_serve_many_answers_a_mixed_batch_as_the_dense_oracle(tmp_path):
     """Each row of the example's mixed batch equals the dense ``W + s·ΔW`` model of its user (tensorly's
     reconstruction on an unadapted copy, with the user's saved head)."""
-    from conftest import oracle_forward
+    from oracle_support import oracle_forward
 
     serve = script("serve_many")
     (tmp_path / "users").mkdir()

@@ -12,16 +12,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import factnet
-from conftest import (
-    BUILTIN_FORMATS,
-    USER_FORMATS,
-    TinyNet,
-    assert_close,
-    assert_refused,
-    dense_core,
-    oracle_forward,
-    randomize_factors,
-)
+from conftest import BUILTIN_FORMATS, USER_FORMATS, TinyNet, assert_close, assert_refused, randomize_factors
+from oracle_support import dense_core, oracle_forward
 
 FORMATS = factnet.available_formats()
 # formats whose projections share every rank letter: the core is diagonal (the identity for batch-matrix)

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, effective_params, perturb_head, randomize_factors
+from conftest import assert_close, perturb_head, randomize_factors
+from oracle_support import effective_params
 from torch.func import functional_call
 
 import factnet

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import blockwise_delta
+from oracle_support import blockwise_delta
 
 from factnet.increment import Increment, as_dense, delta_weight, effective_weight
 

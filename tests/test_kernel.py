@@ -12,14 +12,8 @@ import copy
 
 import pytest
 import torch
-from conftest import (
-    TinyNet,
-    assert_close,
-    blockwise_delta,
-    effective_params,
-    oracle_forward,
-    randomize_factors,
-)
+from conftest import TinyNet, assert_close, randomize_factors
+from oracle_support import blockwise_delta, effective_params, oracle_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_support import (

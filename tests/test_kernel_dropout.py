@@ -8,12 +8,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import (
-    TinyNet,
-    assert_close,
-    oracle_forward,
-    randomize_factors,
-)
+from conftest import TinyNet, assert_close, randomize_factors
+from oracle_support import oracle_forward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_support import (

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import Conv1D, assert_close, factor_leaves, mixed_against_alone, randomize_factors, reference
+from conftest import Conv1D, assert_close, factor_leaves, mixed_against_alone, randomize_factors
+from oracle_support import reference
 from torch import Tensor, nn
 from torch.func import functional_call
 

@@ -18,9 +18,7 @@ from conftest import (
     TinyGPT2,
     assert_close,
     assert_same_model,
-    effective_params,
     factor_leaves,
-    oracle_forward,
     randomize_factors,
     snapshot,
     tiny_convnext,
@@ -28,8 +26,8 @@ from conftest import (
     tiny_torchvision_vit,
     tiny_transformer_encoder,
     tiny_vit,
-    zero_dropout,
 )
+from oracle_support import effective_params, oracle_forward, zero_dropout
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import factnet
-from conftest import TinyNet, oracle_forward, randomize_factors
+from conftest import TinyNet, randomize_factors
+from oracle_support import oracle_forward
 from factnet import Tensorizer
 
 

@@ -9,7 +9,7 @@ For every family and format (rank 2, or the format's limit where lower; scale 1.
 2. a backward in train mode gives every group a nonzero factor gradient, and no backbone parameter
    (anything but the factors and the head) a ``.grad``;
 3. with random factors, the unmerged train-mode forward and the factor gradients equal the dense
-   oracle's (conftest.oracle_forward: ``W + s·ΔW`` by tensorly, run on an unadapted copy): a matrix
+   oracle's (oracle_support.oracle_forward: ``W + s·ΔW`` by tensorly, run on an unadapted copy): a matrix
    whose increment never reaches the forward, or reaches it twice, fails here;
 4. the merged forward (no grad) equals the unmerged one;
 5. unmerge restores the stored parameters;
@@ -26,14 +26,8 @@ import fnmatch
 
 import pytest
 import torch
-from conftest import (
-    BUILTIN_FORMATS,
-    assert_close,
-    factor_leaves,
-    oracle_forward,
-    randomize_factors,
-    weight_param,
-)
+from conftest import BUILTIN_FORMATS, assert_close, factor_leaves, randomize_factors
+from oracle_support import oracle_forward, weight_param
 from zoo import FAMILIES, inputs, main_output, prototype, run
 
 import factnet
