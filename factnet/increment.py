@@ -111,21 +111,25 @@ def delta_weight(increment: Increment) -> Tensor:
 
 def diagonal_delta(increment: Increment) -> Tensor:
     """Dense ``ΔW`` of a `diagonal` increment block by block, ``(P_out ⊙ core) P_inᵀ`` then the output scaling:
-    ``d_out·α·d_in`` multiply-adds, never an ``α x α`` core."""
+    ``d_out·α·d_in`` multiply-adds, never an ``α x α`` core. ``P_out`` is scaled in a contiguous ``(d, α)`` copy
+    (a transposed view made each scaling read strided), and blocks sharing ``P_in`` are one GEMM."""
     a_t, core, b_t = increment.tensors()
     m_in, m_out, alpha = core.shape if core is not None else (increment.m_in, increment.m_out, a_t.shape[1])
     if core is None:  # (an output scaling on the identity)
         core = a_t.new_ones(m_in, m_out, alpha)
-    if m_in == 1:  # output block q: (P_out[q] ⊙ core[q]) P_inᵀ, one GEMM for all blocks
-        left = (b_t.transpose(1, 2) * core[0].unsqueeze(1)).reshape(-1, alpha)  # (m_out·d, α)
-        delta = torch.mm(left, a_t[0])
-    else:  # input block p: (P_out ⊙ core[p]) P_in[p]ᵀ, side by side
-        left = b_t[0].t().unsqueeze(0) * core[:, 0].unsqueeze(1)  # (m_in, d_out, α)
-        delta = torch.bmm(left, a_t.expand(m_in, -1, -1)).transpose(0, 1).reshape(left.shape[1], -1)
+    p_out = b_t.transpose(1, 2).contiguous()  # (g_out, d, α)
     scaling = increment.out_scale  # (m_in, d_out): input block p's columns scaled by row p
-    if scaling is None:
-        return delta
-    return (delta.view(delta.shape[0], m_in, -1) * scaling.t().unsqueeze(-1)).view(delta.shape)
+    if m_in == 1:  # output block q: (P_out[q] ⊙ core[q]) P_inᵀ, one GEMM for all blocks
+        delta = torch.mm((p_out * core[0].unsqueeze(1)).reshape(-1, alpha), a_t[0])
+        return delta if scaling is None else delta * scaling[0].unsqueeze(1)
+    left = p_out[0] * core[:, 0].unsqueeze(1)  # input block p: (P_out ⊙ core[p]) P_in[p]ᵀ, (m_in, d_out, α)
+    if a_t.shape[0] == 1:  # one P_in: the blocks stacked, one GEMM
+        blocks = torch.mm(left.view(-1, alpha), a_t[0]).view(m_in, left.shape[1], -1)
+    else:
+        blocks = torch.bmm(left, a_t)
+    if scaling is not None:
+        blocks = blocks * scaling.unsqueeze(-1)
+    return blocks.transpose(0, 1).reshape(left.shape[1], -1)  # (d_out, m_in·d): the blocks side by side
 
 
 def _delta_by_blocks(increment: Increment) -> Tensor:
