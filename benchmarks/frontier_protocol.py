@@ -144,7 +144,12 @@ class State:
 
     def __init__(self, backend: Backend, families: list[Family], plan: dict[str, dict[str, list[int]]]):
         self.backend, self.families, self.plan = backend, families, plan  # plan: family -> setting -> [bytes, params]
-        self.records: dict[str, dict] = {r["key"]: normalize(r) for r in read_jsonl(backend.runs_path)}
+        self.records: dict[str, dict] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the runs file again: runs another process appended (an auto check beside the frontier) count."""
+        self.records.update((r["key"], normalize(r)) for r in read_jsonl(self.backend.runs_path) if "key" in r)
 
     def run_of(self, family: Family, setting: str, lr: float, seed: int) -> dict | None:
         """The run, unless the installed factnet builds this setting with another parameter count than the run
@@ -390,7 +395,10 @@ def run(backend: Backend, stop_at: str | None = None, max_runs: int | None = Non
     if imported:
         print(f"{imported} runs copied from older runs files (same key and parameter count)", flush=True)
     done = 0
-    while (nxt := state.next_run()) is not None:
+    while True:
+        state.refresh()  # what another process ran meanwhile is not run again
+        if (nxt := state.next_run()) is None:
+            break
         family, setting, lr, seed, why = nxt
         if dry:
             print(f"next: {family.name} {setting} lr {lr:g} seed {seed} ({why})")

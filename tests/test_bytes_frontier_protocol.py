@@ -108,3 +108,22 @@ def test_stop_at_means_the_next_such_time_of_day():
         assert now < until <= now + fp.dt.timedelta(days=1)
         assert (until - now > fp.dt.timedelta(hours=23)) == (minutes < 0)
     assert fp.deadline(None) is None
+
+
+def test_a_run_another_process_appended_is_not_run_again(tmp_path):
+    """Beside the frontier an auto check appends runs to the same file: the frontier reads them before each run."""
+    other = Fake(tmp_path)
+
+    class Beside(Fake):
+        def train(self, family, setting, lr, seed):
+            if not self.trained:  # meanwhile, another process finishes the run this one will ask for next
+                state = fp.State(self, self.families()[0], json.loads(self.plan_path.read_text())["families"])
+                state.records[self.key(family, setting, lr, seed)] = {"val": 50.0}  # (next_run looks past it)
+                f, s, r, sd, _ = state.next_run()
+                fp.append(self, {"key": self.key(f, s, r, sd), **other.train(f, s, r, sd)})
+            return super().train(family, setting, lr, seed)
+
+    backend = Beside(tmp_path)
+    fp.run(backend, max_runs=2)
+    assert len(other.trained) == 1 and other.trained[0] not in backend.trained
+    assert len(backend.trained) == 2
