@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bytes_frontier as bf  # noqa: E402
 import frontier_protocol as fp  # noqa: E402
+import frontier_runner  # noqa: E402
 
 BUDGETS_KB = (2, 8, 16, 32, 128, 1024)  # 16: the issue's goal (full fine-tuning's accuracy in <= 16 KB)
 
@@ -104,7 +105,7 @@ def missing(st: fp.State, backend: fp.Backend, family: fp.Family, setting: str, 
 
 def train_missing(backend: fp.Backend, stop_at: str | None, chosen: dict | None = None) -> None:
     """Train what `missing` asks for at every pick (``chosen``: `picks`' form; default the rule's picks)."""
-    st, until = state(backend), fp.deadline(stop_at)
+    st, until = state(backend), frontier_runner.deadline(stop_at)
     for kb, (family, setting, rule_lrs, _) in (chosen or picks(backend)).items():
         while (nxt := missing(st, backend, family, setting, rule_lrs)) is not None:
             lr, seed = nxt
@@ -115,11 +116,11 @@ def train_missing(backend: fp.Backend, stop_at: str | None, chosen: dict | None 
             base = {"key": key, "model": backend.name, "family": family.name, "kind": "factnet",
                     "method": family.method, "bits": family.bits, "setting": setting, "lr": lr, "seed": seed,
                     "why": f"auto pick at {kb} KB"}
-            record = fp.train_record(backend, base, family, setting, lr, seed)
-            fp.append(backend, record)
+            record = frontier_runner.train_record(backend, base, family, setting, lr, seed)
+            frontier_runner.append(backend, record)
             st.records[key] = record
             print(f"[{dt.datetime.now():%H:%M}] {kb} KB: {family.name} {setting} lr {lr:g} seed {seed}: "
-                  f"{fp.outcome(record)}", flush=True)
+                  f"{frontier_runner.outcome(record)}", flush=True)
 
 
 def _stat(runs: list[dict]) -> tuple[float, float, int]:

@@ -30,7 +30,6 @@ thread; one run at a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -45,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frontier_protocol as fp  # noqa: E402
 import frontier_report  # noqa: E402
-from frontier_protocol import BITS, Backend, Family  # noqa: E402
+import frontier_runner  # noqa: E402
+from frontier_protocol import Backend, Family  # noqa: E402
 
 # factnet formats: (ranks, the reference rank where the lr is validated); at each of fp.BITS
 FORMATS = {
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     backend = MODELS[args.model]()
     if not args.report:
-        fp.run(backend, stop_at=args.stop_at, max_runs=0 if args.reuse_only else args.max_runs, dry=args.next,
+        frontier_runner.run(backend, stop_at=args.stop_at, max_runs=0 if args.reuse_only else args.max_runs, dry=args.next,
                skip=tuple(x for x in args.skip.split(",") if x))
     if not args.next:
         frontier_report.report(backend, _wide_extra if args.model == "wide" else _lite0_extra)

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model_methods as rm  # noqa: E402
-from frontier_protocol import deadline  # noqa: E402
+from frontier_runner import deadline  # noqa: E402
 
 OUT = Path("docs/real_model")
 RUNS = OUT / "runs.jsonl"

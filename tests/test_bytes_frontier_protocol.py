@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import frontier_protocol as fp  # noqa: E402
 import frontier_report  # noqa: E402
+import frontier_runner  # noqa: E402
 
 pytest.importorskip("matplotlib")
 
@@ -52,7 +53,7 @@ class Fake(fp.Backend):
 
 def test_protocol_end_to_end(tmp_path):
     backend = Fake(tmp_path)
-    fp.run(backend)
+    frontier_runner.run(backend)
     state = fp.State(backend, backend.families()[0], json.loads(backend.plan_path.read_text())["families"])
     peft, fact = state.families
     _, lr, runs = state.lr_state(peft)
@@ -65,7 +66,7 @@ def test_protocol_end_to_end(tmp_path):
     # chosen points have three seeds; a rerun trains nothing (resumable)
     assert set(state.choose(fact, 40_000).runs) == {0, 1, 2}
     again = Fake(tmp_path)
-    fp.run(again)
+    frontier_runner.run(again)
     assert again.trained == []
     frontier_report.report(backend)
     rows = list(csv.DictReader(open(backend.csv)))
@@ -82,7 +83,7 @@ def test_auto_pick_check_chooses_the_rules_lr_on_validation(tmp_path):
     import auto_pick_check as apc
 
     backend = Fake(tmp_path)
-    fp.run(backend)  # the frontier: factnet tt 2-bit validated at lr 0.01
+    frontier_runner.run(backend)  # the frontier: factnet tt 2-bit validated at lr 0.01
     family = backend.families()[0][1]
     backend.trained.clear()
     # val 70 - |lr - 0.01| * 100 + 8/8: lr 0.1 validates at 62, 0.02 at 70, and lr 1 collapses (-28)
@@ -100,14 +101,14 @@ def test_auto_pick_check_chooses_the_rules_lr_on_validation(tmp_path):
 
 def test_stop_at_means_the_next_such_time_of_day():
     """``--stop-at 00:30`` given at 22:00 is two and a half hours away, not already passed."""
-    now = fp.dt.datetime.now(fp.dt.timezone.utc)
+    now = frontier_runner.dt.datetime.now(frontier_runner.dt.timezone.utc)
     for minutes in (-5, 5):
-        at = now + fp.dt.timedelta(minutes=minutes)
-        until = fp.deadline(f"{at:%H:%M}")
+        at = now + frontier_runner.dt.timedelta(minutes=minutes)
+        until = frontier_runner.deadline(f"{at:%H:%M}")
         assert (until.hour, until.minute) == (at.hour, at.minute)
-        assert now < until <= now + fp.dt.timedelta(days=1)
-        assert (until - now > fp.dt.timedelta(hours=23)) == (minutes < 0)
-    assert fp.deadline(None) is None
+        assert now < until <= now + frontier_runner.dt.timedelta(days=1)
+        assert (until - now > frontier_runner.dt.timedelta(hours=23)) == (minutes < 0)
+    assert frontier_runner.deadline(None) is None
 
 
 def test_a_run_another_process_appended_is_not_run_again(tmp_path):
@@ -120,10 +121,10 @@ def test_a_run_another_process_appended_is_not_run_again(tmp_path):
                 state = fp.State(self, self.families()[0], json.loads(self.plan_path.read_text())["families"])
                 state.records[self.key(family, setting, lr, seed)] = {"val": 50.0}  # (next_run looks past it)
                 f, s, r, sd, _ = state.next_run()
-                fp.append(self, {"key": self.key(f, s, r, sd), **other.train(f, s, r, sd)})
+                frontier_runner.append(self, {"key": self.key(f, s, r, sd), **other.train(f, s, r, sd)})
             return super().train(family, setting, lr, seed)
 
     backend = Beside(tmp_path)
-    fp.run(backend, max_runs=2)
+    frontier_runner.run(backend, max_runs=2)
     assert len(other.trained) == 1 and other.trained[0] not in backend.trained
     assert len(backend.trained) == 2
