@@ -1,7 +1,7 @@
 """Checks `factnet.budget.AUTO_RULE` on a model: what ``decompose(budget=B)`` with no format picks at each budget,
 trained as a user told "train it at lr a or b, choose on validation data" would (seed 0 at each of the rule's
 learning rates, seeds 1 and 2 at the one with the best validation accuracy) and at the family's lr validated on that
-model by the bytes frontier (3 seeds), against the best setting the frontier measured in as many file bytes.
+model by the bytes frontier (3 seeds), against the best setting the frontier measured within the budget.
 
     PYTHONPATH=. nice -n 10 python benchmarks/auto_pick_check.py --model lite0            # train, resumable
     PYTHONPATH=. python benchmarks/auto_pick_check.py --model lite0 --report               # the table only
@@ -39,6 +39,15 @@ def bare_model(backend: fp.Backend):
     return build_vit(demo.pretrain, backend.light["classes"], demo.drop_path)
 
 
+def run_config(backend: fp.Backend, budget: str):
+    """The settings the backend's runs decompose with (their spec, and so their file, is the pick's)."""
+    from factnet import AdapterConfig
+
+    if isinstance(backend, bf.Lite0):
+        return AdapterConfig(budget=budget, seed=0, train_head=True)
+    return AdapterConfig(budget=budget, gain=1.0, dropout=backend.light["demo"].recipe().dropout, seed=0)
+
+
 def picks(backend: fp.Backend) -> dict[int, tuple[fp.Family, str, tuple[float, ...], str]]:
     """{budget KB: (family, setting, the rule's lrs, why)} of ``decompose(budget=...)`` with no format."""
     from factnet import Tensorizer
@@ -48,7 +57,7 @@ def picks(backend: fp.Backend) -> dict[int, tuple[fp.Family, str, tuple[float, .
     for kb in BUDGETS_KB:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            auto = Tensorizer(bare_model(backend)).auto_choice(f"{kb}KB")
+            auto = Tensorizer(bare_model(backend)).auto_choice(f"{kb}KB", config=run_config(backend, f"{kb}KB"))
         bits = auto.choice.bits
         name = f"factnet {auto.format} " + (f"{bits}-bit" if bits else "fp32")
         family = families.get(name) or fp.Family(name, "factnet", auto.format, bits, (f"r {auto.choice.rank}",),
@@ -138,9 +147,9 @@ def report(backend: fp.Backend) -> str:
              "What `decompose(budget=B)` with no format picks (`factnet.budget.AUTO_RULE`), trained at the rule's "
              "learning rates (seed 0 at each; seeds 1 and 2 at the one with the best validation accuracy, in bold) "
              "and at the family's lr the bytes frontier validated on this model, against the best setting the "
-             "frontier measured within the pick's file bytes (its README: each family's point by seed-0 validation, "
-             "the best by mean validation). B counts the factors as stored, as `budget=` does; the file adds its "
-             "header (the bytes column). Test %, mean ± std over seeds; — : collapsed to one class. \"pick − best\" "
+             "frontier measured within B (its README: each family's point by seed-0 validation, "
+             "the best by mean validation). B holds the whole file without the head, as `budget=` does (the bytes "
+             "column: the pick's file). Test %, mean ± std over seeds; — : collapsed to one class. \"pick − best\" "
              "is the rule's validation-chosen lr against the frontier's best: nothing in it is chosen on test. "
              "Written by "
              f"`python benchmarks/auto_pick_check.py --model {backend.name} --report`.", "",
@@ -162,8 +171,7 @@ def report(backend: fp.Backend) -> str:
                 cells[label].append(f"**lr {lr:g}: {text}**")
             else:
                 cells[label].append(f"lr {lr:g}: {text}")
-        budget = max(kb * fp.KB, size or 0)  # the frontier's best in as many file bytes as the pick's
-        best = [p for p in (st.best("factnet", budget), st.best("peft", budget)) if p is not None]
+        best = [p for p in (st.best("factnet", kb * fp.KB), st.best("peft", kb * fp.KB)) if p is not None]
         top = max(best, key=lambda p: p.stat("val")[0]) if best else None
         gap = "" if top is None or pick is None else f"{pick[0] - top.stat('test')[0]:+.1f}"
         lines.append(f"| {kb:,} KB | {family.name}, {setting} | {f'{size:,}' if size else ''} | "

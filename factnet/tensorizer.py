@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 
 import torch
@@ -17,6 +17,7 @@ from factnet.attach import base_weight
 from factnet.budget import AutoChoice, Choice, choose, choose_format, parse_budget, read_budget
 from factnet.config import AdapterConfig, is_auto
 from factnet.errors import FactnetError
+from factnet.file.writer import file_bytes
 from factnet.formats import Format, get_format
 from factnet.grouping import GroupBy, make_groups
 from factnet.slices import Slice, classifier_names, select_slices
@@ -71,34 +72,44 @@ class Tensorizer:
 
     def rank_for_budget(self, format: str, budget: int | str, bits: int | None = None) -> int:
         """The largest rank whose exact factor count (the format's `num_parameters`) fits ``budget``:
-        ``10_000``, ``"10k"``, ``"1.5M"`` parameters, or ``"40KB"``, ``"40KiB"`` bytes of the factors as stored
-        at ``bits`` (None: at their dtype, 4 bytes a float32 factor). Every rank up to the groups' largest size
-        is tried, so a format need not count monotonically; of ranks with equal counts (modes capped), the
-        smallest. See `factnet.budget`."""
+        ``10_000``, ``"10k"``, ``"1.5M"`` parameters, or ``"40KB"``, ``"40KiB"`` bytes of the file saved without
+        the head, its factors as stored at ``bits`` (None: at their dtype, 4 bytes a float32 factor). Every rank
+        up to the groups' largest size is tried, so a format need not count monotonically; of ranks with equal
+        counts (modes capped), the smallest. See `factnet.budget`."""
         return self.budget_choice(format, budget, bits).rank
 
-    def budget_choice(self, format: str, budget: int | str, bits: int | None | str = "auto") -> Choice:
+    def budget_choice(self, format: str, budget: int | str, bits: int | None | str = "auto",
+                      config: AdapterConfig | None = None) -> Choice:
         """The rank ``decompose(format, budget=budget, bits=bits)`` takes, and with ``bits="auto"`` and a
-        budget in bytes the bits too (`factnet.budget.choose`), with its exact parameters and factor bytes."""
+        budget in bytes the bits too (`factnet.budget.choose`), with its exact parameters, factor bytes and (a
+        budget in bytes) the bytes of its file without the head, measured on the file the adapter of ``config``'s
+        other settings (default: `decompose`'s) writes."""
         if isinstance(format, Format):
             raise FactnetError("a budget takes a format name (it builds the format at each rank)")
-        read = read_budget(budget)
-        itemsize = torch.empty((), dtype=_factor_dtype(self.model)).element_size()
-        auto = isinstance(bits, str) and bits == "auto"
-        if isinstance(bits, str) and not auto:
-            raise FactnetError(f"bits must be 1, 2, 4, 8, None (full precision) or 'auto', got {bits!r}")
-        return choose(format, list(self.group_shapes().values()), read, None if auto else bits, itemsize,
-                      auto and read.in_bytes)
+        read, auto = read_budget(budget), _auto_bits(bits)
+        return choose(format, list(self.group_shapes().values()), read, None if auto else bits, self._itemsize(),
+                      auto and read.in_bytes, self._file_bytes(config or AdapterConfig(format, budget=budget), format))
 
-    def auto_choice(self, budget: int | str, bits: int | None | str = "auto") -> AutoChoice:
+    def auto_choice(self, budget: int | str, bits: int | None | str = "auto",
+                    config: AdapterConfig | None = None) -> AutoChoice:
         """The format, rank and bits ``decompose(budget=budget)`` takes with no format: `factnet.budget.AUTO_RULE`'s
         format for a budget in bytes, its rank and (with ``bits="auto"``) bits by `budget_choice`, and why."""
-        read = read_budget(budget)
-        itemsize = torch.empty((), dtype=_factor_dtype(self.model)).element_size()
-        auto = isinstance(bits, str) and bits == "auto"
-        if isinstance(bits, str) and not auto:
-            raise FactnetError(f"bits must be 1, 2, 4, 8, None (full precision) or 'auto', got {bits!r}")
-        return choose_format(list(self.group_shapes().values()), read, itemsize, None if auto else bits, auto)
+        read, auto = read_budget(budget), _auto_bits(bits)
+        config = config or AdapterConfig(budget=budget)
+        return choose_format(list(self.group_shapes().values()), read, self._itemsize(), None if auto else bits, auto,
+                             lambda format: self._file_bytes(config, format))
+
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=_factor_dtype(self.model)).element_size()
+
+    def _file_bytes(self, config: AdapterConfig, format: str) -> Callable[[Choice], int]:
+        """A `Choice`'s file without the head, in bytes: written in memory from an adapter of ``format`` with
+        ``config``'s other settings that is built for it and never attached to the model."""
+        def measure(choice: Choice) -> int:
+            fmt, resolved, scale = self._resolved(replace(config, head_bits=None), format, choice.rank, choice.bits)
+            probe = Adapter(self.model, self.groups, resolved, scale, register=False)
+            return file_bytes(probe, include_head=False)
+        return measure
 
     def stable_scale(self, format: str | Format, rank: int | None = None) -> float:
         """The rank-stable scale ``ρ`` (`Format.stable_scale`) of these groups: the geometric mean of
@@ -203,37 +214,45 @@ class Tensorizer:
         picked = None
         format, rank, bits = config.format, config.rank, config.bits
         if is_auto(format):
-            picked = self.auto_choice(config.budget, bits)
+            picked = self.auto_choice(config.budget, bits, config)
             format, rank, bits = picked.format, picked.choice.rank, picked.choice.bits
         elif config.budget is not None:
-            rank, bits = (choice := self.budget_choice(format, config.budget, bits)).rank, choice.bits
-        fmt = get_format(format, rank)
+            rank, bits = (choice := self.budget_choice(format, config.budget, bits, config)).rank, choice.bits
+        fmt, resolved, scale = self._resolved(config, format, rank, bits)
         AdapterSet.check_addable(self.model, name)
-        scale = config.scale
-        if scale is None:
-            scale = (DEFAULT_GAIN if config.gain is None else config.gain) * self.stable_scale(fmt)
         capped = self.rank_report(fmt)
         if capped:
             warnings.warn(capped, stacklevel=3)
         keys = [group_key(group) for group in self.groups]
         if len(set(keys)) != len(keys):
             raise FactnetError(f"group names {list(self.groups)} collide once dots become underscores; rename them")
-        heads = self._heads(config.head) if config.train_head else []
-        if config.head_bits is not None and not heads:
+        if config.head_bits is not None and not resolved.head:
             raise FactnetError("head_bits trains the head low-bit, but there is no trainable head here ("
                                + ("train_head=False" if not config.train_head else "none found: name it with head=")
                                + "); drop head_bits, or train a head")
         if config.dropout > 0 and any(s.matrix.rules.applied_as_weight for s in self.slices):
             warnings.warn("factor-space dropout does not reach nn.MultiheadAttention matrices: their increment is "
                           "applied as a merged weight", stacklevel=3)
-        resolved = replace(config, format=fmt if isinstance(format, Format) else fmt.name, rank=fmt.rank, budget=None,
-                           bits=bits, seed=0 if fmt.seeded and config.seed is None else config.seed,
-                           targets=self.targets, by=self._recorded_grouping(), head=tuple(heads) or None,
-                           train_head=bool(heads))
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         adapter = Adapter(self.model, self.groups, resolved, scale, name, generator)
         adapter.picked = picked
         return adapter
+
+    def _resolved(self, config: AdapterConfig, format: str | Format, rank: int | None,
+                  bits: int | None | str) -> tuple[Format, AdapterConfig, float]:
+        """``format`` at ``rank``, ``config`` as the adapter records it (the format, rank and bits chosen, the
+        targets and grouping used, the head trained, seed 0 for seeded factors drawn without a seed) and the
+        scale ``s`` it trains with."""
+        fmt = get_format(format, rank)
+        scale = config.scale
+        if scale is None:
+            scale = (DEFAULT_GAIN if config.gain is None else config.gain) * self.stable_scale(fmt)
+        heads = self._heads(config.head) if config.train_head else []
+        resolved = replace(config, format=fmt if isinstance(format, Format) else fmt.name, rank=fmt.rank, budget=None,
+                           bits=bits, seed=0 if fmt.seeded and config.seed is None else config.seed,
+                           targets=self.targets, by=self._recorded_grouping(), head=tuple(heads) or None,
+                           train_head=bool(heads))
+        return fmt, resolved, scale
 
     def _recorded_grouping(self) -> GroupBy:
         """The grouping as the adapter's config records it: a callable as the groups it gave (``{group: [slice,
@@ -290,3 +309,11 @@ def _labels(pieces: list[Slice]) -> str:
     if len(labels) > 8 and labels == [str(p.index) for p in pieces]:
         return f"{labels[0]}..{labels[-1]} ({len(labels)} blocks)"
     return ",".join(labels)
+
+
+def _auto_bits(bits: int | None | str) -> bool:
+    """Whether ``bits`` is ``"auto"`` (a byte budget picks them); another string is an error."""
+    auto = isinstance(bits, str) and bits == "auto"
+    if isinstance(bits, str) and not auto:
+        raise FactnetError(f"bits must be 1, 2, 4, 8, None (full precision) or 'auto', got {bits!r}")
+    return auto

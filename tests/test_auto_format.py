@@ -21,15 +21,15 @@ def _data_bytes(path) -> int:
     return os.path.getsize(path) - 8 - header
 
 
-def _expected(tensorizer: factnet.Tensorizer, budget: str):
+def _expected(tensorizer: factnet.Tensorizer, budget: str, config: factnet.AdapterConfig):
     """The rule read by hand: the last line starting at or below the budget whose format fits some rank at its
-    bits (within its ``max_bytes``), and that choice."""
+    bits (within its ``max_bytes``), and that choice (its file measured with ``config``'s settings)."""
     amount = read_budget(budget).amount
     for rule in sorted(AUTO_RULE, key=lambda r: r.min_bytes, reverse=True):
         if rule.min_bytes <= amount:
             spent = amount if rule.max_bytes is None else min(amount, rule.max_bytes)
             try:
-                return rule, tensorizer.budget_choice(rule.format, f"{spent}B", rule.bits)
+                return rule, tensorizer.budget_choice(rule.format, f"{spent}B", rule.bits, config)
             except FactnetError:
                 continue
     raise AssertionError("no line fits")
@@ -39,7 +39,8 @@ def _expected(tensorizer: factnet.Tensorizer, budget: str):
 @pytest.mark.parametrize("spelled", [None, "auto"])
 def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(budget, spelled, tmp_path):
     tensorizer = factnet.Tensorizer(tiny_vit())
-    rule, choice = _expected(tensorizer, budget)  # the same format named, at the line's bits: the same rank
+    rule, choice = _expected(tensorizer, budget, factnet.AdapterConfig(budget=budget, seed=0))  # the same format
+    # named, at the line's bits: the same rank
     expected = rule.format
     adapter = tensorizer.decompose(spelled, budget=budget, seed=0)
     assert adapter.format.name == expected and (adapter.format.rank, adapter.settings.bits) == (choice.rank, choice.bits)
@@ -48,9 +49,10 @@ def test_a_byte_budget_picks_format_rank_and_bits_and_the_file_has_those_bytes(b
     assert f"train it at lr {rates} (AdamW" in repr(adapter)
     assert adapter.num_parameters() == choice.params
     saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
-    assert _data_bytes(saved.path) == choice.bytes <= read_budget(budget).amount
+    assert saved.bytes == choice.file <= read_budget(budget).amount  # the whole file
+    assert _data_bytes(saved.path) == choice.bytes  # of it, the factors
     if adapter.picked.rule.max_bytes is not None:  # more bytes than the rule found useful are not spent
-        assert choice.bytes <= adapter.picked.rule.max_bytes
+        assert choice.file <= adapter.picked.rule.max_bytes
     text = repr(adapter)
     assert f"picked by the budget: {expected} rank {choice.rank}" in text
     assert adapter.picked.rule.measured in text  # says why

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import factnet
 from conftest import tiny_swin, tiny_vit
@@ -70,7 +71,8 @@ def _file_factor_bytes(path) -> int:
 
 @pytest.mark.parametrize("name", ["tt", "tucker", "cp", "vera", "tt-seeded"])
 @pytest.mark.parametrize("bits", [1, 4, None])
-def test_a_byte_budget_counts_the_factors_as_the_file_stores_them(name, bits, tmp_path):
+def test_a_byte_budget_holds_the_whole_file_saved_without_the_head(name, bits, tmp_path):
+    import os
     import warnings
 
     tz = factnet.Tensorizer(tiny_vit())
@@ -78,13 +80,25 @@ def test_a_byte_budget_counts_the_factors_as_the_file_stores_them(name, bits, tm
         warnings.simplefilter("ignore")  # rank caps
         adapter = tz.decompose(name, budget="6KB", bits=bits, seed=0)
         saved = adapter.save(tmp_path / "a.safetensors", include_head=False)
-        stored = _file_factor_bytes(saved.path)
-        choice = tz.budget_choice(name, "6KB", bits)
-        assert (adapter.format.rank, adapter.settings.bits) == (choice.rank, bits) and stored == choice.bytes <= 6000
+        choice = tz.budget_choice(name, "6KB", bits, factnet.AdapterConfig(name, budget="6KB", bits=bits, seed=0))
+        assert (adapter.format.rank, adapter.settings.bits) == (choice.rank, bits)
+        assert saved.bytes == os.path.getsize(saved.path) == choice.file <= 6000  # the whole file
+        assert _file_factor_bytes(saved.path) == choice.bytes < choice.file  # of it, the factors as counted
         larger = [r for r in range(choice.rank + 1, 49) if tz.num_parameters(name, r) > choice.params]
         if larger:  # the next rank that trains more parameters no longer fits, in its own file
             bigger = factnet.Tensorizer(tiny_vit()).decompose(name, rank=larger[0], bits=bits, seed=0)
-            assert _file_factor_bytes(bigger.save(tmp_path / "b.safetensors", include_head=False).path) > 6000
+            assert bigger.save(tmp_path / "b.safetensors", include_head=False).bytes > 6000
+
+
+def test_a_byte_budget_below_the_smallest_file_says_what_the_file_needs(tmp_path):
+    tz = factnet.Tensorizer(tiny_vit())
+    smallest = factnet.Tensorizer(tiny_vit()).decompose("tt", rank=1, bits=1, budget=None)
+    size = smallest.save(tmp_path / "a.safetensors", include_head=False).bytes
+    factors = _file_factor_bytes(tmp_path / "a.safetensors")
+    with pytest.raises(FactnetError, match=rf"rank 1 needs a {size:,}-byte file \({factors:,} bytes of factors, the "
+                                           r"rest its header and spec\) at 1 bit"):
+        tz.budget_choice("tt", f"{size - 1}B", bits=1)
+    assert tz.budget_choice("tt", f"{size}B", bits=1).file == size
 
 
 @pytest.mark.parametrize("name", ["tt", "tucker", "cp"])
@@ -109,3 +123,14 @@ def test_a_byte_budget_without_bits_takes_2_bits_or_more_where_they_cost_no_rank
     if budget == "1MB":  # every rank capped at every width: nothing to gain from fewer bits
         assert chosen.bits is None
     assert tz.budget_choice(name, 12_000).bits is None  # a budget in parameters keeps the dtype
+
+
+def test_a_weightless_model_has_the_same_file_sizes_and_refuses_to_save(tmp_path):
+    with torch.device("meta"):
+        meta = tiny_vit()
+    for format, budget in (("tt", "2KB"), ("vera", "6KB"), ("tucker", "20KB")):  # a file's size needs no values
+        assert factnet.Tensorizer(meta).budget_choice(format, budget) == factnet.Tensorizer(tiny_vit()).budget_choice(
+            format, budget)
+    adapter = factnet.Tensorizer(meta).decompose("tt", rank=2)
+    with pytest.raises(FactnetError, match="on the meta device .* nothing to save"):
+        adapter.save(tmp_path / "a.safetensors")

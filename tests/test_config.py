@@ -129,9 +129,9 @@ def test_a_config_is_given_once():
 def test_a_budget_resolves_to_the_rank_and_bits_it_picks():
     tensorizer = factnet.Tensorizer(tiny_swin()).group("stage")
     for format, budget, bits in (("tt", "6KB", "auto"), ("tucker", 3_000, "auto"), ("cp", "4KB", 4)):
-        choice = tensorizer.budget_choice(format, budget, bits)  # the rule's own search (test_budget checks it)
-        adapter = factnet.Tensorizer(tiny_swin()).group("stage").decompose(
-            AdapterConfig(format, budget=budget, bits=bits, seed=0))
+        given = AdapterConfig(format, budget=budget, bits=bits, seed=0)
+        choice = tensorizer.budget_choice(format, budget, bits, given)  # the rule's own search (test_budget checks it)
+        adapter = factnet.Tensorizer(tiny_swin()).group("stage").decompose(given)
         config = adapter.config
         assert (config.format, config.rank, config.bits, config.budget) == (format, choice.rank, choice.bits, None)
         assert config.by == "stage" and adapter.num_parameters() == choice.params

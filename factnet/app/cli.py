@@ -217,9 +217,10 @@ def command_info(args: argparse.Namespace) -> int:
 def _print_budget(tensorizer: Tensorizer, budget: str) -> int:
     read = read_budget(budget)
     print(tensorizer)
-    how = "of factors as stored, at the bits decompose picks" if read.in_bytes else "of factors"
+    how = ("of the file saved without the head (factors as stored at the bits decompose picks, header and spec)"
+           if read.in_bytes else "of factors")
     print(f"\nbudget {budget}: {read} {how}; grouped as above")
-    print(f"{'format':16} {'rank':>5} {'bits':>5} {'parameters':>12} {'bytes':>12}")
+    print(f"{'format':16} {'rank':>5} {'bits':>5} {'parameters':>12} {'factor bytes':>12} {'file bytes':>12}")
     for name in available_formats():
         try:
             choice = tensorizer.budget_choice(name, budget)
@@ -227,7 +228,8 @@ def _print_budget(tensorizer: Tensorizer, budget: str) -> int:
             print(f"{name:16} {'-':>5} {'-':>5} {'none fits':>12} ({error})")
             continue
         bits = "fp" if choice.bits is None else str(choice.bits)
-        print(f"{name:16} {choice.rank:5d} {bits:>5} {choice.params:12,} {choice.bytes:12,}")
+        file = "-" if choice.file is None else f"{choice.file:,}"
+        print(f"{name:16} {choice.rank:5d} {bits:>5} {choice.params:12,} {choice.bytes:12,} {file:>12}")
     if read.in_bytes:  # what decompose(budget=...) takes with no format
         try:
             print(f"\nwith no format, decompose(budget={budget!r}) picks {tensorizer.auto_choice(budget)}")

@@ -18,12 +18,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import Tensor
 
 from factnet.errors import FactnetError
 
-__all__ = ["CHECKSUM_KEY", "SPEC_KEY", "checksum", "file_path", "read_tensors", "write_atomically", "write_tensors"]
+__all__ = ["CHECKSUM_KEY", "SPEC_KEY", "checksum", "file_path", "file_size", "read_tensors", "write_atomically",
+           "write_tensors"]
 
 SPEC_KEY = "factnet"
 CHECKSUM_KEY = "factnet.sha256"
@@ -52,8 +53,17 @@ def checksum(spec_text: str, tensors: Mapping[str, Tensor]) -> str:
 
 def write_tensors(target: str, tensors: dict[str, Tensor], spec_text: str) -> None:
     """Write ``tensors`` and the spec ``spec_text`` (with their checksum) to ``target``, atomically."""
-    metadata = {SPEC_KEY: spec_text, CHECKSUM_KEY: checksum(spec_text, tensors)}
+    metadata = _metadata(tensors, spec_text)
     write_atomically(target, lambda temp: save_file(tensors, temp, metadata=metadata))
+
+
+def file_size(tensors: dict[str, Tensor], spec_text: str) -> int:
+    """The bytes `write_tensors` writes for ``tensors`` and ``spec_text``, serialized in memory."""
+    return len(save(tensors, metadata=_metadata(tensors, spec_text)))
+
+
+def _metadata(tensors: dict[str, Tensor], spec_text: str) -> dict[str, str]:
+    return {SPEC_KEY: spec_text, CHECKSUM_KEY: checksum(spec_text, tensors)}
 
 
 def write_atomically(target: str, write: Callable[[str], None]) -> None:

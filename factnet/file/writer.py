@@ -14,7 +14,7 @@ from torch import Tensor
 
 from factnet.errors import FactnetError
 from factnet.file.codes import from_codes, to_codes
-from factnet.file.container import file_path, write_tensors
+from factnet.file.container import file_path, file_size, write_tensors
 from factnet.file.packs import factor_shapes, pack
 from factnet.file.spec import build_spec
 from factnet.file.validate import STORAGE_DTYPES
@@ -23,7 +23,7 @@ from factnet.quant import check_bits
 if TYPE_CHECKING:
     from factnet.adapter import Adapter
 
-__all__ = ["Saved", "write"]
+__all__ = ["Saved", "file_bytes", "write"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,44 @@ class Saved:
 def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = True, dtype: torch.dtype | None = None,
           bits: int | None = None, head_bits: int | None = None, group: int = 64) -> Saved:
     """`factnet.file.save.save` once ``adapter`` is known to be an `Adapter` (the behaviour is documented there)."""
+    target = os.path.realpath(file_path(path))
+    if os.path.isdir(target):
+        raise FactnetError(f"{target} is a directory; give a file path such as {target}/adapter.safetensors")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise FactnetError(f"directory {os.path.dirname(target)} does not exist; create it before saving")
+    contents = _contents(adapter, include_head, dtype, bits, head_bits, group, sizes_only=False)
+    if contents.sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
+        torch.distributed.barrier()
+        return Saved(target, 0, contents.errors, contents.head_bytes)
+    write_tensors(target, contents.packs, contents.spec_text)
+    if contents.sharded:
+        torch.distributed.barrier()  # the file exists for every rank once save returns
+    return Saved(target, os.path.getsize(target), contents.errors, contents.head_bytes)
+
+
+def file_bytes(adapter: Adapter, include_head: bool = True, dtype: torch.dtype | None = None,
+               bits: int | None = None, head_bits: int | None = None, group: int = 64) -> int:
+    """The size of the file `write` writes with these arguments, serialized in memory (nothing is written); the
+    size does not depend on the values, so an adapter of a weightless (meta-device) model has one too."""
+    contents = _contents(adapter, include_head, dtype, bits, head_bits, group, sizes_only=True)
+    return file_size(contents.packs, contents.spec_text)
+
+
+@dataclass(frozen=True)
+class _Contents:
+    """What a file holds: its packs and spec, and what `Saved` reports of them."""
+
+    packs: dict[str, Tensor]
+    spec_text: str
+    errors: dict[str, float]
+    head_bytes: int
+    sharded: bool
+
+
+def _contents(adapter: Adapter, include_head: bool, dtype: torch.dtype | None, bits: int | None,
+              head_bits: int | None, group: int, sizes_only: bool) -> _Contents:
+    """The packs and spec of ``adapter``'s file (`write`'s arguments), checked; ``sizes_only``: values on the
+    meta device as zeros (the file's size, not its values)."""
     if dtype is not None and dtype not in STORAGE_DTYPES.values():
         raise FactnetError(f"dtype must be None (as the adapter holds them) or one of "
                            f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")
@@ -51,11 +89,6 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     for value in (bits, head_bits):
         if value is not None:
             check_bits(value, group)
-    target = os.path.realpath(file_path(path))
-    if os.path.isdir(target):
-        raise FactnetError(f"{target} is a directory; give a file path such as {target}/adapter.safetensors")
-    if not os.path.isdir(os.path.dirname(target)):
-        raise FactnetError(f"directory {os.path.dirname(target)} does not exist; create it before saving")
     model = getattr(adapter, "model", None)
     if model is None:
         raise FactnetError("adapter was detached, so the model it fits is no longer known; save before detach()")
@@ -70,7 +103,9 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     head = adapter.head_state() if include_head else {}  # an inactive adapter keeps its head values apart
     tensors.update({f"head.{name}": value for name, value in head.items()})
     sharded = any(_is_sharded(t) for t in tensors.values())
-    tensors = {key: _full(value).detach().cpu() for key, value in tensors.items()}
+    if not sizes_only and any(value.is_meta for value in tensors.values()):
+        raise FactnetError("the adapter's values are on the meta device (a model without weights): nothing to save")
+    tensors = {key: _held(_full(value)) for key, value in tensors.items()}
     head_bits = head_bits if head else None
     low = {key: bits if key.startswith("factors.") else head_bits for key in tensors}
     low = {key: b for key, b in low.items() if b is not None}
@@ -84,14 +119,10 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
             continue
         codes = to_codes(value, low[key], group)
         parts += [(key, part, stored) for part, stored in codes.items()]
-        used = used_values.get(key, value).detach().cpu().double()  # what the adapter's forward uses
+        used = _held(used_values.get(key, value)).double()  # what the adapter's forward uses
         norm = used.norm().item()
         errors[key] = (from_codes(codes, tuple(value.shape), low[key], group).double() - used).norm().item() / norm if norm else 0.0
     head_bytes = sum(t.numel() * t.element_size() for key, _, t in parts if key.startswith("head."))
-    if sharded and torch.distributed.get_rank() != 0:  # FSDP2: every rank gathers, rank 0 writes
-        torch.distributed.barrier()
-        return Saved(target, 0, errors, head_bytes)
-    stored = pack(value for _, _, value in parts)
     held = None
     if dtype is None:  # as held: in which dtype(s)
         floats = {key: str(tensors[key].dtype).removeprefix("torch.") for key, part, _ in parts if part == "values"}
@@ -103,10 +134,13 @@ def write(adapter: Adapter, path: str | os.PathLike[str], include_head: bool = T
     bit_widths = None if not low else {"factors": bits, "head": head_bits, "group": group}
     spec = build_spec(adapter, dtype, held, {name: tuple(tensors[f"head.{name}"].shape) for name in head},
                       bit_widths)
-    write_tensors(target, stored, json.dumps(spec, separators=(",", ":"), allow_nan=False))
-    if sharded:
-        torch.distributed.barrier()  # the file exists for every rank once save returns
-    return Saved(target, os.path.getsize(target), errors, head_bytes)
+    return _Contents(pack(value for _, _, value in parts), json.dumps(spec, separators=(",", ":"), allow_nan=False),
+                     errors, head_bytes, sharded)
+
+
+def _held(tensor: Tensor) -> Tensor:
+    """``tensor`` on the CPU, detached; zeros of its shape where it is on the meta device (it has no values)."""
+    return torch.zeros(tensor.shape, dtype=tensor.dtype) if tensor.is_meta else tensor.detach().cpu()
 
 
 def _is_sharded(tensor: Tensor) -> bool:

@@ -311,7 +311,7 @@ def test_info_budget_prints_every_format_rank_and_exact_count(capsys) -> None:
     assert status == 0, err
     rows = {line.split()[0]: line.split()[1:] for line in stdout.splitlines()[-len(factnet.available_formats()):]}
     assert set(rows) == set(factnet.available_formats())
-    assert rows["tt"] == ["4", "fp", "8,448", "33,792"]  # the paper's FacT-TT rank 4 on ViT-B, 4 bytes a parameter
+    assert rows["tt"] == ["4", "fp", "8,448", "33,792", "-"]  # the paper's FacT-TT rank 4 on ViT-B, 4 bytes each
     assert rows["batch-matrix"][:4] == ["-", "-", "none", "fits"]
     assert "with no format" not in stdout  # a budget in parameters picks no format
     status, stdout, err = run(["info", "vit_base_patch16_224", "--budget", "10KB"], capsys)
@@ -319,9 +319,10 @@ def test_info_budget_prints_every_format_rank_and_exact_count(capsys) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[-len(factnet.available_formats()):]}
     picked = factnet.Tensorizer(timm.create_model("vit_base_patch16_224", pretrained=False)).auto_choice("10KB")
     assert auto.strip() == f"decompose(budget='10KB') picks {picked}"
-    assert rows[picked.format][:4] == [str(picked.choice.rank), str(picked.choice.bits or "fp"),
-                                       f"{picked.choice.params:,}", f"{picked.choice.bytes:,}"]
-    assert rows["tt"] == ["10", "2", "29,760", "9,300"]  # 2 bits: 29,760 codes (7,440 B) + 465 groups' scale, offset
+    assert rows[picked.format][:5] == [str(picked.choice.rank), str(picked.choice.bits or "fp"),
+                                       f"{picked.choice.params:,}", f"{picked.choice.bytes:,}", f"{picked.choice.file:,}"]
+    # 2 bits: 29,760 codes (7,440 B) + 465 groups' scale, offset; the file adds its header and spec
+    assert rows["tt"][:4] == ["10", "2", "29,760", "9,300"] and 9_300 < int(rows["tt"][4].replace(",", "")) <= 10_000
     assert rows["vera"][:4] == ["-", "-", "none", "fits"] and "rank 1 needs" in " ".join(rows["vera"])
     status, _, err = run(["info", "vit_base_patch16_224", "--budget", "lots"], capsys)
     assert status != 0 and "cannot read budget" in err
