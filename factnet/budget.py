@@ -109,11 +109,13 @@ def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits
     formats = [get_format(format, rank) for rank in range(1, limit + 1)]
     counts = [sum(fmt.num_parameters(*s) for s in shapes) for fmt in formats]  # the same at every width
 
+    points = {width: [Choice(rank, width, count, factor_bytes(fmt, shapes, width, itemsize))
+                      for rank, (fmt, count) in enumerate(zip(formats, counts), start=1)] for width in widths}
+
     def best_at(width: int | None, amount: int) -> Choice | None:
         """The width's largest choice within ``amount`` (of ``budget``'s unit)."""
         within, best = Budget(amount, budget.in_bytes), None
-        for rank, (fmt, count) in enumerate(zip(formats, counts), start=1):
-            point = Choice(rank, width, count, factor_bytes(fmt, shapes, width, itemsize))
+        for point in points[width]:
             if _cost(point, within) <= amount and (best is None or point.params > best.params):
                 best = point
         if formats[0].diagonal_letters and amount > 0:  # a diagonal letter grows past every size: search above
@@ -123,7 +125,7 @@ def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits
         return best
 
     whole_file = file_bytes is not None and budget.in_bytes
-    smallest = {width: _point(format, 1, shapes, width, itemsize) for width in widths}
+    smallest = {width: found[0] for width, found in points.items()}
     fitting: list[Choice] = []
     for width in widths:
         if whole_file:
