@@ -118,7 +118,7 @@ def choose(format: str, shapes: list[tuple[int, int, int]], budget: Budget, bits
         for point in points[width]:
             if _cost(point, within) <= amount and (best is None or point.params > best.params):
                 best = point
-        if formats[0].diagonal_letters and amount > 0:  # a diagonal letter grows past every size: search above
+        if formats[0].diagonal_letters:  # a diagonal letter grows past every size: search above the largest
             above = _largest_above(limit, lambda rank: _point(format, rank, shapes, width, itemsize), within)
             if above is not None and (best is None or above.params > best.params):
                 best = above

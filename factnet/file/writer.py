@@ -78,7 +78,7 @@ class _Contents:
 def _contents(adapter: Adapter, include_head: bool, dtype: torch.dtype | None, bits: int | None,
               head_bits: int | None, group: int, sizes_only: bool) -> _Contents:
     """The packs and spec of ``adapter``'s file (`write`'s arguments), checked; ``sizes_only``: values on the
-    meta device as zeros (the file's size, not its values)."""
+    meta device as zeros and no errors of the stored values (the file's size, not its values)."""
     if dtype is not None and dtype not in STORAGE_DTYPES.values():
         raise FactnetError(f"dtype must be None (as the adapter holds them) or one of "
                            f"{', '.join(f'torch.{d}' for d in STORAGE_DTYPES)}, got {dtype!r}")
@@ -109,8 +109,9 @@ def _contents(adapter: Adapter, include_head: bool, dtype: torch.dtype | None, b
     head_bits = head_bits if head else None
     low = {key: bits if key.startswith("factors.") else head_bits for key in tensors}
     low = {key: b for key, b in low.items() if b is not None}
+    measured = bool(low) and not sizes_only  # (a size alone needs no error of the stored values)
     used_values = {f"factors.{name}.{factor}": value for name in adapter.group_names
-                   for factor, value in adapter.group(name).values().items()} if low else {}
+                   for factor, value in adapter.group(name).values().items()} if measured else {}
     used_values |= {f"head.{name}": value for name, value in adapter.head_values().items()} if head_bits else {}
     parts, errors = [], {}  # (tensor, part, values as stored), in the packs' order
     for key, value in tensors.items():
@@ -119,6 +120,8 @@ def _contents(adapter: Adapter, include_head: bool, dtype: torch.dtype | None, b
             continue
         codes = to_codes(value, low[key], group)
         parts += [(key, part, stored) for part, stored in codes.items()]
+        if not measured:
+            continue
         used = _held(used_values.get(key, value)).double()  # what the adapter's forward uses
         norm = used.norm().item()
         errors[key] = (from_codes(codes, tuple(value.shape), low[key], group).double() - used).norm().item() / norm if norm else 0.0
